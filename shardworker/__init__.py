@@ -1,0 +1,3 @@
+"""shardworker: sharded IMAP IDLE to Redis Streams ingestion for Alga PSA."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,95 @@
+"""The one exception tree, branched by what failed.
+
+Errors are classified once, where they are caught: an ``ImapAuthError`` is terminal
+until an operator acts, an ``ImapTransientError`` is retried with backoff.  Messages
+never carry a secret value: pass names and ids, never passwords or tokens.
+"""
+
+from __future__ import annotations
+
+
+class ShardworkerError(Exception):
+    """Base of every error shardworker raises on purpose."""
+
+
+class ConfigError(ShardworkerError):
+    """Settings are invalid; the message names the variable."""
+
+
+class StoreError(ShardworkerError):
+    """PostgreSQL failed or holds something unexpected."""
+
+
+class MigrationError(StoreError):
+    """The schema could not be brought to the expected version."""
+
+
+class SchemaMismatchError(MigrationError):
+    """Existing (Alga-created) tables lack columns shardworker needs."""
+
+
+class SecretError(ShardworkerError):
+    """A secret could not be stored, found or decrypted."""
+
+
+class SecretKeyError(SecretError):
+    """The key needed for an envelope is missing or wrong; names the key id."""
+
+
+class SecretNotFoundError(SecretError):
+    """No source in the read chain holds the named secret."""
+
+
+class ImapError(ShardworkerError):
+    """Talking to an IMAP server failed."""
+
+
+class ImapAuthError(ImapError):
+    """Credentials were rejected: terminal until someone acts."""
+
+    def __init__(self, message: str, code: str = "auth_failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ImapTransientError(ImapError):
+    """Network, timeout or server trouble: retried with backoff."""
+
+    def __init__(self, message: str, reason: str = "network") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ImapProtocolError(ImapTransientError):
+    """The server said something we cannot parse or that breaks the protocol."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="protocol")
+
+
+class FolderError(ImapError):
+    """A folder is missing or cannot be selected; it is parked and re-probed."""
+
+
+class ParseError(ShardworkerError):
+    """A message could not be turned into emailData; it is dead-lettered."""
+
+
+class PublishError(ShardworkerError):
+    """Redis refused or failed a publish."""
+
+
+class BackpressureError(PublishError):
+    """Consumers lag past the bound; fetching stops instead of trimming unread entries."""
+
+
+class LeaseError(ShardworkerError):
+    """A lease operation failed."""
+
+
+class LeaseLostError(LeaseError):
+    """This owner no longer holds the lease; it must stop acting at once."""
+
+
+class FencedError(LeaseError):
+    """A write carried a stale fencing epoch and was rejected atomically."""
