@@ -1,0 +1,18 @@
+"""Named process exit codes (the coordinator and the CLI use the same names)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1
+    CONFIG = 2
+    UNHEALTHY = 3
+    # A worker that cannot boot (bad settings, unreachable stores at start) exits with this;
+    # the coordinator then halts the pod instead of respawning it forever.
+    WORKER_BOOT_ERROR = 4
+    # The coordinator halted because a worker failed at boot.
+    HALTED = 5
+    INTERRUPTED = 130
