@@ -1,0 +1,438 @@
+"""The Redis publisher: Alga's stream layout, exactly-once Lua, dead letters, backpressure.
+
+Every message is one EVALSHA of ``lua/publish.lua``; a batch is one pipelined round trip.
+The script checks the lease token (fencing), then two dedupe keys: the UID key answers
+"this UID was published" and the Message-ID key answers "this message was published from
+another folder".  Either hit returns the original stream id and writes nothing, so a
+batch retried after a crash (or a redis-py connection retry) never publishes twice.
+All JSON is built here with orjson, whose compact output equals JS ``JSON.stringify``.
+
+The Lua scripts touch keys in different hash slots: shardworker targets a single Redis
+(or a primary with replicas), like Alga itself, not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import orjson
+import redis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from shardworker.config import Settings
+from shardworker.errors import FencedError, PublishError
+from shardworker.logs import get_logger
+
+log = get_logger(__name__)
+
+WORKFLOW_STREAM = "workflow:events:global"
+WORKFLOW_GROUP = "workflow-processors"
+EVENT_BUS_GROUP = "event-processors"
+EVENT_BUS_CHANNEL = "global"
+POINTER_QUEUE = "email:inbound:unified:pointer:ready"
+EVENT_TYPE = "INBOUND_EMAIL_RECEIVED"
+POINTER_MAX_ATTEMPTS = 5
+BACKPRESSURE_CACHE_S = 1.0
+
+_STATUS_WRITTEN, _STATUS_DUPLICATE, _STATUS_DEAD_LETTERED = 0, 1, 2
+_URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease a write must still hold: ``GET lease_key == token``, checked in Lua."""
+
+    lease_key: str
+    token: str
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """One parsed message ready to publish; ``payload`` is the full event payload."""
+
+    tenant: str
+    provider_id: str
+    mailbox: str
+    folder: str
+    uid_validity: int
+    uid: int
+    message_id: str
+    payload: dict[str, Any]
+    event_time: datetime
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """``stream_id`` is the workflow stream id, the original one when ``duplicate``.
+
+    ``dead_lettered`` (then also ``duplicate``) means the UID went to the dead-letter
+    stream earlier; ``stream_id`` is then that DLQ entry id.
+    """
+
+    uid: int
+    stream_id: str
+    duplicate: bool
+    dead_lettered: bool = False
+
+
+def uid_key(provider_id: str, folder: str, uid_validity: int, uid: int) -> str:
+    return f"sw:pub:{{{provider_id}}}:{folder}:{uid_validity}:{uid}"
+
+
+def message_id_key(provider_id: str, message_id: str) -> str:
+    digest = hashlib.sha1(message_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return f"sw:mid:{{{provider_id}}}:{digest}"
+
+
+def iso_ms(moment: datetime) -> str:
+    """Millisecond ISO-8601 in UTC ending in ``Z``, as JS ``Date.toISOString()``.
+
+    A naive datetime is taken as UTC (never as local time).
+    """
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def imap_pointer(provider_id: str, folder: str, uid_validity: int, uid: int) -> str:
+    """An RFC 5092-style locator for a message too large to keep in a DLQ entry."""
+    quoted = urllib.parse.quote(folder, safe="/")
+    return f"imap://{provider_id}/{quoted};UIDVALIDITY={uid_validity}/;UID={uid}"
+
+
+def workflow_fields(out: Outbound, event_id: str, payload_json: bytes) -> list[str | bytes]:
+    """Flat field/value pairs of the workflow stream, in exactly Alga's order."""
+    return [
+        "event_id", event_id,
+        "execution_id", "",
+        "event_name", EVENT_TYPE,
+        "event_type", EVENT_TYPE,
+        "tenant", out.tenant,
+        "timestamp", iso_ms(out.event_time),
+        "user_id", "",
+        "from_state", "",
+        "to_state", "",
+        "payload_json", payload_json,
+    ]  # fmt: skip
+
+
+def event_bus_event(out: Outbound, event_id: str) -> bytes:
+    """The event-bus ``event`` field: Alga's ``{...event, id, timestamp}`` key order."""
+    event = {
+        "eventType": EVENT_TYPE,
+        "payload": out.payload,
+        "id": event_id,
+        "timestamp": iso_ms(out.event_time),
+    }
+    return orjson.dumps(event)
+
+
+def pointer_job(out: Outbound, enqueued_at: datetime) -> bytes:
+    """A unified pointer-queue job: the pointer only, never the message content.
+
+    ``pointer.mailbox`` is the IMAP folder: Alga's job processor SELECTs it, and falls
+    back to the first folder filter when it looks like an address (wrong folder).
+    ``uid`` and ``uidValidity`` are strings, as Alga's ``ImapInboundEmailPointer``.
+    """
+    pointer: dict[str, str] = {
+        "mailbox": out.folder,
+        "uid": str(out.uid),
+        "uidValidity": str(out.uid_validity),
+    }
+    if out.message_id:
+        pointer["messageId"] = out.message_id
+    job = {
+        "jobId": str(uuid.uuid4()),
+        "schemaVersion": 1,
+        "tenantId": out.tenant,
+        "providerId": out.provider_id,
+        "enqueuedAt": iso_ms(enqueued_at),
+        "attempt": 0,
+        "maxAttempts": POINTER_MAX_ATTEMPTS,
+        "provider": "imap",
+        "pointer": pointer,
+    }
+    return orjson.dumps(job)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _scrub(message: str) -> str:
+    return _URL_CREDENTIALS.sub(r"\1***@", message)
+
+
+@contextmanager
+def _redis_errors(operation: str) -> Iterator[None]:
+    """Turn redis-py failures into PublishError; messages never carry credentials."""
+    try:
+        yield
+    except (FencedError, PublishError):
+        raise
+    except RedisError as exc:
+        detail = _scrub(str(exc))
+        raise PublishError(f"Redis {operation} failed ({type(exc).__name__}): {detail}") from exc
+
+
+class _Script:
+    """A Lua script from ``shardworker/lua``, called by SHA and loaded on NOSCRIPT."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.body = resources.files("shardworker").joinpath("lua", name).read_text("utf-8")
+        self.sha = hashlib.sha1(self.body.encode()).hexdigest()
+
+    def load(self, client: redis.Redis) -> None:
+        loaded = _text(client.script_load(self.body))
+        if loaded != self.sha:
+            raise PublishError(f"Redis returned SHA {loaded} for {self.name}, expected {self.sha}")
+
+
+_Call = tuple[list[str], list[str | bytes]]
+
+
+class Publisher:
+    """Owns the stream layout; one instance per process, safe to share between threads."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._clock = clock
+        self._publish = _Script("publish.lua")
+        self._dead_letter = _Script("dead_letter.lua")
+        self._event_bus_stream = (
+            f"{settings.redis_prefix}{settings.event_stream_prefix}{EVENT_BUS_CHANNEL}:{EVENT_TYPE}"
+        )
+        self._ttl_ms = str(settings.dedupe_ttl_s * 1000)
+        self._backpressure: tuple[float, bool] | None = None
+
+    @property
+    def event_bus_stream(self) -> str:
+        return self._event_bus_stream
+
+    # Publishing
+
+    def publish_batch(self, batch: Sequence[Outbound], fence: Fence | None) -> list[PublishResult]:
+        """Publish each message at most once, in one round trip; results in batch order.
+
+        Raises FencedError when the lease is not held (those messages wrote nothing; any
+        earlier ones in the batch that did are answered as duplicates on the retry), and
+        PublishError when Redis fails.
+        """
+        if not batch:
+            return []
+        calls = [self._publish_call(out, fence) for out in batch]
+        replies = self._run(self._publish, calls, "publish")
+        self._raise_fenced(replies, fence, len(batch))
+        return [self._publish_result(out, reply) for out, reply in zip(batch, replies, strict=True)]
+
+    def _publish_call(self, out: Outbound, fence: Fence | None) -> _Call:
+        s = self._settings
+        event_id = str(uuid.uuid4())
+        try:
+            payload_json = orjson.dumps(out.payload)
+            event = event_bus_event(out, event_id) if s.publish_event_bus else b""
+        except orjson.JSONEncodeError as exc:
+            raise PublishError(f"payload of UID {out.uid} is not JSON-serialisable: {exc}") from exc
+        job = pointer_job(out, datetime.now(UTC)) if s.publish_pointer_queue else b""
+        own_key = uid_key(out.provider_id, out.folder, out.uid_validity, out.uid)
+        # No Message-ID means no identity across folders: the UID key stands in for it.
+        mid_key = message_id_key(out.provider_id, out.message_id) if out.message_id else own_key
+        keys = [
+            WORKFLOW_STREAM,
+            own_key,
+            mid_key,
+            fence.lease_key if fence else "",
+            self._event_bus_stream,
+            POINTER_QUEUE,
+        ]
+        args: list[str | bytes] = [
+            fence.token if fence else "",
+            str(s.stream_maxlen),
+            self._ttl_ms,
+            "1" if s.publish_event_bus else "0",
+            "1" if s.publish_pointer_queue else "0",
+            event,
+            job,
+            *workflow_fields(out, event_id, payload_json),
+        ]
+        return keys, args
+
+    def _publish_result(self, out: Outbound, reply: Any) -> PublishResult:
+        if isinstance(reply, Exception):
+            raise PublishError(f"publish of UID {out.uid} failed: {_scrub(str(reply))}")
+        stream_id, status = _text(reply[0]), int(reply[1])
+        return PublishResult(
+            uid=out.uid,
+            stream_id=stream_id,
+            duplicate=status != _STATUS_WRITTEN,
+            dead_lettered=status == _STATUS_DEAD_LETTERED,
+        )
+
+    @staticmethod
+    def _raise_fenced(replies: list[Any], fence: Fence | None, count: int) -> None:
+        fenced = sum(1 for r in replies if isinstance(r, ResponseError) and _is_fenced(r))
+        if fenced and fence is not None:
+            raise FencedError(
+                f"lease {fence.lease_key} is not held with this token: "
+                f"{fenced} of {count} writes rejected"
+            )
+
+    def _run(self, script: _Script, calls: list[_Call], operation: str) -> list[Any]:
+        """EVALSHA every call in one pipeline; reload the script and redo only NOSCRIPTs."""
+        replies: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
+        for _ in range(2):
+            with _redis_errors(operation), self._client.pipeline(transaction=False) as pipe:
+                for i in pending:
+                    keys, args = calls[i]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                answers = pipe.execute(raise_on_error=False)
+            missing = []
+            for i, answer in zip(pending, answers, strict=True):
+                if isinstance(answer, NoScriptError):
+                    missing.append(i)
+                else:
+                    replies[i] = answer
+            if not missing:
+                return replies
+            log.info("lua_script_loaded", script=script.name, calls=len(missing))
+            with _redis_errors(operation):
+                script.load(self._client)
+            pending = missing
+        raise PublishError(f"Redis keeps losing the {script.name} script (SCRIPT FLUSH loop?)")
+
+    # Dead letters
+
+    def dead_letter(
+        self,
+        *,
+        tenant: str,
+        provider_id: str,
+        folder: str,
+        uid_validity: int,
+        uid: int,
+        message_id: str | None,
+        reason: str,
+        raw: bytes | None,
+        fence: Fence | None,
+    ) -> str:
+        """Record a poison message once per UID and mark the UID as done; returns the entry id.
+
+        The raw message is kept (base64) up to ``dlq_max_raw_bytes``; a larger one keeps
+        an ``imap://`` pointer instead.  A second call for the same UID returns the first id.
+        """
+        fields: list[str | bytes] = [
+            "tenant", tenant,
+            "provider_id", provider_id,
+            "folder", folder,
+            "uid_validity", str(uid_validity),
+            "uid", str(uid),
+            "message_id", message_id or "",
+            "reason", reason,
+            "time", iso_ms(datetime.now(UTC)),
+            "size", "" if raw is None else str(len(raw)),
+        ]  # fmt: skip
+        if raw is not None and len(raw) <= self._settings.dlq_max_raw_bytes:
+            fields += ["raw_base64", base64.b64encode(raw)]
+        else:
+            fields += ["pointer", imap_pointer(provider_id, folder, uid_validity, uid)]
+        keys = [
+            self._settings.dlq_stream,
+            uid_key(provider_id, folder, uid_validity, uid),
+            fence.lease_key if fence else "",
+        ]
+        args: list[str | bytes] = [fence.token if fence else "", self._ttl_ms, *fields]
+        replies = self._run(self._dead_letter, [(keys, args)], "dead-letter")
+        self._raise_fenced(replies, fence, 1)
+        if isinstance(replies[0], Exception):
+            raise PublishError(f"dead-letter of UID {uid} failed: {_scrub(str(replies[0]))}")
+        log.warning("dead_lettered", provider_id=provider_id, folder=folder, uid=uid, reason=reason)
+        return _text(replies[0])
+
+    # Consumer groups and backpressure
+
+    def ensure_groups(self) -> None:
+        """Create Alga's publisher-side groups (``XGROUP CREATE … 0 MKSTREAM``) if absent."""
+        self._create_group(WORKFLOW_STREAM, WORKFLOW_GROUP)
+        if self._settings.publish_event_bus:
+            self._create_group(self._event_bus_stream, EVENT_BUS_GROUP)
+
+    def _create_group(self, stream: str, group: str) -> None:
+        with _redis_errors("XGROUP CREATE"):
+            try:
+                self._client.xgroup_create(stream, group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def stream_length(self) -> int:
+        with _redis_errors("XLEN"):
+            return int(self._client.xlen(WORKFLOW_STREAM))
+
+    def backlog(self) -> int:
+        """Entries of the workflow stream that ``backpressure_group`` has not read yet.
+
+        Normally the group's ``lag`` from XINFO GROUPS.  Redis reports no lag when
+        deletions make it uncertain; then ``entries-added - entries-read`` (which counts
+        deleted entries as unread, erring towards backpressure) capped at XLEN.  Note
+        that ``XLEN - entries-read`` would be wrong: once MAXLEN has trimmed anything,
+        XLEN is far below the number of entries ever added, and the lag would read 0.
+        A missing group counts as the whole stream (DESIGN.md); a missing stream as 0.
+        """
+        with _redis_errors("XINFO GROUPS"):
+            try:
+                groups = self._client.xinfo_groups(WORKFLOW_STREAM)
+            except ResponseError as exc:
+                if "no such key" in str(exc).lower():
+                    return 0
+                raise
+            group = next(
+                (g for g in groups if _text(g["name"]) == self._settings.backpressure_group),
+                None,
+            )
+            if group is not None and group.get("lag") is not None:
+                return int(group["lag"])
+            return self._backlog_estimate(group)
+
+    def _backlog_estimate(self, group: dict[str, Any] | None) -> int:
+        info = self._client.xinfo_stream(WORKFLOW_STREAM)
+        length = int(info["length"])
+        read = None if group is None else group.get("entries-read")
+        added = info.get("entries-added")
+        if read is None or added is None:
+            return length
+        return max(0, min(length, int(added) - int(read)))
+
+    def backpressured(self) -> bool:
+        """``backlog() > backpressure_max_lag``, cached for a second: cheap per batch."""
+        now = self._clock()
+        cached = self._backpressure
+        if cached is not None and now - cached[0] < BACKPRESSURE_CACHE_S:
+            return cached[1]
+        verdict = self.backlog() > self._settings.backpressure_max_lag
+        self._backpressure = (now, verdict)
+        return verdict
+
+
+def _is_fenced(error: ResponseError) -> bool:
+    return str(error).startswith("FENCED")
