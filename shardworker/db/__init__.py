@@ -1,0 +1,1 @@
+"""PostgreSQL: schema migrations (``migrate``), and the one data-access ``Store``."""
