@@ -1,0 +1,408 @@
+"""The publisher against a real (private) Redis: layout, exactly-once, fencing, DLQ, lag."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+import subprocess
+import tempfile
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from shardworker.config import Settings
+from shardworker.errors import FencedError, PublishError
+from shardworker.publish import (
+    POINTER_QUEUE,
+    WORKFLOW_GROUP,
+    WORKFLOW_STREAM,
+    Fence,
+    Outbound,
+    Publisher,
+    iso_ms,
+    message_id_key,
+    uid_key,
+)
+from tests.conftest import free_port, wait_for_port
+
+TENANT = "0b7c4d1e-8f0a-4c6b-9d2e-3f4a5b6c7d8e"
+PROVIDER = "5d6e7f80-1a2b-4c3d-8e9f-a0b1c2d3e4f5"
+ALGA_FIELDS = [
+    "event_id", "execution_id", "event_name", "event_type", "tenant",
+    "timestamp", "user_id", "from_state", "to_state", "payload_json",
+]  # fmt: skip
+EVENT_TIME = datetime(2026, 11, 27, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def outbound(uid: int = 1, *, folder: str = "INBOX", message_id: str | None = None) -> Outbound:
+    mid = f"<msg-{uid}@example.com>" if message_id is None else message_id
+    payload = {
+        "tenantId": TENANT,
+        "tenant": TENANT,
+        "providerId": PROVIDER,
+        "occurredAt": "2026-11-27T12:00:00.123Z",
+        "emailData": {
+            "id": mid,
+            "subject": "Grüße — ünïcödé ✓",
+            "from": {"email": "a@example.com", "name": "Zoë"},
+            "to": [{"email": "support@example.com"}],
+            "body": {"text": "hello"},
+            "receivedAt": "2026-11-27T12:00:00.123Z",
+        },
+    }
+    return Outbound(
+        tenant=TENANT,
+        provider_id=PROVIDER,
+        mailbox="support@example.com",
+        folder=folder,
+        uid_validity=42,
+        uid=uid,
+        message_id=mid,
+        payload=payload,
+        event_time=EVENT_TIME,
+    )
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base: dict[str, Any] = {"publish_pointer_queue": False}
+    base.update(overrides)
+    return Settings(**base)
+
+
+def entries(client: redis.Redis, stream: str = WORKFLOW_STREAM) -> list[tuple[str, list[Any]]]:
+    """XRANGE exactly as on the wire: (id, [name, value, name, value, ...]).
+
+    Run through EVAL so no redis-py response callback reshapes the reply.
+    """
+    raw = client.eval("return redis.call('XRANGE', KEYS[1], '-', '+')", 1, stream)
+    return [(i.decode(), [v.decode() for v in flat]) for i, flat in raw]
+
+
+def snapshot(client: redis.Redis) -> dict[str, Any]:
+    return {
+        "xlen": client.xlen(WORKFLOW_STREAM),
+        "keys": sorted(client.keys("sw:*")),
+        "pointers": client.lrange(POINTER_QUEUE, 0, -1),
+    }
+
+
+# Pure helpers
+
+
+def test_iso_ms_formats_milliseconds_in_utc() -> None:
+    assert iso_ms(EVENT_TIME) == "2026-11-27T12:00:00.123Z"
+    plus2 = timezone(timedelta(hours=2))
+    assert iso_ms(datetime(2026, 1, 1, 2, 0, 0, tzinfo=plus2)) == "2026-01-01T00:00:00.000Z"
+    assert iso_ms(datetime(2026, 1, 1, 0, 0, 0, 999999)) == "2026-01-01T00:00:00.999Z"
+
+
+def test_dedupe_keys_share_the_provider_hash_tag() -> None:
+    assert uid_key(PROVIDER, "INBOX", 42, 7) == f"sw:pub:{{{PROVIDER}}}:INBOX:42:7"
+    digest = hashlib.sha1(b"<a@b>").hexdigest()
+    assert message_id_key(PROVIDER, "<a@b>") == f"sw:mid:{{{PROVIDER}}}:{digest}"
+
+
+# Stream layout
+
+
+def test_workflow_entry_matches_alga_field_order_and_values(redis_client: redis.Redis) -> None:
+    out = outbound()
+    [result] = Publisher(redis_client, make_settings()).publish_batch([out], None)
+    assert result.uid == 1 and not result.duplicate
+    [(stream_id, flat)] = entries(redis_client)
+    assert stream_id == result.stream_id
+    assert flat[0::2] == ALGA_FIELDS
+    values = dict(zip(flat[0::2], flat[1::2], strict=True))
+    assert uuid.UUID(values["event_id"]).version == 4
+    assert values["event_name"] == values["event_type"] == "INBOUND_EMAIL_RECEIVED"
+    assert values["tenant"] == TENANT
+    assert values["timestamp"] == "2026-11-27T12:00:00.123Z"
+    for empty in ("execution_id", "user_id", "from_state", "to_state"):
+        assert values[empty] == ""
+    assert values["payload_json"] == orjson.dumps(out.payload).decode()
+    assert "Grüße — ünïcödé ✓" in values["payload_json"]
+    assert ": " not in values["payload_json"] and ", " not in values["payload_json"]
+    assert list(orjson.loads(values["payload_json"])) == list(out.payload)
+
+
+def test_event_bus_entry_format(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings(publish_event_bus=True))
+    assert publisher.event_bus_stream == "alga-psa:event-stream:global:INBOUND_EMAIL_RECEIVED"
+    out = outbound()
+    publisher.publish_batch([out], None)
+    [(_, flat)] = entries(redis_client, publisher.event_bus_stream)
+    assert flat[0::2] == ["event", "channel"]
+    assert flat[3] == "global"
+    event = orjson.loads(flat[1])
+    assert list(event) == ["eventType", "payload", "id", "timestamp"]
+    assert event["eventType"] == "INBOUND_EMAIL_RECEIVED"
+    assert event["payload"] == out.payload
+    assert event["timestamp"] == "2026-11-27T12:00:00.123Z"
+    [(_, workflow)] = entries(redis_client)
+    assert event["id"] == workflow[1]
+
+
+def test_pointer_job_key_order_and_no_content(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings(publish_pointer_queue=True))
+    out = outbound(uid=77, folder="Support/Ünïcode")
+    publisher.publish_batch([out], None)
+    [raw] = redis_client.lrange(POINTER_QUEUE, 0, -1)
+    job = orjson.loads(raw)
+    assert list(job) == [
+        "jobId", "schemaVersion", "tenantId", "providerId", "enqueuedAt",
+        "attempt", "maxAttempts", "provider", "pointer",
+    ]  # fmt: skip
+    assert uuid.UUID(job["jobId"])
+    assert (job["schemaVersion"], job["attempt"], job["maxAttempts"]) == (1, 0, 5)
+    assert (job["tenantId"], job["providerId"], job["provider"]) == (TENANT, PROVIDER, "imap")
+    assert job["enqueuedAt"].endswith("Z") and len(job["enqueuedAt"]) == 24
+    assert job["pointer"] == {
+        "mailbox": "Support/Ünïcode",
+        "uid": "77",
+        "uidValidity": "42",
+        "messageId": "<msg-77@example.com>",
+    }
+    for forbidden in (b"emailData", b"body", b"content", b"rawMime", b"hello"):
+        assert forbidden not in raw
+
+
+def test_maxlen_trims_approximately_to_the_setting(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings(stream_maxlen=200))
+    for start in range(0, 1000, 50):
+        publisher.publish_batch([outbound(uid) for uid in range(start + 1, start + 51)], None)
+    length = publisher.stream_length()
+    # '~' trims whole radix-tree nodes (100 entries by default), never below MAXLEN.
+    assert 200 <= length <= 300
+
+
+# Exactly once
+
+
+def test_second_publish_of_a_uid_is_a_duplicate(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings(publish_pointer_queue=True))
+    first = publisher.publish_batch([outbound(1), outbound(2)], None)
+    before = snapshot(redis_client)
+    again = publisher.publish_batch([outbound(2), outbound(1), outbound(3)], None)
+    assert [r.duplicate for r in again] == [True, True, False]
+    assert again[0].stream_id == first[1].stream_id
+    assert again[1].stream_id == first[0].stream_id
+    assert redis_client.xlen(WORKFLOW_STREAM) == before["xlen"] + 1
+    assert redis_client.llen(POINTER_QUEUE) == 3
+    ttl_ms = redis_client.pttl(uid_key(PROVIDER, "INBOX", 42, 1))
+    assert 0 < ttl_ms <= 7 * 86400 * 1000
+
+
+def test_same_message_id_in_another_folder_is_a_duplicate(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings())
+    [first] = publisher.publish_batch([outbound(5, folder="INBOX")], None)
+    [copy] = publisher.publish_batch(
+        [outbound(900, folder="Archive", message_id="<msg-5@example.com>")], None
+    )
+    assert copy.duplicate and copy.stream_id == first.stream_id
+    assert redis_client.xlen(WORKFLOW_STREAM) == 1
+    # The copy's own UID is now known too.
+    assert redis_client.get(uid_key(PROVIDER, "Archive", 42, 900)) == first.stream_id.encode()
+
+
+def test_messages_without_message_id_do_not_collide(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings())
+    results = publisher.publish_batch(
+        [outbound(1, message_id=""), outbound(2, message_id="")], None
+    )
+    assert [r.duplicate for r in results] == [False, False]
+    assert redis_client.xlen(WORKFLOW_STREAM) == 2
+
+
+# Fencing
+
+
+def test_matching_fence_publishes(redis_client: redis.Redis) -> None:
+    lease = f"sw:lease:{TENANT}:{PROVIDER}"
+    redis_client.set(lease, "token-a", px=10_000)
+    publisher = Publisher(redis_client, make_settings())
+    [result] = publisher.publish_batch([outbound()], Fence(lease, "token-a"))
+    assert not result.duplicate and redis_client.xlen(WORKFLOW_STREAM) == 1
+
+
+@pytest.mark.parametrize("holder", ["token-b", None])
+def test_fence_mismatch_writes_nothing(redis_client: redis.Redis, holder: str | None) -> None:
+    lease = f"sw:lease:{TENANT}:{PROVIDER}"
+    if holder is not None:
+        redis_client.set(lease, holder, px=10_000)
+    publisher = Publisher(redis_client, make_settings(publish_pointer_queue=True))
+    publisher.publish_batch([outbound(1)], None)
+    before = snapshot(redis_client)
+    with pytest.raises(FencedError, match="2 of 2"):
+        publisher.publish_batch([outbound(2), outbound(3)], Fence(lease, "token-a"))
+    assert snapshot(redis_client) == before
+    with pytest.raises(FencedError):
+        publisher.dead_letter(
+            tenant=TENANT, provider_id=PROVIDER, folder="INBOX", uid_validity=42, uid=9,
+            message_id=None, reason="parse_error", raw=b"x", fence=Fence(lease, "token-a"),
+        )  # fmt: skip
+    assert snapshot(redis_client) == before
+    assert redis_client.exists("shardworker:dlq") == 0
+
+
+# Dead letters
+
+
+def dead_letter(publisher: Publisher, uid: int, raw: bytes | None) -> str:
+    return publisher.dead_letter(
+        tenant=TENANT, provider_id=PROVIDER, folder="Spam Box", uid_validity=42, uid=uid,
+        message_id="<bad@x>", reason="parse_error", raw=raw, fence=None,
+    )  # fmt: skip
+
+
+def test_dead_letter_keeps_small_raw_and_is_idempotent(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings(dlq_max_raw_bytes=16))
+    first = dead_letter(publisher, 3, b"Subject: x\r\n\r\n")
+    assert dead_letter(publisher, 3, b"Subject: x\r\n\r\n") == first
+    [(entry_id, flat)] = entries(redis_client, "shardworker:dlq")
+    assert entry_id == first
+    assert flat[0::2] == [
+        "tenant", "provider_id", "folder", "uid_validity", "uid", "message_id",
+        "reason", "time", "size", "raw_base64",
+    ]  # fmt: skip
+    values = dict(zip(flat[0::2], flat[1::2], strict=True))
+    assert base64.b64decode(values["raw_base64"]) == b"Subject: x\r\n\r\n"
+    assert (values["uid"], values["size"], values["reason"]) == ("3", "14", "parse_error")
+    assert values["time"].endswith("Z")
+
+
+def test_dead_letter_keeps_a_pointer_for_large_raw(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings(dlq_max_raw_bytes=16))
+    dead_letter(publisher, 4, b"x" * 17)
+    dead_letter(publisher, 5, None)
+    rows = [
+        dict(zip(f[0::2], f[1::2], strict=True))
+        for _, f in entries(redis_client, "shardworker:dlq")
+    ]
+    assert [r.get("raw_base64") for r in rows] == [None, None]
+    assert rows[0]["pointer"] == f"imap://{PROVIDER}/Spam%20Box;UIDVALIDITY=42/;UID=4"
+    assert (rows[0]["size"], rows[1]["size"]) == ("17", "")
+
+
+def test_dead_lettered_uid_is_never_published(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings())
+    entry = dead_letter(publisher, 6, b"raw")
+    [result] = publisher.publish_batch([outbound(6, folder="Spam Box")], None)
+    assert result.duplicate and result.dead_lettered and result.stream_id == entry
+    assert redis_client.xlen(WORKFLOW_STREAM) == 0
+
+
+# Script cache
+
+
+def test_noscript_is_recovered_after_script_flush(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings())
+    publisher.publish_batch([outbound(1)], None)
+    redis_client.script_flush()
+    results = publisher.publish_batch([outbound(1), outbound(2)], None)
+    assert [r.duplicate for r in results] == [True, False]
+    redis_client.script_flush()
+    assert dead_letter(publisher, 9, b"raw")
+    assert redis_client.xlen(WORKFLOW_STREAM) == 2
+
+
+# Groups and backpressure
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_ensure_groups_is_idempotent(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings(publish_event_bus=True))
+    publisher.ensure_groups()
+    publisher.ensure_groups()
+    [group] = redis_client.xinfo_groups(WORKFLOW_STREAM)
+    assert group["name"] == WORKFLOW_GROUP.encode()
+    assert group["last-delivered-id"] == b"0-0"
+    [bus] = redis_client.xinfo_groups(publisher.event_bus_stream)
+    assert bus["name"] == b"event-processors"
+
+
+def test_backlog_follows_the_runtime_group_lag(redis_client: redis.Redis) -> None:
+    clock = FakeClock()
+    publisher = Publisher(redis_client, make_settings(backpressure_max_lag=5), clock=clock)
+    assert publisher.backlog() == 0  # no stream yet
+    publisher.publish_batch([outbound(uid) for uid in range(1, 11)], None)
+    assert publisher.backlog() == 10  # group absent: the whole stream counts
+    redis_client.xgroup_create(WORKFLOW_STREAM, "workflow-runtime-v2", id="0")
+    redis_client.xreadgroup("workflow-runtime-v2", "c1", {WORKFLOW_STREAM: ">"}, count=4)
+    assert publisher.backlog() == 6
+    assert publisher.backpressured()
+    redis_client.xreadgroup("workflow-runtime-v2", "c1", {WORKFLOW_STREAM: ">"}, count=2)
+    assert publisher.backlog() == 4
+    assert publisher.backpressured()  # cached for a second
+    clock.now += 1.5
+    assert not publisher.backpressured()
+
+
+def test_backlog_estimate_when_redis_reports_no_lag(redis_client: redis.Redis) -> None:
+    publisher = Publisher(redis_client, make_settings(stream_maxlen=100))
+    redis_client.xgroup_create(WORKFLOW_STREAM, "workflow-runtime-v2", id="0", mkstream=True)
+    for start in range(0, 300, 50):
+        publisher.publish_batch([outbound(uid) for uid in range(start + 1, start + 51)], None)
+    redis_client.xreadgroup("workflow-runtime-v2", "c1", {WORKFLOW_STREAM: ">"}, count=1000)
+    publisher.publish_batch([outbound(uid) for uid in range(1001, 1011)], None)
+    # A deletion after the group's position makes Redis report lag as nil.
+    ids = [i for i, _ in entries(redis_client)]
+    redis_client.xdel(WORKFLOW_STREAM, ids[-3])
+    [group] = redis_client.xinfo_groups(WORKFLOW_STREAM)
+    assert group["lag"] is None
+    assert publisher.backlog() == 10  # entries-added minus entries-read, not XLEN - read
+
+
+# Redis failures
+
+
+@pytest.fixture
+def doomed_redis() -> Any:
+    """A private password-protected redis-server the test may kill."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="sw-redis-doomed-")
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", workdir, "--requirepass", "s3cr3t-pw"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    wait_for_port(port)
+    yield proc, f"redis://:s3cr3t-pw@127.0.0.1:{port}/0"
+    if proc.poll() is None:
+        proc.terminate()
+    proc.wait(10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_redis_down_raises_publish_error_without_secrets(doomed_redis: Any) -> None:
+    proc, url = doomed_redis
+    client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=1)
+    publisher = Publisher(client, make_settings())
+    assert not publisher.publish_batch([outbound(1)], None)[0].duplicate
+    proc.terminate()
+    proc.wait(10)
+    for call in (
+        lambda: publisher.publish_batch([outbound(2)], None),
+        lambda: dead_letter(publisher, 3, b"raw"),
+        publisher.backlog,
+        publisher.stream_length,
+        publisher.ensure_groups,
+    ):
+        with pytest.raises(PublishError) as caught:
+            call()
+        assert "s3cr3t-pw" not in str(caught.value)
+        assert "Redis" in str(caught.value)
+    client.close()
