@@ -31,7 +31,7 @@ import redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from shardworker.config import Settings
-from shardworker.errors import FencedError, PublishError
+from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.logs import get_logger
 
 log = get_logger(__name__)
@@ -214,6 +214,9 @@ class Publisher:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if settings.dedupe_ttl_s < 1:
+            # PX 0 would fail inside the script after the XADD: published but not deduped.
+            raise ConfigError("SHARDWORKER_DEDUPE_TTL_S: must be at least 1 second")
         self._client = client
         self._settings = settings
         self._clock = clock

@@ -18,7 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shardworker.config import Settings
-from shardworker.errors import FencedError, PublishError
+from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.publish import (
     POINTER_QUEUE,
     WORKFLOW_GROUP,
@@ -107,6 +107,11 @@ def test_dedupe_keys_share_the_provider_hash_tag() -> None:
     assert uid_key(PROVIDER, "INBOX", 42, 7) == f"sw:pub:{{{PROVIDER}}}:INBOX:42:7"
     digest = hashlib.sha1(b"<a@b>").hexdigest()
     assert message_id_key(PROVIDER, "<a@b>") == f"sw:mid:{{{PROVIDER}}}:{digest}"
+
+
+def test_zero_dedupe_ttl_is_refused(redis_client: redis.Redis) -> None:
+    with pytest.raises(ConfigError, match="DEDUPE_TTL_S"):
+        Publisher(redis_client, make_settings(dedupe_ttl_s=0))
 
 
 # Stream layout
