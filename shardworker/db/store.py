@@ -1,0 +1,438 @@
+"""Every SQL statement the service runs against provider rows, the ledger and the cursor.
+
+All statements filter by ``tenant`` (Alga distributes by it on Citus).  Multi-statement
+writes run in one transaction sent as one pipeline, so a batch checkpoint costs a single
+network round trip.  Fenced writes carry their guard in each statement, so a stale epoch
+writes nothing even though the transaction still commits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from shardworker.db.models import (
+    FolderCursor,
+    LedgerEntry,
+    ProviderConfig,
+    config_version,
+    parse_cursors,
+    parse_folder_filters,
+)
+from shardworker.errors import FencedError, StoreError
+
+__all__ = ["FolderCursor", "LedgerEntry", "Pool", "ProviderConfig", "Store", "open_pool"]
+
+Pool = ConnectionPool[psycopg.Connection[TupleRow]]
+
+STATUSES = frozenset({"connected", "disconnected", "error", "configuring"})
+PAUSE_REASONS = frozenset({"manual", "tenant_cancelled", "auth_failure"})
+
+
+def open_pool(dsn: str, max_size: int, *, timeout_s: float = 10.0) -> Pool:
+    """An open pool of autocommit connections, checked on checkout (survives a restart)."""
+    pool: Pool = ConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=max(1, max_size),
+        open=True,
+        kwargs={"autocommit": True},
+        # A connection broken by a server restart is discarded on checkout, not handed out.
+        check=ConnectionPool.check_connection,
+        timeout=timeout_s,
+        reconnect_timeout=max(timeout_s, 60.0),
+        name="shardworker",
+    )
+    try:
+        pool.wait(timeout=timeout_s)
+    except PoolTimeout:
+        pool.close()
+        raise StoreError(f"PostgreSQL {_where(dsn)} not reachable within {timeout_s}s") from None
+    return pool
+
+
+def _where(dsn: str) -> str:
+    """Host, port and database of a DSN: never its password."""
+    try:
+        info = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "(unparsable DSN)"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def _now_iso() -> str:
+    """Timestamps inside folder_state, in JavaScript's toISOString() form (as Alga writes)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_PROVIDER_SELECT = """
+SELECT p.tenant::text, p.id::text, p.provider_name, p.mailbox, c.host, c.port, c.secure,
+       c.allow_starttls, c.auth_type, c.username, c.folder_filters, c.max_emails_per_sync,
+       c.auto_process_emails, c.connection_timeout_ms, c.oauth_token_url, c.oauth_client_id,
+       c.oauth_scopes, c.token_expires_at, p.inbound_paused_at, p.inbound_pause_reason,
+       c.lease_owner, c.lease_expires_at, c.folder_state, c.uid_validity, c.last_uid
+FROM email_providers p
+JOIN imap_email_provider_config c ON c.tenant = p.tenant AND c.email_provider_id = p.id
+WHERE p.provider_type = 'imap' AND p.is_active
+"""
+
+# A fenced write proceeds only while the provider's epoch is still the caller's.
+_GUARD = """(%(epoch)s::bigint IS NULL OR EXISTS (
+    SELECT 1 FROM shardworker_provider_state s
+    WHERE s.tenant = %(tenant)s::uuid AND s.provider_id = %(pid)s::uuid
+      AND s.fencing_epoch = %(epoch)s::bigint))"""
+
+_LOCK_FENCE = """
+SELECT fencing_epoch FROM shardworker_provider_state
+WHERE tenant = %(tenant)s::uuid AND provider_id = %(pid)s::uuid FOR UPDATE
+"""
+
+_INSERT_LEDGER = f"""
+INSERT INTO shardworker_ledger
+    (tenant, provider_id, folder, uid_validity, uid, message_id, stream_id, status, reason)
+SELECT %(tenant)s::uuid, %(pid)s::uuid, %(folder)s::text, %(uv)s::bigint,
+       e.uid, e.message_id, e.stream_id, e.status, e.reason
+FROM unnest(%(uids)s::bigint[], %(mids)s::text[], %(sids)s::text[], %(statuses)s::text[],
+            %(reasons)s::text[]) AS e(uid, message_id, stream_id, status, reason)
+WHERE {_GUARD}
+ON CONFLICT DO NOTHING
+"""
+
+# The folder's stored cursor; INBOX falls back to the top-level columns (Alga's older rows).
+_OLD_UV = """COALESCE(c.folder_state -> %(folder)s::text ->> 'uid_validity',
+    CASE WHEN %(inbox)s THEN c.uid_validity END)"""
+_OLD_LAST = """COALESCE(c.folder_state -> %(folder)s::text ->> 'last_uid',
+    CASE WHEN %(inbox)s THEN c.last_uid END)"""
+# Within one UIDVALIDITY the cursor never moves back; a new UIDVALIDITY replaces it.
+_NEW_LAST = f"""(CASE WHEN {_OLD_UV} = %(uv)s::text AND {_OLD_LAST} ~ '^[0-9]{{1,18}}$'
+    THEN GREATEST(({_OLD_LAST})::bigint, %(last_uid)s::bigint)
+    ELSE %(last_uid)s::bigint END)"""
+# Reseeding sets the cursor as given, whatever was stored.
+_SET_LAST = "%(last_uid)s::bigint"
+
+
+def _cursor_update(new_last: str, sync_columns: str) -> str:
+    return f"""
+UPDATE imap_email_provider_config c SET
+    folder_state = jsonb_set(
+        CASE WHEN jsonb_typeof(c.folder_state) = 'object' THEN c.folder_state
+             ELSE '{{}}'::jsonb END,
+        ARRAY[%(folder)s::text],
+        jsonb_build_object('uid_validity', %(uv)s::text, 'last_uid', ({new_last})::text,
+                           'last_seen_at', %(seen)s::text)),
+    uid_validity = CASE WHEN %(inbox)s THEN %(uv)s::text ELSE c.uid_validity END,
+    last_uid = CASE WHEN %(inbox)s THEN ({new_last})::text ELSE c.last_uid END,
+    {sync_columns}
+    updated_at = now()
+WHERE c.tenant = %(tenant)s::uuid AND c.email_provider_id = %(pid)s::uuid AND {_GUARD}
+"""
+
+
+_ADVANCE_CURSOR = _cursor_update(
+    _NEW_LAST,
+    "last_seen_at = now(), last_sync_at = now(), last_processed_message_id = "
+    "COALESCE(%(last_mid)s::text, c.last_processed_message_id),",
+)
+_RESEED_CURSOR = _cursor_update(_SET_LAST, "")
+
+_WHERE_PROVIDER = "WHERE tenant = %(tenant)s::uuid AND id = %(pid)s::uuid"
+_WHERE_CONFIG = "WHERE tenant = %(tenant)s::uuid AND email_provider_id = %(pid)s::uuid"
+
+
+def _provider(row: Sequence[Any]) -> ProviderConfig:
+    values: dict[str, Any] = {
+        "tenant": row[0],
+        "provider_id": row[1],
+        "provider_name": row[2] or "",
+        "mailbox": row[3],
+        "host": row[4],
+        "port": int(row[5]),
+        "secure": True if row[6] is None else bool(row[6]),
+        "allow_starttls": bool(row[7]),
+        "auth_type": row[8],
+        "username": row[9],
+        "folder_filters": parse_folder_filters(row[10]),
+        "max_emails_per_sync": int(row[11]) if row[11] else 50,
+        "auto_process_emails": True if row[12] is None else bool(row[12]),
+        "connection_timeout_ms": row[13],
+        "oauth_token_url": row[14],
+        "oauth_client_id": row[15],
+        "oauth_scopes": row[16],
+        "token_expires_at": row[17],
+        "paused": row[18] is not None,
+        "pause_reason": row[19],
+        "lease_owner": row[20],
+        "lease_expires_at": row[21],
+    }
+    values["version"] = config_version(values)
+    values["cursors"] = parse_cursors(row[22], row[23], row[24])
+    return ProviderConfig(**values)
+
+
+class Store:
+    """The data-access layer over one connection pool; thread-safe (the pool is)."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    # -- providers ---------------------------------------------------------------------
+
+    def load_providers(self) -> list[ProviderConfig]:
+        """Every active IMAP provider, paused ones included (the caller decides)."""
+        with self._pool.connection() as conn:
+            rows = conn.execute(_PROVIDER_SELECT + " ORDER BY p.tenant, p.id").fetchall()
+        return [_provider(r) for r in rows]
+
+    def load_provider(self, tenant: str, provider_id: str) -> ProviderConfig | None:
+        query = _PROVIDER_SELECT + " AND p.tenant = %(tenant)s::uuid AND p.id = %(pid)s::uuid"
+        with self._pool.connection() as conn:
+            row = conn.execute(query, {"tenant": tenant, "pid": provider_id}).fetchone()
+        return None if row is None else _provider(row)
+
+    # -- ledger and cursor -------------------------------------------------------------
+
+    def known_uids(
+        self, tenant: str, provider_id: str, folder: str, uid_validity: int, uids: Iterable[int]
+    ) -> dict[int, str | None]:
+        """Ledgered UIDs among ``uids`` → their stream id (None when dead-lettered)."""
+        uid_list = list(uids)
+        if not uid_list:
+            return {}
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT uid, stream_id FROM shardworker_ledger WHERE tenant = %s::uuid "
+                "AND provider_id = %s::uuid AND folder = %s AND uid_validity = %s "
+                "AND uid = ANY(%s::bigint[])",
+                (tenant, provider_id, folder, uid_validity, uid_list),
+            ).fetchall()
+        return {int(uid): stream_id for uid, stream_id in rows}
+
+    def known_message_ids(
+        self, tenant: str, provider_id: str, message_ids: Iterable[str]
+    ) -> dict[str, str | None]:
+        """Message-IDs this provider already published (any folder) → a stream id."""
+        ids = list(dict.fromkeys(message_ids))
+        if not ids:
+            return {}
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT ON (message_id) message_id, stream_id FROM shardworker_ledger "
+                "WHERE tenant = %s::uuid AND provider_id = %s::uuid "
+                "AND message_id = ANY(%s::text[]) AND status <> 'dead_lettered' "
+                "ORDER BY message_id, stream_id NULLS LAST",
+                (tenant, provider_id, ids),
+            ).fetchall()
+        return {str(mid): stream_id for mid, stream_id in rows}
+
+    def commit_batch(  # noqa: PLR0917 - positional API shared with the engine
+        self,
+        tenant: str,
+        provider_id: str,
+        folder: str,
+        uid_validity: int,
+        entries: Sequence[LedgerEntry],
+        last_uid: int,
+        epoch: int | None,
+    ) -> None:
+        """Record a batch and advance the folder cursor in one transaction (fenced)."""
+        params = self._cursor_params(
+            tenant, provider_id, folder, uv=uid_validity, last_uid=last_uid, epoch=epoch
+        )
+        params["last_mid"] = max(entries, key=lambda e: e.uid).message_id if entries else None
+        params["uids"] = [e.uid for e in entries]
+        params["mids"] = [e.message_id for e in entries]
+        params["sids"] = [e.stream_id for e in entries]
+        params["statuses"] = [e.status for e in entries]
+        params["reasons"] = [e.reason for e in entries]
+        statements = ([_INSERT_LEDGER] if entries else []) + [_ADVANCE_CURSOR]
+        self._fenced_write(params, statements)
+
+    def reseed_folder(  # noqa: PLR0917 - positional API shared with the engine
+        self,
+        tenant: str,
+        provider_id: str,
+        folder: str,
+        uid_validity: int,
+        last_uid: int,
+        epoch: int | None,
+    ) -> None:
+        """Set a folder cursor as given (first sync, UIDVALIDITY change, resync)."""
+        params = self._cursor_params(
+            tenant, provider_id, folder, uv=uid_validity, last_uid=last_uid, epoch=epoch
+        )
+        self._fenced_write(params, [_RESEED_CURSOR])
+
+    @staticmethod
+    def _cursor_params(
+        tenant: str, provider_id: str, folder: str, *, uv: int, last_uid: int, epoch: int | None
+    ) -> dict[str, Any]:
+        return {
+            "tenant": tenant, "pid": provider_id, "folder": folder, "uv": uv,
+            "last_uid": last_uid, "epoch": epoch, "inbox": folder == "INBOX",
+            "seen": _now_iso(),
+        }  # fmt: skip
+
+    def _fenced_write(self, params: dict[str, Any], statements: Sequence[str]) -> None:
+        epoch = params["epoch"]
+        with self._pool.connection() as conn:
+            with conn.pipeline(), conn.transaction():
+                # Lock first: a concurrent acquire_epoch waits for us, or we see its result.
+                fence = conn.execute(_LOCK_FENCE, params) if epoch is not None else None
+                for statement in statements:
+                    conn.execute(statement, params)
+            row = fence.fetchone() if fence is not None else None
+        if epoch is not None and (row is None or row[0] != epoch):
+            current = None if row is None else row[0]
+            raise FencedError(
+                f"provider {params['pid']}: fencing epoch {epoch} is stale (current {current}); "
+                "nothing was written"
+            )
+
+    # -- status ------------------------------------------------------------------------
+
+    def set_status(self, tenant: str, provider_id: str, status: str, error: str | None) -> None:
+        """Alga's connection status; ``error`` must already be free of secrets."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {sorted(STATUSES)}, got {status!r}")
+        params = {"tenant": tenant, "pid": provider_id, "status": status, "error": error}
+        with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            conn.execute(
+                "UPDATE email_providers SET status = %(status)s, error_message = %(error)s, "
+                "updated_at = now() " + _WHERE_PROVIDER,
+                params,
+            )
+            conn.execute(
+                "UPDATE imap_email_provider_config SET last_error = %(error)s " + _WHERE_CONFIG,
+                params,
+            )
+
+    def touch_sync(self, tenant: str, provider_id: str) -> None:
+        params = {"tenant": tenant, "pid": provider_id}
+        with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            conn.execute(
+                "UPDATE email_providers SET last_sync_at = now() " + _WHERE_PROVIDER, params
+            )
+            conn.execute(
+                "UPDATE imap_email_provider_config SET last_sync_at = now() " + _WHERE_CONFIG,
+                params,
+            )
+
+    def set_capabilities(self, tenant: str, provider_id: str, caps: Sequence[str]) -> None:
+        params = {"tenant": tenant, "pid": provider_id, "caps": Jsonb(list(caps))}
+        with self._pool.connection() as conn:
+            conn.execute(
+                "UPDATE imap_email_provider_config SET server_capabilities = %(caps)s "
+                + _WHERE_CONFIG,
+                params,
+            )
+
+    # -- auth failures and pausing -----------------------------------------------------
+
+    def record_auth_failure(self, tenant: str, provider_id: str, code: str, threshold: int) -> bool:
+        """Count an auth failure; pause at ``threshold``.  True iff this call paused it."""
+        params = {"tenant": tenant, "pid": provider_id, "code": code, "threshold": threshold}
+        pause_now = "inbound_paused_at IS NULL AND inbound_auth_failure_count + 1 >= %(threshold)s"
+        with self._pool.connection() as conn:
+            with conn.pipeline(), conn.transaction():
+                before = conn.execute(
+                    "SELECT inbound_paused_at IS NOT NULL FROM email_providers "
+                    + _WHERE_PROVIDER
+                    + " FOR UPDATE",
+                    params,
+                )
+                after = conn.execute(
+                    "UPDATE email_providers SET "
+                    "inbound_auth_failure_count = inbound_auth_failure_count + 1, "
+                    "inbound_auth_failure_last_at = now(), inbound_auth_failure_code = %(code)s, "
+                    "status = 'error', updated_at = now(), "
+                    f"inbound_pause_reason = CASE WHEN {pause_now} THEN 'auth_failure' "
+                    "ELSE inbound_pause_reason END, "
+                    f"inbound_paused_at = CASE WHEN {pause_now} THEN now() "
+                    "ELSE inbound_paused_at END "
+                    + _WHERE_PROVIDER
+                    + " RETURNING inbound_paused_at IS NOT NULL",
+                    params,
+                )
+            was, now = before.fetchone(), after.fetchone()
+        return bool(was is not None and now is not None and not was[0] and now[0])
+
+    def clear_auth_failures(self, tenant: str, provider_id: str) -> None:
+        """Reset the consecutive count; the last time and code stay as history."""
+        with self._pool.connection() as conn:
+            conn.execute(
+                "UPDATE email_providers SET inbound_auth_failure_count = 0 " + _WHERE_PROVIDER,
+                {"tenant": tenant, "pid": provider_id},
+            )
+
+    def pause(self, tenant: str, provider_id: str, reason: str) -> None:
+        if reason not in PAUSE_REASONS:
+            raise ValueError(f"pause reason must be one of {sorted(PAUSE_REASONS)}, got {reason!r}")
+        with self._pool.connection() as conn:
+            conn.execute(
+                "UPDATE email_providers SET inbound_paused_at = COALESCE(inbound_paused_at, "
+                "now()), inbound_pause_reason = %(reason)s, updated_at = now() " + _WHERE_PROVIDER,
+                {"tenant": tenant, "pid": provider_id, "reason": reason},
+            )
+
+    def resume(self, tenant: str, provider_id: str) -> None:
+        with self._pool.connection() as conn:
+            conn.execute(
+                "UPDATE email_providers SET inbound_paused_at = NULL, "
+                "inbound_pause_reason = NULL, inbound_auth_failure_count = 0, "
+                "updated_at = now() " + _WHERE_PROVIDER,
+                {"tenant": tenant, "pid": provider_id},
+            )
+
+    # -- fencing epochs and Alga's lease columns ---------------------------------------
+
+    def acquire_epoch(self, tenant: str, provider_id: str, owner: str) -> int:
+        """Take over a provider: a new, larger epoch that fences out every older writer."""
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "INSERT INTO shardworker_provider_state (tenant, provider_id, fencing_epoch, "
+                "owner) VALUES (%s::uuid, %s::uuid, 1, %s) ON CONFLICT (tenant, provider_id) "
+                "DO UPDATE SET fencing_epoch = shardworker_provider_state.fencing_epoch + 1, "
+                "owner = EXCLUDED.owner, updated_at = now() RETURNING fencing_epoch",
+                (tenant, provider_id, owner),
+            ).fetchone()
+        if row is None:
+            raise StoreError(f"provider {provider_id}: acquiring an epoch returned nothing")
+        return int(row[0])
+
+    def current_epoch(self, tenant: str, provider_id: str) -> int:
+        """The provider's epoch; 0 when none was ever acquired."""
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT fencing_epoch FROM shardworker_provider_state "
+                "WHERE tenant = %s::uuid AND provider_id = %s::uuid",
+                (tenant, provider_id),
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def claim_lease(self, tenant: str, provider_id: str, owner: str, ttl_s: float) -> bool:
+        """Set Alga's ``lease_owner`` unless another live owner holds it (coexistence)."""
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "UPDATE imap_email_provider_config SET lease_owner = %(owner)s, "
+                "lease_expires_at = now() + make_interval(secs => %(ttl)s) "
+                + _WHERE_CONFIG
+                + " AND (lease_owner IS NULL OR lease_owner = %(owner)s "
+                "OR lease_expires_at IS NULL OR lease_expires_at < now()) RETURNING 1",
+                {"tenant": tenant, "pid": provider_id, "owner": owner, "ttl": float(ttl_s)},
+            ).fetchone()
+        return row is not None
+
+    def release_lease(self, tenant: str, provider_id: str, owner: str) -> None:
+        with self._pool.connection() as conn:
+            conn.execute(
+                "UPDATE imap_email_provider_config SET lease_owner = NULL, "
+                "lease_expires_at = NULL " + _WHERE_CONFIG + " AND lease_owner = %(owner)s",
+                {"tenant": tenant, "pid": provider_id, "owner": owner},
+            )
