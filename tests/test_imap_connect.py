@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.server
 import imaplib
+import json
 import logging
 import socket
 import ssl
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -37,6 +41,9 @@ from shardworker.imap.connect import (
     security_mode,
     tls_context,
 )
+from tests.conftest import start_dovecot
+from tests.harness.dovecot import Dovecot, ImapUser
+from tests.harness.net import free_port
 
 SECRET = 'pa"ss\\w0rd-s3cr3t'
 
@@ -438,3 +445,182 @@ def test_capabilities_are_decoded_and_sorted(
         assert capabilities(client) == ("AUTH=PLAIN", "ENABLE", "IDLE", "IMAP4REV1")
     finally:
         close_client(client)
+
+
+# ---------------------------------------------------------------- real Dovecot
+
+AWKWARD_PASSWORDS = ('q"uo\\te (x) {3}', "pässwörd-日本")
+
+
+def settle_passwd_file() -> None:
+    """Dovecot checks its passwd-file for changes at most once a second: a user added in
+    the same second as an earlier lookup is not there yet."""
+    time.sleep(1.1)
+
+
+@pytest.fixture(scope="module")
+def users(dovecot: Dovecot) -> dict[str, ImapUser]:
+    made = {"plain": dovecot.add_user(), "starttls": dovecot.add_user(),
+            "tls": dovecot.add_user(), "wrong": dovecot.add_user()}  # fmt: skip
+    made |= {password: dovecot.add_user(password=password) for password in AWKWARD_PASSWORDS}
+    settle_passwd_file()
+    return made
+
+
+@pytest.fixture(scope="module")
+def trusted(dovecot: Dovecot) -> ssl.SSLContext:
+    """Our own context: system CAs plus the test CA."""
+    return tls_context(str(dovecot.cafile))
+
+
+def _dovecot_open(
+    dovecot: Dovecot, security: str, creds: Credentials, context: ssl.SSLContext | None
+) -> Any:
+    port = dovecot.tls_port if security == "tls" else dovecot.plain_port
+    return open_client(
+        "localhost", port, security, creds,  # type: ignore[arg-type]
+        timeout_s=7.0, connect_timeout_s=5.0, ssl_context=context,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("security", ["plain", "starttls", "tls"])
+def test_login_on_dovecot(
+    dovecot: Dovecot, users: dict[str, ImapUser], trusted: ssl.SSLContext, security: str
+) -> None:
+    client = _dovecot_open(dovecot, security, Credentials("password", *users[security]), trusted)
+    try:
+        assert client.socket().gettimeout() == 7.0
+        caps = capabilities(client)
+        assert "IDLE" in caps and "IMAP4REV1" in caps
+        assert list(caps) == sorted(caps)
+        assert (security != "plain") == isinstance(client.socket(), ssl.SSLSocket)
+        assert client.select_folder("INBOX", readonly=True)[b"UIDVALIDITY"] > 0
+    finally:
+        close_client(client)
+
+
+@pytest.mark.parametrize("password", AWKWARD_PASSWORDS)
+def test_awkward_passwords_on_dovecot(
+    dovecot: Dovecot, users: dict[str, ImapUser], trusted: ssl.SSLContext, password: str
+) -> None:
+    creds = Credentials("password", *users[password])
+    close_client(_dovecot_open(dovecot, "starttls", creds, trusted))
+
+
+def test_wrong_password_on_dovecot(
+    dovecot: Dovecot, users: dict[str, ImapUser], trusted: ssl.SSLContext
+) -> None:
+    wrong = users["wrong"].password + "-wrong"
+    with pytest.raises(ImapAuthError) as info:
+        _dovecot_open(dovecot, "tls", Credentials("password", users["wrong"].name, wrong), trusted)
+    assert info.value.code == "authenticationfailed"
+    assert wrong not in str(info.value)
+    assert str(info.value).startswith(f"localhost:{dovecot.tls_port}: ")
+
+
+def test_closed_port_is_refused() -> None:
+    with pytest.raises(ImapTransientError) as info:
+        _open(free_port(), Credentials("password", "a", "b"), "tls")
+    assert info.value.reason == "refused"
+
+
+@pytest.mark.parametrize("security", ["tls", "starttls"])
+def test_untrusted_certificate(dovecot: Dovecot, users: dict[str, ImapUser], security: str) -> None:
+    system_only = tls_context()
+    creds = Credentials("password", *users[security])
+    with pytest.raises(ImapTransientError) as info:
+        _dovecot_open(dovecot, security, creds, system_only)
+    assert info.value.reason == "tls_certificate"
+
+
+def test_tls_on_the_plain_port_is_a_tls_error(dovecot: Dovecot, trusted: ssl.SSLContext) -> None:
+    with pytest.raises(ImapTransientError) as info:
+        open_client(
+            "localhost", dovecot.plain_port, "tls", Credentials("password", "a", "b"),
+            timeout_s=5.0, connect_timeout_s=5.0, ssl_context=trusted,
+        )  # fmt: skip
+    assert info.value.reason == "tls"
+
+
+def test_too_many_connections_is_a_transient_limit(
+    dovecot_factory: Callable[..., Dovecot],
+) -> None:
+    limit = (
+        "mail_max_userip_connections = 1\nprotocol imap {\n  mail_max_userip_connections = 1\n}\n"
+    )
+    server = dovecot_factory(extra_conf=limit)
+    creds = Credentials("password", *server.add_user())
+    settle_passwd_file()
+    first = _dovecot_open(server, "plain", creds, None)
+    try:
+        with pytest.raises(ImapTransientError) as info:
+            _dovecot_open(server, "plain", creds, None)
+        assert info.value.reason == "limit"
+    finally:
+        close_client(first)
+
+
+class _Introspection(http.server.BaseHTTPRequestHandler):
+    """RFC 7662 token introspection for Dovecot's oauth2 passdb: tokens "good-<user>"."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
+        token = urllib.parse.parse_qs(body).get("token", [""])[0]
+        if token.startswith("good-"):
+            answer = {"active": "true", "username": token.removeprefix("good-")}
+        else:
+            answer = {"active": "false"}
+        data = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module", params=["XOAUTH2", "OAUTHBEARER"])
+def oauth_dovecot(request: pytest.FixtureRequest) -> Iterator[tuple[Dovecot, ImapUser]]:
+    """A Dovecot whose oauth2 passdb asks a local introspection endpoint, and one user;
+    offering both token mechanisms (XOAUTH2 is chosen), or OAUTHBEARER only."""
+    mechanisms = "xoauth2 oauthbearer" if request.param == "XOAUTH2" else "oauthbearer"
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Introspection)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    server = start_dovecot(
+        oauth2_introspection_url=f"http://127.0.0.1:{httpd.server_port}/",
+        extra_conf=f"auth_mechanisms = plain login {mechanisms}\n",
+    )
+    try:
+        user = server.add_user()
+        settle_passwd_file()
+        yield server, user
+    finally:
+        server.close()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(10)
+
+
+def test_oauth2_login_on_dovecot(
+    oauth_dovecot: tuple[Dovecot, ImapUser], request: pytest.FixtureRequest
+) -> None:
+    server, user = oauth_dovecot
+    creds = Credentials("oauth2", user.name, f"good-{user.name}")
+    client = _dovecot_open(server, "plain", creds, None)
+    try:
+        assert client.select_folder("INBOX", readonly=True)[b"UIDVALIDITY"] > 0
+    finally:
+        close_client(client)
+    mechanism = request.node.callspec.params["oauth_dovecot"]
+    assert f"user=<{user.name}>, method={mechanism}" in server.log_text()
+
+
+def test_rejected_oauth2_token_on_dovecot(oauth_dovecot: tuple[Dovecot, ImapUser]) -> None:
+    server, user = oauth_dovecot
+    with pytest.raises(ImapAuthError) as info:
+        _dovecot_open(server, "plain", Credentials("oauth2", user.name, "revoked-token-xyz"), None)
+    assert info.value.code == "authenticationfailed"
+    assert "revoked-token-xyz" not in str(info.value)
