@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from shardworker.imap.folders import FolderResolution, match_folders
+from shardworker.errors import ImapTransientError
+from shardworker.imap.connect import Credentials, close_client, open_client, tls_context
+from shardworker.imap.folders import FolderResolution, match_folders, resolve_folders
+from tests.harness.dovecot import Dovecot
 
 # What imapclient's list_folders() returns: (flags, delimiter, decoded name).
 DOVECOT: list[tuple[tuple[bytes, ...], bytes, str]] = [
@@ -121,3 +126,58 @@ def test_names_under_an_inbox_namespace_match_without_the_prefix() -> None:
 def test_raw_bytes_names_are_decoded_from_modified_utf7() -> None:
     listing = [((b"\\HasNoChildren",), b"/", b"Entw&APw-rfe"), ((), None, b"&ZeVnLIqe-")]
     assert resolve(listing, "entwürfe", "日本語").folders == ("Entwürfe", "日本語")
+
+
+# ---------------------------------------------------------------- real Dovecot
+
+DOVECOT_FOLDERS = ("Sent", "Junk", "Entwürfe", "日本語", "Projects/2024", "Ünïcode & Co")
+
+
+@pytest.fixture(scope="module")
+def mailbox(dovecot: Dovecot) -> Iterator[Any]:
+    """A logged-in client of a user owning DOVECOT_FOLDERS (the namespace flags Sent/Junk)."""
+    user = dovecot.add_user()
+    time.sleep(1.1)  # Dovecot checks its passwd-file for new users at most once a second
+    for name in DOVECOT_FOLDERS:
+        dovecot.create_folder(user.name, name)
+    client = open_client(
+        dovecot.host, dovecot.plain_port, "starttls", Credentials("password", *user),
+        timeout_s=10.0, connect_timeout_s=5.0, ssl_context=tls_context(str(dovecot.cafile)),
+    )  # fmt: skip
+    yield client
+    close_client(client)
+
+
+def test_dovecot_folders_resolve_and_can_be_examined(mailbox: Any) -> None:
+    result = resolve_folders(
+        mailbox, ["inbox", "entwürfe", "日本語", "projects/2024", "Ünïcode & Co", "\\Sent", "junk"]
+    )
+    assert result.folders == (
+        "INBOX", "Entwürfe", "日本語", "Projects/2024", "Ünïcode & Co", "Sent", "Junk"
+    )  # fmt: skip
+    assert (result.missing, result.unselectable) == ((), ())
+    for name in result.folders:
+        assert mailbox.select_folder(name, readonly=True)[b"UIDVALIDITY"] > 0
+
+
+def test_dovecot_missing_and_unselectable_folders(mailbox: Any) -> None:
+    result = resolve_folders(mailbox, ["Nope", "Projects", "\\Archive", "\\Drafts", "Sent"])
+    assert result == FolderResolution(("Sent",), ("Nope", "\\Archive", "\\Drafts"), ("Projects",))
+
+
+def test_dovecot_special_use_names_the_flagged_folder(mailbox: Any) -> None:
+    """No folder is named "spam": the word, like the flag, finds the folder flagged \\Junk."""
+    assert resolve_folders(mailbox, ["spam", "\\JUNK"]).folders == ("Junk",)
+
+
+def test_list_failure_is_classified(dovecot: Dovecot) -> None:
+    user = dovecot.add_user()
+    time.sleep(1.1)
+    client = open_client(
+        dovecot.host, dovecot.plain_port, "plain", Credentials("password", *user),
+        timeout_s=10.0, connect_timeout_s=5.0, ssl_context=None,
+    )  # fmt: skip
+    client.shutdown()
+    with pytest.raises(ImapTransientError) as info:
+        resolve_folders(client, ["INBOX"])
+    assert info.value.reason == "network"
