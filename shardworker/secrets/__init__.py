@@ -1,0 +1,1 @@
+"""Provider secrets: AES-256-GCM envelopes (``crypto``) and the read chain (``store``)."""

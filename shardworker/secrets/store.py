@@ -1,0 +1,166 @@
+"""Provider secrets: the read chain (db, env, filesystem) and shardworker's encrypted table.
+
+Names follow Alga (``imap_password_<providerId>`` ...), so a secret Alga already holds in
+its env or filesystem layout is found without copying it.  ``db`` rows are AES-GCM
+envelopes bound to ``tenant|name``.  Values are returned to the caller only: never
+logged, never put in an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+from shardworker.config import Settings
+from shardworker.db.store import Pool
+from shardworker.errors import SecretError, SecretNotFoundError
+from shardworker.logs import get_logger
+from shardworker.secrets.crypto import Keyring
+
+log = get_logger(__name__)
+
+# Alga's names, plus the access token which only shardworker caches.
+_PREFIXES = {
+    "password": "imap_password_",
+    "oauth_client_secret": "imap_oauth_client_secret_",
+    "refresh_token": "imap_refresh_token_",
+    "access_token": "imap_access_token_",
+}
+
+
+def secret_name(kind: str, provider_id: str) -> str:
+    try:
+        return _PREFIXES[kind] + provider_id
+    except KeyError:
+        raise SecretError(f"unknown secret kind {kind!r}; use one of {sorted(_PREFIXES)}") from None
+
+
+def _aad(tenant: str, name: str) -> bytes:
+    # Canonical uuid text, so an envelope written with any spelling of the tenant decrypts
+    # with the spelling PostgreSQL returns (rotation reads it back from the table).
+    try:
+        canonical = str(uuid.UUID(tenant))
+    except ValueError:
+        raise SecretError(f"tenant must be a uuid, got {tenant!r}") from None
+    return f"{canonical}|{name}".encode()
+
+
+def _check_path_parts(tenant: str, name: str) -> None:
+    """Tenant and name become path segments: refuse anything that could escape the base."""
+    for part in (tenant, name):
+        if not part or "/" in part or "\\" in part or part in (".", "..") or "\0" in part:
+            raise SecretError(f"invalid tenant or secret name for a path: {part!r}")
+
+
+class SecretStore:
+    def __init__(
+        self, settings: Settings, pool: Pool | None, *, environ: Mapping[str, str] | None = None
+    ) -> None:
+        self._keyring = Keyring.from_setting(settings.secret_keys)
+        self._chain = settings.secret_read_chain
+        self._base = Path(settings.secret_fs_base_path)
+        self._pool = pool
+        self._environ = os.environ if environ is None else environ
+
+    @property
+    def keyring(self) -> Keyring:
+        return self._keyring
+
+    def get(self, tenant: str, provider_id: str, name: str) -> str:
+        """The first value the chain yields; SecretNotFoundError names the sources tried."""
+        tried: list[str] = []
+        for source in self._chain:
+            value = self._read(source, tenant, name)
+            tried.append(source)
+            if value is not None:
+                return value
+        raise SecretNotFoundError(
+            f"secret {name} for tenant {tenant} (provider {provider_id}) not found; "
+            f"tried {', '.join(tried) or 'no source'}"
+        )
+
+    def _read(self, source: str, tenant: str, name: str) -> str | None:
+        if source == "db":
+            return self._read_db(tenant, name)
+        if source == "env":
+            value = self._environ.get(f"TENANT_{tenant}_{name}")
+            return value if value else None
+        if source == "filesystem":
+            return self._read_file(tenant, name)
+        raise SecretError(f"unknown secret source {source!r}")
+
+    def _read_db(self, tenant: str, name: str) -> str | None:
+        if self._pool is None:
+            return None
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT envelope FROM shardworker_secrets WHERE tenant = %s::uuid AND name = %s",
+                (tenant, name),
+            ).fetchone()
+        if row is None:
+            return None
+        # A wrong or missing key is loud: falling through to another source would hide it.
+        return self._keyring.decrypt(str(row[0]), _aad(tenant, name))
+
+    def _read_file(self, tenant: str, name: str) -> str | None:
+        _check_path_parts(tenant, name)
+        path = self._base / "tenants" / tenant / name
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise SecretError(f"cannot read secret file for {name}: {exc.strerror}") from None
+        return value or None
+
+    def put(self, tenant: str, provider_id: str, name: str, value: str) -> None:
+        """Store (or replace) a secret in shardworker's table, encrypted with the newest key."""
+        envelope = self._keyring.encrypt(value, _aad(tenant, name))
+        with self._require_pool().connection() as conn:
+            conn.execute(
+                "INSERT INTO shardworker_secrets (tenant, provider_id, name, key_id, envelope) "
+                "VALUES (%s::uuid, %s::uuid, %s, %s, %s) ON CONFLICT (tenant, name) DO UPDATE "
+                "SET provider_id = EXCLUDED.provider_id, key_id = EXCLUDED.key_id, "
+                "envelope = EXCLUDED.envelope, updated_at = now()",
+                (tenant, provider_id, name, self._keyring.newest_kid, envelope),
+            )
+        log.info("secret_stored", tenant=tenant, provider_id=provider_id, name=name)
+
+    def delete_provider_secrets(self, tenant: str, provider_id: str) -> int:
+        with self._require_pool().connection() as conn:
+            cur = conn.execute(
+                "DELETE FROM shardworker_secrets "
+                "WHERE tenant = %s::uuid AND provider_id = %s::uuid",
+                (tenant, provider_id),
+            )
+            return cur.rowcount
+
+    def rotate_keys(self) -> int:
+        """Re-encrypt every secret not under the newest key, in one transaction."""
+        newest = self._keyring.newest_kid
+        with self._require_pool().connection() as conn, conn.transaction():
+            # Spans tenants by nature (an operator command); Citus runs it on every shard.
+            rows = conn.execute(
+                "SELECT tenant::text, name, envelope FROM shardworker_secrets "
+                "WHERE key_id <> %s ORDER BY tenant, name",
+                (newest,),
+            ).fetchall()
+            count = 0
+            for tenant, name, envelope in rows:
+                aad = _aad(tenant, name)
+                fresh = self._keyring.encrypt(self._keyring.decrypt(envelope, aad), aad)
+                cur = conn.execute(
+                    "UPDATE shardworker_secrets SET key_id = %s, envelope = %s, updated_at = now()"
+                    " WHERE tenant = %s::uuid AND name = %s AND envelope = %s",
+                    (newest, fresh, tenant, name, envelope),
+                )
+                count += cur.rowcount
+        log.info("secrets_rotated", count=count, kid=newest)
+        return count
+
+    def _require_pool(self) -> Pool:
+        if self._pool is None:
+            raise SecretError("the secret table needs a database pool")
+        return self._pool
