@@ -1,0 +1,348 @@
+"""Decoding that survives real mail: charsets, encoded words, 8-bit headers, filenames.
+
+These are the places where mail-parser 4.8 gets real messages wrong, so shardworker does
+them itself from the stdlib's ``email.message.Message``:
+
+* a 7-bit ISO-2022-JP body keeps its raw escape sequences in mail-parser (it returns the
+  undecoded payload whenever the transfer encoding is 7bit); here every text body is
+  decoded from its bytes with its declared charset;
+* a raw 8-bit windows-1252 header loses characters in mail-parser (it decodes the bytes as
+  UTF-8 with ``errors="ignore"``); here 8-bit header bytes are decoded as UTF-8 when they
+  are valid UTF-8, else with the message's declared charset, else as windows-1252;
+* an unterminated quoted filename (``filename="report.pdf``) keeps its quote in both the
+  stdlib and mail-parser; :func:`clean_filename` drops it.
+
+Every decoder here is total: unknown, misspelt or non-text charsets (``base64``,
+``undefined``) fall back to UTF-8 / windows-1252 with replacement characters, and the
+caller gets a defect name instead of an exception.
+"""
+
+from __future__ import annotations
+
+import binascii
+import codecs
+import html
+import re
+from email.message import Message
+from html.parser import HTMLParser
+
+# Charset labels seen in the wild that Python does not know, or knows as something
+# narrower than what senders actually use.
+_CHARSET_ALIASES = {
+    "ks_c_5601-1987": "cp949",
+    "ks_c_5601": "cp949",
+    "x-unknown": "utf-8",
+    "unknown-8bit": "utf-8",
+    "unknown": "utf-8",
+    "x-user-defined": "cp1252",
+    "iso-8859-8-i": "iso-8859-8",
+    "windows-874": "cp874",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "shift_jis": "cp932",
+    "x-sjis": "cp932",
+    "sjis": "cp932",
+    "ansi_x3.4-1968": "ascii",
+    "us-ascii": "ascii",
+    "utf8": "utf-8",
+    "x-mac-roman": "mac-roman",
+    "iso-2022-jp": "iso2022_jp",
+}
+# Supersets tried, strictly, before the declared codec is applied with replacement.
+_CHARSET_SUPERSETS = {
+    "iso2022_jp": ("iso2022_jp", "iso2022_jp_ext", "iso2022_jp_2", "iso2022_jp_2004"),
+    "ascii": ("ascii", "utf-8", "cp1252"),
+    # Senders label windows-1252 text as latin-1 all the time; cp1252 is a superset of
+    # latin-1's printable range.
+    "iso8859-1": ("cp1252", "iso8859-1"),
+}
+_DEFAULT_8BIT = "cp1252"
+# Codecs for which ASCII bytes do not mean ASCII text.
+_WIDE = frozenset(
+    {
+        "utf-16",
+        "utf-16-le",
+        "utf-16-be",
+        "utf-32",
+        "utf-32-le",
+        "utf-32-be",
+        "utf-7",
+        "cp037",
+        "cp500",
+        "cp1140",
+    }
+)
+
+_ENCODED_WORD = re.compile(r"=\?([^?\s*]+)(?:\*[^?\s]*)?\?([bBqQ])\?([^?\s]*)\?=")
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_BASE64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def resolve_charset(label: str | None) -> str | None:
+    """A Python text codec name for a MIME charset label, or None if there is none."""
+    if not label:
+        return None
+    name = label.strip().strip("\"'").lower()
+    name = _CHARSET_ALIASES.get(name, name)
+    try:
+        info = codecs.lookup(name)
+    except (LookupError, ValueError):
+        return None
+    # Non-text codecs (base64, zlib, rot13...) would turn a charset label into a decoder
+    # of arbitrary transforms; a charset is only ever a text encoding.
+    if not getattr(info, "_is_text_encoding", True) or info.name == "undefined":
+        return None
+    return str(info.name)
+
+
+def decode_bytes(data: bytes, label: str | None, defects: list[str]) -> str:
+    """Decode ``data`` declared as ``label``, never raising.
+
+    Order: the declared codec (or its known supersets) strictly, then UTF-8 strictly (the
+    most common mislabel), then the declared codec or windows-1252 with replacement.
+    """
+    codec = resolve_charset(label)
+    if codec in _WIDE and b"\x00" not in data and codec != "utf-7":
+        # UTF-16/32 text of any length holds NUL bytes; without them the label is wrong.
+        defects.append(f"charset_mismatch: {label[:40] if label else ''}")
+        codec, label = None, None
+    if data.isascii() and codec not in _WIDE and b"\x1b" not in data:
+        return data.decode("ascii")
+    if label and codec is None:
+        defects.append(f"unknown_charset: {label[:40]}")
+    for candidate in _CHARSET_SUPERSETS.get(codec or "", (codec,) if codec else ()):
+        try:
+            return data.decode(candidate)
+        except (UnicodeError, LookupError, ValueError):
+            continue
+    try:
+        text = data.decode("utf-8")
+    except UnicodeError:
+        pass
+    else:
+        if codec is not None:
+            defects.append(f"charset_mismatch: {label[:40] if label else ''} was utf-8")
+        return text
+    if codec is not None:
+        defects.append(f"charset_decode_errors: {label[:40] if label else ''}")
+    return _decode_replace(data, codec or _DEFAULT_8BIT)
+
+
+def _decode_replace(data: bytes, codec: str) -> str:
+    try:
+        return data.decode(codec, "replace")
+    except (UnicodeError, LookupError, ValueError):
+        return data.decode("utf-8", "replace")
+
+
+def raw_header_text(value: str, fallback_charset: str | None, defects: list[str]) -> str:
+    """Turn a compat32 raw header value (8-bit bytes held as surrogates) into text."""
+    if _SURROGATES.search(value) is None:
+        return value
+    try:
+        data = value.encode("ascii", "surrogateescape")
+    except UnicodeError:
+        return _SURROGATES.sub("\ufffd", value)
+    try:
+        return data.decode("utf-8")
+    except UnicodeError:
+        pass
+    defects.append("header_8bit_non_utf8")
+    codec = resolve_charset(fallback_charset) or _DEFAULT_8BIT
+    if codec in {"ascii", "utf-8"}:
+        codec = _DEFAULT_8BIT
+    return _decode_replace(data, "cp1252" if codec == "iso8859-1" else codec)
+
+
+def decode_header_value(value: str, fallback_charset: str | None, defects: list[str]) -> str:
+    """Raw header value → display text: 8-bit bytes, folding and RFC 2047 words handled."""
+    text = raw_header_text(value, fallback_charset, defects)
+    text = _FOLD.sub("", text).replace("\r", "").replace("\n", "")
+    if "=?" in text:
+        text = decode_encoded_words(text, defects)
+    return text.strip()
+
+
+def decode_encoded_words(text: str, defects: list[str]) -> str:
+    """Decode RFC 2047 encoded words, joining adjacent words of one charset before decoding.
+
+    Senders split multi-byte characters across adjacent words; decoding each word alone
+    would turn both halves into replacement characters.
+    """
+    out: list[str] = []
+    run_charset: str | None = None
+    run: list[bytes] = []
+    pos = 0
+    for match in _ENCODED_WORD.finditer(text):
+        between = text[pos : match.start()]
+        if between and (run_charset is None or between.strip(" \t")):
+            _flush(out, run_charset, run, defects)
+            run_charset, run = None, []
+            out.append(between)
+        charset, kind, payload = match.group(1), match.group(2), match.group(3)
+        data = _decode_word(kind, payload)
+        if data is None:
+            _flush(out, run_charset, run, defects)
+            run_charset, run = None, []
+            defects.append("encoded_word_invalid")
+            out.append(match.group(0))
+        else:
+            if run_charset is not None and charset.lower() != run_charset:
+                _flush(out, run_charset, run, defects)
+                run = []
+            run_charset = charset.lower()
+            run.append(data)
+        pos = match.end()
+    _flush(out, run_charset, run, defects)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _flush(out: list[str], charset: str | None, run: list[bytes], defects: list[str]) -> None:
+    if charset is not None and run:
+        out.append(decode_bytes(b"".join(run), charset, defects))
+
+
+def _decode_word(kind: str, payload: str) -> bytes | None:
+    raw = payload.encode("ascii", "replace")
+    try:
+        if kind in "bB":
+            cleaned = _BASE64_JUNK.sub(b"", raw)
+            cleaned = cleaned[: len(cleaned) - len(cleaned) % 4 if len(cleaned) % 4 == 1 else None]
+            return binascii.a2b_base64(cleaned + b"=" * (-len(cleaned) % 4))
+        return binascii.a2b_qp(raw, header=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def part_charset(part: Message) -> str | None:
+    """The part's declared charset label, tolerant of junk in the header."""
+    try:
+        charset = part.get_param("charset")
+    except (ValueError, TypeError, IndexError):
+        return None
+    if isinstance(charset, tuple):
+        charset = charset[2]
+    if not isinstance(charset, str) or not charset.strip():
+        return None
+    return raw_header_text(charset, None, []).strip().lower()[:64]
+
+
+def clean_filename(name: str, defects: list[str]) -> str:
+    """A display filename: encoded words decoded, stray quotes, paths and controls gone."""
+    text = decode_header_value(name, None, defects) if name else ""
+    stripped = text.strip()
+    if stripped.startswith('"') != stripped.endswith('"') or stripped == '"':
+        defects.append("filename_unbalanced_quote")
+    stripped = stripped.strip('"').strip()
+    # A consumer may write the file to disk: keep the base name only.
+    stripped = re.split(r"[/\\]", stripped)[-1]
+    stripped = _CONTROL.sub("", stripped).strip()
+    if len(stripped) > 255:
+        stem, dot, ext = stripped.rpartition(".")
+        stripped = (stem[: 250 - len(ext)] + dot + ext) if dot and len(ext) < 16 else stripped[:255]
+    return stripped
+
+
+class _TextExtractor(HTMLParser):
+    """Collects the visible text of an HTML document with block-level line breaks."""
+
+    _SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
+    _BLOCK = frozenset(
+        {
+            "p",
+            "div",
+            "tr",
+            "table",
+            "h1",
+            "h2",
+            "h3",
+            "h4",
+            "h5",
+            "h6",
+            "blockquote",
+            "pre",
+            "ul",
+            "ol",
+            "section",
+            "article",
+            "header",
+            "footer",
+            "hr",
+            "address",
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.chunks: list[str] = []
+        self._skip_depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self._skip_depth += 1
+        elif tag == "br":
+            self.chunks.append("\n")
+        elif tag == "li":
+            self.chunks.append("\n- ")
+        elif tag in ("td", "th"):
+            self.chunks.append("\t")
+        elif tag in self._BLOCK:
+            self.chunks.append("\n\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self._skip_depth = max(0, self._skip_depth - 1)
+        elif tag in self._BLOCK:
+            self.chunks.append("\n\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self._skip_depth:
+            self.chunks.append(data)
+
+
+_HTML_TEXT_MAX_CHARS = 2 * 1024 * 1024
+_SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")
+_BLANK_LINES = re.compile(r"\n\s*\n\s*(\n\s*)+")
+
+
+def html_to_text(markup: str, defects: list[str]) -> str:
+    """Plain text for an HTML-only message; bounded so hostile markup stays cheap."""
+    if len(markup) > _HTML_TEXT_MAX_CHARS:
+        defects.append("html_text_truncated")
+        markup = markup[:_HTML_TEXT_MAX_CHARS]
+    parser = _TextExtractor()
+    try:
+        parser.feed(markup)
+        parser.close()
+    except (AssertionError, ValueError):
+        defects.append("html_unparseable")
+        return html.unescape(re.sub(r"<[^>]*>", " ", markup)).strip()
+    text = "".join(parser.chunks)
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+_NUL_OR_SURROGATE = re.compile("[\x00\ud800-\udfff]")
+
+
+def scrub_strings(value: object, defects: list[str]) -> object:
+    """Replace lone surrogates and drop NULs in every string of a JSON-like value.
+
+    A lone surrogate cannot be serialized as UTF-8 JSON, and a NUL is refused by
+    PostgreSQL text columns downstream; both come only from broken input.
+    """
+    if isinstance(value, str):
+        if _NUL_OR_SURROGATE.search(value) is None:
+            return value
+        if "\x00" in value:
+            defects.append("nul_removed")
+        return _SURROGATES.sub("\ufffd", value.replace("\x00", ""))
+    if isinstance(value, dict):
+        return {k: scrub_strings(v, defects) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_strings(v, defects) for v in value]
+    return value
