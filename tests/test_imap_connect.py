@@ -436,6 +436,15 @@ def test_a_server_that_is_not_imap_is_a_protocol_error(
     assert info.value.reason == "protocol"
 
 
+def test_a_bye_greeting_is_a_transient_unavailable(
+    scripted: Callable[[Script], ScriptedServer],
+) -> None:
+    server = scripted(lambda io: io.send("* BYE Server is busy, try later"))
+    with pytest.raises(ImapTransientError) as info:
+        _open(server.port, Credentials("password", "alice", SECRET))
+    assert info.value.reason == "unavailable"
+
+
 def test_capabilities_are_decoded_and_sorted(
     scripted: Callable[[Script], ScriptedServer],
 ) -> None:

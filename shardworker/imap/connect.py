@@ -162,6 +162,9 @@ def _classify_imap_error(exc: imaplib.IMAP4.error, text: str) -> ImapError:
         return ImapTransientError(text, reason=_abort_reason(text))
     if isinstance(exc, imap_exc.CapabilityError) and "STARTTLS" in text.upper():
         return ImapTransientError(text, reason="starttls_unavailable")
+    if "* BYE" in text:
+        # A BYE greeting: the server refuses connections for now (busy, shutting down).
+        return ImapTransientError(text, reason="unavailable")
     return ImapProtocolError(text)
 
 
