@@ -1,42 +1,26 @@
-"""Real-server fixtures: private Redis, throwaway PostgreSQL database (Dovecot: harness).
+"""Real-server fixtures: private Dovecot and Redis, throwaway PostgreSQL database.
 
-With CI=true a server that cannot start fails the run; it never skips.
+A server that cannot start fails the test (pytest.fail) with the reason; it never skips,
+on a developer machine as in CI. `make deps` (scripts/install-deps.sh) installs them.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 import redis
 
-PG_ADMIN_DSN = os.environ.get("SHARDWORKER_TEST_PG_ADMIN", "postgresql://127.0.0.1:5432/postgres")
+from tests.harness.dovecot import Dovecot, DovecotError, ImapUser
+from tests.harness.net import free_port, wait_for_port
+from tests.harness.pg import PG_ADMIN_DSN, create_database, drop_database, dsn_for
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+__all__ = ["PG_ADMIN_DSN", "free_port", "wait_for_port"]
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +35,7 @@ def redis_server() -> Iterator[str]:
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", workdir, "--databases", "64"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    )  # fmt: skip
     try:
         wait_for_port(port)
         yield f"redis://127.0.0.1:{port}"
@@ -84,16 +68,12 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture(scope="session")
 def pg_dsn() -> Iterator[str]:
     """An empty throwaway database, dropped after the session."""
-    name = f"sw_test_{uuid.uuid4().hex[:12]}"
     try:
-        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        name = create_database(PG_ADMIN_DSN)
     except psycopg.OperationalError as exc:
         pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_DSN}: {exc}")
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield dsn_for(PG_ADMIN_DSN, name)
+    drop_database(name, PG_ADMIN_DSN)
 
 
 @pytest.fixture
@@ -101,3 +81,62 @@ def tmp_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="sw-test-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def start_dovecot(
+    *, hide_idle: bool = False, oauth2_introspection_url: str | None = None, extra_conf: str = ""
+) -> Dovecot:
+    """A started private Dovecot, or pytest.fail with the reason."""
+    instance: Dovecot | None = None
+    try:
+        instance = Dovecot(
+            hide_idle=hide_idle,
+            oauth2_introspection_url=oauth2_introspection_url,
+            extra_conf=extra_conf,
+        )
+        instance.start()
+    except (DovecotError, OSError) as exc:
+        if instance is not None:
+            instance.close()
+        pytest.fail(f"cannot start the private Dovecot (dovecot-imapd): {exc}", pytrace=False)
+    return instance
+
+
+@pytest.fixture(scope="session")
+def dovecot() -> Iterator[Dovecot]:
+    """The shared private Dovecot. Tests that stop or reconfigure a server use
+    dovecot_factory instead, so later tests still find this one running."""
+    instance = start_dovecot()
+    yield instance
+    instance.close()
+
+
+@pytest.fixture
+def dovecot_factory() -> Iterator[Callable[..., Dovecot]]:
+    """`dovecot_factory(hide_idle=..., oauth2_introspection_url=..., extra_conf=...)`:
+    extra instances, each stopped and deleted after the test."""
+    started: list[Dovecot] = []
+
+    def make(
+        *,
+        hide_idle: bool = False,
+        oauth2_introspection_url: str | None = None,
+        extra_conf: str = "",
+    ) -> Dovecot:
+        instance = start_dovecot(
+            hide_idle=hide_idle,
+            oauth2_introspection_url=oauth2_introspection_url,
+            extra_conf=extra_conf,
+        )
+        started.append(instance)
+        return instance
+
+    yield make
+    for instance in started:
+        instance.close()
+
+
+@pytest.fixture
+def imap_user(dovecot: Dovecot) -> ImapUser:
+    """A fresh user (name, password) on the shared Dovecot; unpacks as a tuple."""
+    return dovecot.add_user()

@@ -1,0 +1,1 @@
+"""shardworker test suite (a package so bench/ can import tests.harness)."""
