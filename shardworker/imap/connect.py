@@ -159,7 +159,10 @@ def _classify_imap_error(exc: imaplib.IMAP4.error, text: str) -> ImapError:
     if isinstance(exc, imap_exc.LoginError):
         return ImapAuthError(text, code="auth_failed")
     if isinstance(exc, imaplib.IMAP4.abort):
-        return ImapTransientError(text, reason=_abort_reason(text))
+        reason = _abort_reason(text)
+        if reason == "protocol":
+            return ImapProtocolError(text)
+        return ImapTransientError(text, reason=reason)
     if isinstance(exc, imap_exc.CapabilityError) and "STARTTLS" in text.upper():
         return ImapTransientError(text, reason="starttls_unavailable")
     if "* BYE" in text:
