@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -137,7 +136,6 @@ DOVECOT_FOLDERS = ("Sent", "Junk", "Entwürfe", "日本語", "Projects/2024", "�
 def mailbox(dovecot: Dovecot) -> Iterator[Any]:
     """A logged-in client of a user owning DOVECOT_FOLDERS (the namespace flags Sent/Junk)."""
     user = dovecot.add_user()
-    time.sleep(1.1)  # Dovecot checks its passwd-file for new users at most once a second
     for name in DOVECOT_FOLDERS:
         dovecot.create_folder(user.name, name)
     client = open_client(
@@ -172,7 +170,6 @@ def test_dovecot_special_use_names_the_flagged_folder(mailbox: Any) -> None:
 
 def test_list_failure_is_classified(dovecot: Dovecot) -> None:
     user = dovecot.add_user()
-    time.sleep(1.1)
     client = open_client(
         dovecot.host, dovecot.plain_port, "plain", Credentials("password", *user),
         timeout_s=10.0, connect_timeout_s=5.0, ssl_context=None,

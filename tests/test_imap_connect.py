@@ -16,7 +16,6 @@ import logging
 import socket
 import ssl
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -461,18 +460,11 @@ def test_capabilities_are_decoded_and_sorted(
 AWKWARD_PASSWORDS = ('q"uo\\te (x) {3}', "pässwörd-日本")
 
 
-def settle_passwd_file() -> None:
-    """Dovecot checks its passwd-file for changes at most once a second: a user added in
-    the same second as an earlier lookup is not there yet."""
-    time.sleep(1.1)
-
-
 @pytest.fixture(scope="module")
 def users(dovecot: Dovecot) -> dict[str, ImapUser]:
     made = {"plain": dovecot.add_user(), "starttls": dovecot.add_user(),
             "tls": dovecot.add_user(), "wrong": dovecot.add_user()}  # fmt: skip
     made |= {password: dovecot.add_user(password=password) for password in AWKWARD_PASSWORDS}
-    settle_passwd_file()
     return made
 
 
@@ -559,7 +551,6 @@ def test_too_many_connections_is_a_transient_limit(
     )
     server = dovecot_factory(extra_conf=limit)
     creds = Credentials("password", *server.add_user())
-    settle_passwd_file()
     first = _dovecot_open(server, "plain", creds, None)
     try:
         with pytest.raises(ImapTransientError) as info:
@@ -604,7 +595,6 @@ def oauth_dovecot(request: pytest.FixtureRequest) -> Iterator[tuple[Dovecot, Ima
     )
     try:
         user = server.add_user()
-        settle_passwd_file()
         yield server, user
     finally:
         server.close()

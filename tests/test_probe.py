@@ -25,7 +25,6 @@ def user(dovecot: Dovecot) -> ImapUser:
     made = dovecot.add_user()
     for name in ("Sent", "Projects/2024"):
         dovecot.create_folder(made.name, name)
-    time.sleep(1.1)  # Dovecot checks its passwd-file for new users at most once a second
     return made
 
 
