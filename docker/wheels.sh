@@ -1,0 +1,57 @@
+#!/bin/sh
+# The image's build and install steps, in one place: the Dockerfile runs them, and
+# tests/test_wheel_install.py runs the very same commands, so the image's install path is
+# exercised even where no Docker engine is available.
+#
+#   wheels.sh deps PYPROJECT OUTDIR   wheels of the runtime dependencies, read from
+#                                     pyproject.toml alone (no source needed: cacheable)
+#   wheels.sh app SRCDIR OUTDIR       the shardworker wheel itself, without dependencies
+#   wheels.sh install DEPSDIR VENV    a fresh venv with only the dependencies, offline
+#   wheels.sh install DEPSDIR VENV APPDIR
+#                                     shardworker into that venv, offline; pip resolves
+#                                     it against DEPSDIR, so a dependency missing from
+#                                     the wheels fails here, not at run time
+#
+# PYTHON selects the interpreter (default python3).
+set -eu
+PYTHON=${PYTHON:-python3}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+usage() {
+    echo "usage: wheels.sh deps PYPROJECT OUTDIR | app SRCDIR OUTDIR | install DEPSDIR VENV [APPDIR]" >&2
+    exit 2
+}
+
+[ $# -ge 3 ] || usage
+command=$1
+case "$command" in
+deps)
+    mkdir -p "$3"
+    "$PYTHON" - "$2" >"$3/requirements.txt" <<'PY'
+import sys
+import tomllib
+
+with open(sys.argv[1], "rb") as f:
+    print("\n".join(tomllib.load(f)["project"]["dependencies"]))
+PY
+    "$PYTHON" -m pip wheel --quiet --wheel-dir "$3" --requirement "$3/requirements.txt"
+    ;;
+app)
+    mkdir -p "$3"
+    # An absolute path: a bare "src" would be read as a project name on the index.
+    "$PYTHON" -m pip wheel --quiet --no-deps --wheel-dir "$3" "$(cd "$2" && pwd)"
+    ;;
+install)
+    if [ $# -eq 3 ]; then
+        "$PYTHON" -m venv "$3"
+        "$3/bin/python" -m pip install --quiet --no-index --find-links "$2" \
+            --requirement "$2/requirements.txt"
+    else
+        "$3/bin/python" -m pip install --quiet --no-index --find-links "$2" \
+            --find-links "$4" shardworker
+    fi
+    ;;
+*)
+    usage
+    ;;
+esac
