@@ -119,6 +119,9 @@ def classify_error(exc: BaseException, *, where: str = "", redact: Sequence[str]
         return ImapTransientError(text, reason=_socket_reason(exc))
     if isinstance(exc, EOFError):
         return ImapTransientError(text, reason="network")
+    if isinstance(exc, UnicodeError):
+        # The idna codec refuses the host name before any lookup: it cannot resolve.
+        return ImapTransientError(text, reason="dns")
     if isinstance(exc, imaplib.IMAP4.error):
         cause = exc.__context__
         # imapclient re-raises every failure during login as LoginError, a dropped
