@@ -59,9 +59,9 @@ _LIVE: set[Dovecot] = set()
 
 @atexit.register
 def _kill_leftovers() -> None:
-    """A run that never reached close() must not leave a Dovecot holding its ports."""
+    """A run that never reached close() must not leave a Dovecot (or its tmpfs dir) behind."""
     for instance in list(_LIVE):
-        instance.kill()
+        instance.close()
 
 
 class DovecotError(RuntimeError):
@@ -96,6 +96,11 @@ def _raise_inotify_limit() -> None:
             path.write_text(f"{INOTIFY_INSTANCES}\n")
     except (OSError, ValueError):
         pass  # best effort: read-only /proc in some sandboxes
+
+
+def _binary(name: str) -> str | None:
+    """Dovecot lives in /usr/sbin, which a non-login shell's PATH may lack."""
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
 
 
 def _scratch_parent() -> str | None:
@@ -148,6 +153,7 @@ class Dovecot:
         self._clients: dict[str, imapclient.IMAPClient] = {}
         self._lock = threading.RLock()
         self.layout = self._prepare()
+        _LIVE.add(self)
 
     # ----------------------------------------------------------------- setup
 
@@ -213,7 +219,7 @@ class Dovecot:
             return
         if self._proc is not None:
             self.kill()  # the master died on its own: clear what is left of its group
-        binary = shutil.which("dovecot")
+        binary = _binary("dovecot")
         if binary is None:
             raise DovecotError("dovecot is not installed (scripts/install-deps.sh installs it)")
         stderr_path = self.root / "stderr.log"
@@ -224,7 +230,6 @@ class Dovecot:
                 [binary, "-F", "-c", str(self.conf_path)],
                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
             )  # fmt: skip
-        _LIVE.add(self)
         self._wait_ready(timeout_s, stderr_path)
 
     def _wait_ready(self, timeout_s: float, stderr_path: Path) -> None:
@@ -260,7 +265,6 @@ class Dovecot:
             self._proc.wait(10)
             self._proc = None
         self._wait_ports_closed(timeout_s)
-        _LIVE.discard(self)
 
     def kill(self) -> None:
         """SIGKILL the master and every child at once: a server crash, no `* BYE`."""
@@ -272,7 +276,6 @@ class Dovecot:
             self._kill_group()
             self._proc = None
         self._wait_ports_closed(10.0)
-        _LIVE.discard(self)
 
     def _kill_group(self) -> None:
         assert self._proc is not None
@@ -297,6 +300,7 @@ class Dovecot:
 
     def close(self) -> None:
         """Kill (nothing is kept, so no graceful stop) and delete our directory."""
+        _LIVE.discard(self)
         try:
             self.kill()
         finally:
@@ -327,7 +331,7 @@ class Dovecot:
         self, args: Sequence[str], input_text: str | None = None
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["doveadm", "-c", str(self.conf_path), *args],
+            [_binary("doveadm") or "doveadm", "-c", str(self.conf_path), *args],
             input=input_text, capture_output=True, text=True, check=False, timeout=60,
         )  # fmt: skip
 
