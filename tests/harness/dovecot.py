@@ -430,7 +430,7 @@ class Dovecot:
         """A new IMAPClient; logged in as `user` when given. The caller closes it."""
         ctx = ssl_context or self.ssl_context()
         client = imapclient.IMAPClient(
-            "localhost" if mode != "plain" else self.host,
+            self.host,  # verified against the certificate's IP SAN
             port=self.tls_port if mode == "implicit" else self.plain_port,
             ssl=mode == "implicit", ssl_context=ctx, timeout=timeout_s,
         )  # fmt: skip
