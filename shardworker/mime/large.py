@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import binascii
 import email
+import mimetypes
 import quopri
 import re
 from collections.abc import Mapping, Sequence
@@ -93,20 +94,21 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _params(value: object) -> Message:
+def _params(value: object, header: str = "Content-Type") -> Message:
     """BODYSTRUCTURE parameter pairs as a header, so the stdlib applies RFC 2231."""
     holder = Message()
     if not isinstance(value, Sequence) or isinstance(value, bytes | str):
         return holder
     pairs = [(_text(value[i]), _text(value[i + 1])) for i in range(0, len(value) - 1, 2)]
     rendered = "; ".join(f'{k}="{v.replace(chr(34), "")}"' for k, v in pairs if k)
-    holder["Content-Type"] = f"x/x; {rendered}" if rendered else "x/x"
+    holder[header] = f"x; {rendered}" if rendered else "x"
     return holder
 
 
 def _disposition(value: object) -> tuple[str | None, Message]:
     if isinstance(value, Sequence) and not isinstance(value, bytes | str) and value:
-        return _text(value[0]).lower() or None, _params(value[1] if len(value) > 1 else None)
+        params = _params(value[1] if len(value) > 1 else None, "Content-Disposition")
+        return _text(value[0]).lower() or None, params
     if isinstance(value, bytes | str):
         return _text(value).lower() or None, Message()
     return None, Message()
@@ -165,7 +167,7 @@ class _Walker:
         content_id = _text(node[3] if len(node) > 3 else None).strip().strip("<>").strip()
         self.attachments.append(
             AttachmentMeta(
-                name=clean_filename(str(name), self.defects) or self._default(ctype),
+                name=clean_filename(str(name), self.defects) or self._default(ctype, node),
                 content_type=ctype,
                 size=max(1, _decoded_size(size, encoding)),
                 content_id=content_id or None,
@@ -181,9 +183,15 @@ class _Walker:
         charset = charset[2] if isinstance(charset, tuple) else charset
         self.texts.append(TextPart(section, subtype, str(charset) if charset else None, enc, size))
 
-    def _default(self, ctype: str) -> str:
+    def _default(self, ctype: str, node: Sequence[Any]) -> str:
         n = len(self.attachments) + 1
-        return f"attached-message-{n}.eml" if ctype.startswith("message/") else f"attachment-{n}"
+        if not ctype.startswith("message/"):
+            return f"attachment-{n}{mimetypes.guess_extension(ctype, strict=False) or '.bin'}"
+        envelope = node[7] if len(node) > 7 else None
+        subject = envelope[1] if isinstance(envelope, Sequence) and len(envelope) > 1 else None
+        title = clean_filename(_text(subject), self.defects) if subject else ""
+        # Same naming as the full parse: the attached message's subject.
+        return f"{title[:120]}.eml" if title else f"attached-message-{n}.eml"
 
 
 def _decoded_size(size: int, encoding: str) -> int:
