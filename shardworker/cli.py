@@ -8,6 +8,7 @@ that need them, so ``--help`` and ``print-config`` stay fast.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import urllib.error
 import urllib.request
@@ -115,11 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_provider_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # The provider commands live with the admin API; absent until that module exists.
     try:
-        from shardworker.admin.cli import add_provider_commands
-    except ImportError:
+        module = importlib.import_module("shardworker.admin.cli")
+    except ModuleNotFoundError:
         return
-    add_provider_commands(sub)
+    module.add_provider_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

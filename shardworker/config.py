@@ -54,15 +54,11 @@ class Settings:
         "/run/secrets", "Base of Alga's filesystem secret layout (`SECRET_FS_BASE_PATH`)."
     )
     # Identity and pool
-    pod_name: str = _setting(
-        "", "Stable pod identity; defaults to `POD_NAME`, then the host name."
-    )
+    pod_name: str = _setting("", "Stable pod identity; defaults to `POD_NAME`, then the host name.")
     workers: int = _setting(0, "Worker processes per pod; 0 means the number of cores.")
     lease_ttl_s: float = _setting(10.0, "Provider lease time-to-live.")
     lease_renew_s: float = _setting(3.0, "How often leases are renewed (one Lua call per worker).")
-    member_grace_s: float = _setting(
-        15.0, "A member gone for less than this keeps its providers."
-    )
+    member_grace_s: float = _setting(15.0, "A member gone for less than this keeps its providers.")
     drain_deadline_s: float = _setting(
         20.0, "Graceful drain deadline on SIGTERM; keep below the pod's grace period."
     )
@@ -88,9 +84,7 @@ class Settings:
     backoff_max_s: float = _setting(300.0, "Cap of the network-failure backoff.")
     auth_backoff_base_s: float = _setting(60.0, "First retry delay after an auth failure.")
     auth_backoff_max_s: float = _setting(3600.0, "Cap of the auth-failure backoff.")
-    healthy_after_s: float = _setting(
-        60.0, "A connection up this long resets its backoff."
-    )
+    healthy_after_s: float = _setting(60.0, "A connection up this long resets its backoff.")
     auth_failure_pause_threshold: int = _setting(
         5, "Consecutive auth failures that pause a provider (reason `auth_failure`)."
     )
@@ -108,6 +102,11 @@ class Settings:
     backpressure_max_lag: int = _setting(
         100_000, "Stop fetching when that group lags by more entries than this."
     )
+    backpressure_check_s: float = _setting(
+        1.0,
+        "How long a backlog reading is reused; the lag bound can overshoot by what "
+        "one process publishes in this time.",
+    )
     publish_event_bus: bool = _setting(
         False, "Also write `alga-psa:event-stream:global:INBOUND_EMAIL_RECEIVED`."
     )
@@ -119,7 +118,9 @@ class Settings:
     dlq_stream: str = _setting("shardworker:dlq", "Dead-letter stream for poison messages.")
     dedupe_ttl_s: int = _setting(7 * 86400, "How long Redis remembers published keys.")
     # Message caps (Alga's own)
-    max_raw_bytes: int = _setting(25 * 1024 * 1024, "Raw MIME cap; above it only text parts are fetched.")
+    max_raw_bytes: int = _setting(
+        25 * 1024 * 1024, "Raw MIME cap; above it only text parts are fetched."
+    )
     max_attachment_bytes: int = _setting(10 * 1024 * 1024, "Per-attachment cap.")
     max_total_attachment_bytes: int = _setting(25 * 1024 * 1024, "Cap across all attachments.")
     max_attachments: int = _setting(25, "Attachment count cap.")

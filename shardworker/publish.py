@@ -43,7 +43,6 @@ EVENT_BUS_CHANNEL = "global"
 POINTER_QUEUE = "email:inbound:unified:pointer:ready"
 EVENT_TYPE = "INBOUND_EMAIL_RECEIVED"
 POINTER_MAX_ATTEMPTS = 5
-BACKPRESSURE_CACHE_S = 1.0
 
 _STATUS_WRITTEN, _STATUS_DUPLICATE, _STATUS_DEAD_LETTERED = 0, 1, 2
 _URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
@@ -430,7 +429,7 @@ class Publisher:
         """``backlog() > backpressure_max_lag``, cached for a second: cheap per batch."""
         now = self._clock()
         cached = self._backpressure
-        if cached is not None and now - cached[0] < BACKPRESSURE_CACHE_S:
+        if cached is not None and now - cached[0] < self._settings.backpressure_check_s:
             return cached[1]
         verdict = self.backlog() > self._settings.backpressure_max_lag
         self._backpressure = (now, verdict)

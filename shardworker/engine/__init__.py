@@ -1,0 +1,1 @@
+"""The worker's engine: many folder sessions multiplexed on one selector loop."""

@@ -1,0 +1,582 @@
+"""The worker's engine: thousands of folder sessions on one ``selectors`` loop.
+
+The loop thread owns all scheduling state.  Idle sockets sit in the selector; when one
+becomes readable (an EXISTS, a keepalive, anything) the slot is handed to a sync thread
+for one cycle (leave IDLE → drain → IDLE again), so slow fetching, parsing and
+publishing never stall the other mailboxes.  Threads report back through ``post``.
+
+Per-host admission caps concurrent connection attempts so a restart does not storm a
+server.  A watchdog aborts jobs that stop making progress and idle connections that went
+silent, from outside, by shutting their socket down.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import selectors
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardworker.db.store import ProviderConfig
+from shardworker.engine.cycle import Cycle, CycleDeps, Outcome
+from shardworker.engine.state import ProviderRuntime, Slot, make_backoff
+from shardworker.errors import (
+    FencedError,
+    FolderError,
+    ImapAuthError,
+    LeaseLostError,
+    PublishError,
+    SecretError,
+    ShardworkerError,
+    StoreError,
+)
+from shardworker.imap.session import FolderSession, State
+from shardworker.logs import get_logger
+from shardworker.publish import Fence
+
+log = get_logger(__name__)
+
+WATCHDOG_EVERY_S = 2.0
+BACKPRESSURE_RETRY_S = 1.0
+
+
+@dataclass
+class EngineStats:
+    published: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    bytes: int = 0
+    connects: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
+
+
+def config_fingerprint(cfg: ProviderConfig) -> tuple[Any, ...]:
+    """What, when changed, needs the provider's connections reopened (not its cursors)."""
+    return (
+        cfg.host,
+        cfg.port,
+        cfg.secure,
+        cfg.allow_starttls,
+        cfg.auth_type,
+        cfg.username,
+        cfg.folder_filters,
+        cfg.max_emails_per_sync,
+        cfg.connection_timeout_ms,
+    )
+
+
+class Engine:
+    def __init__(
+        self,
+        deps: CycleDeps,
+        *,
+        on_released: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.deps = deps
+        self.settings = deps.settings
+        self.cycle = Cycle(deps)
+        self.clock = clock
+        self.on_released = on_released
+        self.stats = EngineStats()
+        self.providers: dict[str, ProviderRuntime] = {}
+        self.selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._posted: deque[Callable[[], None]] = deque()
+        self._timers: list[tuple[float, int, int, Slot]] = []
+        self._seq = itertools.count()
+        self._executor = ThreadPoolExecutor(self.settings.sync_threads, thread_name_prefix="sync")
+        self._host_inflight: Counter[str] = Counter()
+        self._host_queue: dict[str, deque[Slot]] = {}
+        self._stopping = False
+        self._next_watchdog = 0.0
+        self.stopped = threading.Event()
+
+    # -- thread-safe API ---------------------------------------------------------------
+
+    def post(self, fn: Callable[[], None]) -> None:
+        self._posted.append(fn)
+        # A full pipe means the loop is already due to wake.
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def update_providers(
+        self,
+        configs: Sequence[ProviderConfig],
+        fences: Mapping[str, tuple[Fence | None, int | None]] | None = None,
+    ) -> None:
+        """Serve exactly these providers; stop the others gracefully."""
+        snapshot = list(configs)
+        self.post(lambda: self._apply_desired(snapshot, dict(fences or {})))
+
+    def drop_provider_now(self, provider_id: str) -> None:
+        """The lease is gone: stop acting for this provider at once."""
+        self.post(lambda: self._drop_now(provider_id))
+
+    def request_stop(self) -> None:
+        self.post(self._begin_stop)
+
+    # -- loop --------------------------------------------------------------------------
+
+    def run(self, drain_deadline_s: float | None = None) -> None:
+        deadline: float | None = None
+        try:
+            while not (self._stopping and not self.providers):
+                if self._stopping and deadline is None and drain_deadline_s is not None:
+                    deadline = self.clock() + drain_deadline_s
+                if deadline is not None and self.clock() > deadline:
+                    self._abort_all()
+                self._loop_once()
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self.selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+            self.stopped.set()
+
+    def _loop_once(self) -> None:
+        timeout = self._next_timeout()
+        for key, _ in self.selector.select(timeout):
+            if key.data is None:
+                self._drain_wakeups()
+            else:
+                self._on_readable(key.data)
+        self._run_posted()
+        self._run_timers()
+        now = self.clock()
+        if now >= self._next_watchdog:
+            self._next_watchdog = now + WATCHDOG_EVERY_S
+            self._watchdog(now)
+
+    def _next_timeout(self) -> float:
+        if self._posted:
+            return 0.0
+        horizon = WATCHDOG_EVERY_S
+        if self._timers:
+            horizon = min(horizon, self._timers[0][0] - self.clock())
+        return max(0.0, horizon)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run_posted(self) -> None:
+        while self._posted:
+            fn = self._posted.popleft()
+            try:
+                fn()
+            except Exception:
+                log.error("engine_callback_failed", exc=True)
+
+    def _run_timers(self) -> None:
+        now = self.clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, gen, slot = heapq.heappop(self._timers)
+            if gen == slot.timer_gen and not slot.want_stop:
+                self._unregister(slot)
+                self._dispatch(slot)
+
+    def _set_timer(self, slot: Slot, delay_s: float) -> None:
+        slot.timer_gen += 1
+        heapq.heappush(
+            self._timers, (self.clock() + delay_s, next(self._seq), slot.timer_gen, slot)
+        )
+
+    # -- providers ---------------------------------------------------------------------
+
+    def _apply_desired(
+        self, configs: list[ProviderConfig], fences: dict[str, tuple[Fence | None, int | None]]
+    ) -> None:
+        if self._stopping:
+            return
+        desired = {c.provider_id: c for c in configs}
+        for pid, rt in list(self.providers.items()):
+            cfg = desired.get(pid)
+            if cfg is None:
+                rt.replacement = None
+                self._stop_provider(rt, immediate=False)
+            elif config_fingerprint(cfg) != config_fingerprint(rt.config) and not rt.stopping:
+                log.info("provider_config_changed", provider_id=pid)
+                rt.replacement = cfg
+                self._stop_provider(rt, immediate=False)
+            elif rt.stopping and rt.replacement is not None:
+                rt.replacement = cfg
+        for pid, cfg in desired.items():
+            if pid not in self.providers:
+                fence, epoch = fences.get(pid, (None, None))
+                self._start_provider(cfg, fence, epoch)
+
+    def _start_provider(self, cfg: ProviderConfig, fence: Fence | None, epoch: int | None) -> None:
+        rt = ProviderRuntime(cfg, fence, epoch, make_backoff(self.settings, auth=True))
+        self.providers[cfg.provider_id] = rt
+        if cfg.folder_filters:
+            slot = self._new_slot(rt, "", resolving=True)
+        else:
+            slot = self._new_slot(rt, "INBOX")
+        self._dispatch(slot)
+
+    def _new_slot(self, rt: ProviderRuntime, folder: str, *, resolving: bool = False) -> Slot:
+        slot = Slot(
+            rt,
+            FolderSession(folder),
+            make_backoff(self.settings, auth=False),
+            resolving=resolving,
+            last_activity=self.clock(),
+        )
+        rt.slots[folder] = slot
+        return slot
+
+    def _stop_provider(self, rt: ProviderRuntime, *, immediate: bool) -> None:
+        rt.stopping = True
+        rt.immediate = rt.immediate or immediate
+        for slot in list(rt.slots.values()):
+            self._stop_slot(slot)
+        if not rt.slots:
+            self._provider_released(rt)
+
+    def _drop_now(self, provider_id: str) -> None:
+        rt = self.providers.get(provider_id)
+        if rt is not None:
+            rt.replacement = None
+            log.warning("provider_dropped", provider_id=provider_id, reason="lease_lost")
+            self._stop_provider(rt, immediate=True)
+
+    def _stop_slot(self, slot: Slot) -> None:
+        slot.want_stop = True
+        slot.timer_gen += 1
+        if slot.provider.immediate:
+            slot.session.abort()
+        if slot.busy:
+            return
+        self._unregister(slot)
+        if slot.connected and not slot.provider.immediate:
+            self._dispatch(slot)
+        else:
+            slot.session.close(logout=False)
+            self._slot_closed(slot)
+
+    def _slot_closed(self, slot: Slot) -> None:
+        slot.state = State.STOPPED
+        rt = slot.provider
+        if rt.slots.get(slot.folder) is slot:
+            del rt.slots[slot.folder]
+        if rt.stopping and not rt.slots:
+            self._provider_released(rt)
+
+    def _provider_released(self, rt: ProviderRuntime) -> None:
+        if self.providers.get(rt.key) is not rt:
+            return
+        del self.providers[rt.key]
+        log.info("provider_released", provider_id=rt.key)
+        if self.on_released is not None:
+            self.on_released(rt.key)
+        if rt.replacement is not None and not self._stopping:
+            self._start_provider(rt.replacement, rt.fence, rt.epoch)
+
+    def _begin_stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("engine_draining", providers=len(self.providers))
+        for rt in list(self.providers.values()):
+            rt.replacement = None
+            self._stop_provider(rt, immediate=False)
+
+    def _abort_all(self) -> None:
+        for rt in list(self.providers.values()):
+            rt.immediate = True
+            for slot in list(rt.slots.values()):
+                slot.session.abort()
+                if not slot.busy:
+                    slot.session.close(logout=False)
+                    self._slot_closed(slot)
+            if not rt.slots:
+                self._provider_released(rt)
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def _dispatch(self, slot: Slot) -> None:
+        if slot.busy:
+            slot.rerun = True
+            return
+        now = self.clock()
+        if not slot.connected and not slot.want_stop:
+            wait = slot.provider.auth_blocked_until - now
+            if wait > 0:
+                self._set_timer(slot, wait)
+                return
+            if not self._admit(slot):
+                return
+        slot.busy = True
+        slot.job_progress_at = now
+        slot.state = State.SYNCING if slot.connected else State.CONNECTING
+        future = self._executor.submit(self.cycle.run, slot)
+        future.add_done_callback(lambda f: self.post(lambda: self._on_done(slot, f)))
+
+    def _admit(self, slot: Slot) -> bool:
+        if slot.connecting_host is not None:
+            return True
+        host = slot.provider.config.host
+        if self._host_inflight[host] >= self.settings.connect_concurrency_per_host:
+            self._host_queue.setdefault(host, deque()).append(slot)
+            slot.state = State.CONNECTING
+            return False
+        self._host_inflight[host] += 1
+        slot.connecting_host = host
+        return True
+
+    def _release_host(self, slot: Slot) -> None:
+        host, slot.connecting_host = slot.connecting_host, None
+        if host is None:
+            return
+        self._host_inflight[host] -= 1
+        queue = self._host_queue.get(host)
+        while queue:
+            waiting = queue.popleft()
+            if not waiting.want_stop and not waiting.busy:
+                self._dispatch(waiting)
+                break
+            if waiting.want_stop and not waiting.busy:
+                self._slot_closed(waiting)
+
+    # -- outcomes ----------------------------------------------------------------------
+
+    def _on_done(self, slot: Slot, future: Future[Outcome]) -> None:
+        slot.busy = False
+        self._release_host(slot)
+        outcome = future.result()
+        slot.cursor, slot.status = outcome.cursor, outcome.status
+        if outcome.connected_now:
+            self._on_connected(slot, outcome)
+        if outcome.result is not None:
+            self._account(slot, outcome)
+        slot.exists_seen_at = None
+        slot.last_activity = self.clock()
+        if outcome.kind == "stopped" or (
+            slot.want_stop and (outcome.kind == "error" or not slot.connected)
+        ):
+            # A stop that fails half-way (dead server) closes without logging out.
+            slot.session.close(logout=False)
+            self._slot_closed(slot)
+        elif slot.want_stop:
+            self._dispatch(slot)
+        elif outcome.kind == "error":
+            assert outcome.error is not None
+            self._on_error(slot, outcome.error)
+        else:
+            self._continue(slot, outcome)
+
+    def _continue(self, slot: Slot, outcome: Outcome) -> None:
+        if outcome.kind == "idle":
+            slot.state = State.IDLE
+            if outcome.buffered or slot.rerun:
+                slot.rerun = False
+                self._dispatch(slot)
+                return
+            self._register(slot)
+            self._set_timer(slot, self.settings.idle_refresh_s)
+        elif outcome.kind == "poll":
+            slot.state = State.POLL_WAIT
+            self._set_timer(slot, 0.0 if slot.rerun else self.settings.poll_interval_s)
+            slot.rerun = False
+        else:
+            slot.state = State.BACKOFF
+            self._set_timer(slot, BACKPRESSURE_RETRY_S)
+        self._report(slot.provider, "connected", slot.provider.parked_detail)
+
+    def _on_connected(self, slot: Slot, outcome: Outcome) -> None:
+        rt = slot.provider
+        self.stats.connects += 1
+        slot.backoff.mark_healthy(self.clock())
+        rt.auth_backoff.mark_healthy(self.clock())
+        if not rt.auth_ok_seen:
+            rt.auth_ok_seen = True
+            store, cfg = self.deps.store, rt.config
+            self._background(store.clear_auth_failures, cfg.tenant, cfg.provider_id)
+            self._background(
+                store.set_capabilities, cfg.tenant, cfg.provider_id, outcome.capabilities
+            )
+        log.info("connected", **slot.log_fields(), idle=slot.session.has_idle)
+        if slot.resolving:
+            self._adopt(slot, outcome)
+        elif slot.folder in rt.missing_folders:
+            rt.missing_folders = tuple(f for f in rt.missing_folders if f != slot.folder)
+            self._update_parked(rt)
+
+    def _adopt(self, slot: Slot, outcome: Outcome) -> None:
+        rt = slot.provider
+        slot.resolving = False
+        rt.slots.pop("", None)
+        rt.slots[slot.folder] = slot
+        cap = max(1, self.settings.max_connections_per_account)
+        for folder in outcome.other_folders[: cap - 1]:
+            if folder not in rt.slots:
+                self._dispatch(self._new_slot(rt, folder))
+        skipped = outcome.other_folders[cap - 1 :]
+        rt.missing_folders = outcome.missing_folders
+        for folder in outcome.missing_folders:
+            parked = self._new_slot(rt, folder)
+            parked.state = State.PARKED
+            self._set_timer(parked, self.settings.folder_reprobe_s)
+        rt.over_cap = tuple(skipped)
+        self._update_parked(rt)
+
+    def _update_parked(self, rt: ProviderRuntime) -> None:
+        """Missing folders are an error on the provider row, but never stop the others."""
+        parts = []
+        if rt.missing_folders:
+            parts.append(f"folders missing or unselectable: {list(rt.missing_folders)}")
+        if rt.over_cap:
+            parts.append(f"folders over the connection cap: {list(rt.over_cap)}")
+        detail = "; ".join(parts) or None
+        if detail != rt.parked_detail:
+            rt.parked_detail = detail
+            if detail:
+                log.warning("folders_parked", provider_id=rt.key, detail=detail)
+
+    def _account(self, slot: Slot, outcome: Outcome) -> None:
+        result = outcome.result
+        assert result is not None
+        st = self.stats
+        st.published += result.published
+        st.duplicates += result.duplicates
+        st.dead_lettered += result.dead_lettered
+        st.bytes += result.bytes
+        if slot.exists_seen_at is not None:
+            st.latencies.extend(t - slot.exists_seen_at for t in result.published_at)
+
+    # -- errors ------------------------------------------------------------------------
+
+    def _on_error(self, slot: Slot, err: ShardworkerError) -> None:
+        rt, now = slot.provider, self.clock()
+        reason = getattr(err, "reason", None) or getattr(err, "code", None) or type(err).__name__
+        self.stats.errors[str(reason)] += 1
+        slot.last_error = f"{type(err).__name__}: {err}"
+        log.warning(
+            "session_error",
+            **slot.log_fields(),
+            error_type=type(err).__name__,
+            reason=str(reason),
+            error=str(err),
+        )
+        if isinstance(err, FencedError | LeaseLostError):
+            self._stop_provider(rt, immediate=True)
+        elif isinstance(err, ImapAuthError):
+            self._on_auth_failure(slot, err, now)
+        elif isinstance(err, FolderError) and not slot.resolving:
+            slot.session.close(logout=False)
+            slot.state = State.PARKED
+            self._set_timer(slot, self.settings.folder_reprobe_s)
+            if slot.folder not in rt.missing_folders:
+                rt.missing_folders += (slot.folder,)
+            self._update_parked(rt)
+            self._report(rt, "connected", rt.parked_detail)
+        elif isinstance(err, PublishError | StoreError) and slot.connected:
+            # Our side failed, not the mailbox: keep the IMAP session, retry the drain.
+            slot.state = State.BACKOFF
+            self._set_timer(slot, slot.backoff.failure(now))
+        else:
+            slot.session.close(logout=False)
+            slot.state = State.BACKOFF
+            delay = slot.backoff.failure(now)
+            if isinstance(err, SecretError):
+                delay = max(delay, self.settings.auth_backoff_base_s)
+            self._set_timer(slot, delay)
+            self._report(rt, "error", slot.last_error)
+
+    def _on_auth_failure(self, slot: Slot, err: ImapAuthError, now: float) -> None:
+        rt = slot.provider
+        slot.session.close(logout=False)
+        slot.state = State.BACKOFF
+        rt.credentials = None
+        if now < rt.auth_blocked_until:
+            self._set_timer(slot, rt.auth_blocked_until - now)
+            return
+        delay = rt.auth_backoff.failure(now)
+        rt.auth_blocked_until = now + delay
+        self._set_timer(slot, delay)
+        cfg, threshold = rt.config, self.settings.auth_failure_pause_threshold
+
+        def record() -> None:
+            paused = self.deps.store.record_auth_failure(
+                cfg.tenant, cfg.provider_id, err.code, threshold
+            )
+            self.post(lambda: self._after_auth_record(rt, paused))
+
+        self._background(record)
+
+    def _after_auth_record(self, rt: ProviderRuntime, paused: bool) -> None:
+        if paused and self.providers.get(rt.key) is rt:
+            log.warning("provider_paused", provider_id=rt.key, reason="auth_failure")
+            rt.paused = True
+            rt.replacement = None
+            self._stop_provider(rt, immediate=False)
+
+    def _report(self, rt: ProviderRuntime, status: str, error: str | None) -> None:
+        if (rt.reported_status, rt.reported_error) == (status, error):
+            return
+        rt.reported_status, rt.reported_error = status, error
+        self._background(self.deps.store.set_status, rt.config.tenant, rt.key, status, error)
+
+    def _background(self, fn: Callable[..., Any], *args: Any) -> None:
+        def call() -> None:
+            try:
+                fn(*args)
+            except Exception:
+                log.error("background_write_failed", exc=True, call=getattr(fn, "__name__", "?"))
+
+        self._executor.submit(call)
+
+    # -- selector and watchdog ---------------------------------------------------------
+
+    def _register(self, slot: Slot) -> None:
+        sock = slot.session.sock
+        if sock is not None and not slot.registered:
+            self.selector.register(sock, selectors.EVENT_READ, slot)
+            slot.registered = True
+
+    def _unregister(self, slot: Slot) -> None:
+        if slot.registered:
+            slot.registered = False
+            sock = slot.session.sock
+            if sock is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.selector.unregister(sock)
+
+    def _on_readable(self, slot: Slot) -> None:
+        self._unregister(slot)
+        slot.exists_seen_at = slot.last_activity = self.clock()
+        self._dispatch(slot)
+
+    def _watchdog(self, now: float) -> None:
+        stall = self.settings.net_timeout_s * 4
+        for rt in self.providers.values():
+            for slot in rt.slots.values():
+                if slot.busy and now - slot.job_progress_at > stall:
+                    log.warning(
+                        "job_stalled",
+                        **slot.log_fields(),
+                        seconds=round(now - slot.job_progress_at),
+                    )
+                    slot.session.abort()
+                    slot.job_progress_at = now
+                elif slot.registered and now - slot.last_activity > self.settings.dead_after_s:
+                    log.warning("connection_silent", **slot.log_fields())
+                    self._unregister(slot)
+                    slot.session.abort()
+                    self._dispatch(slot)

@@ -1,0 +1,269 @@
+"""The per-folder pipeline: fetch → parse → publish exactly once → checkpoint.
+
+Runs on a sync thread with the folder's session selected.  Everything is UID-based.
+A backlog drains in batches of ``max_emails_per_sync`` until nothing is left (no per-cycle
+cap leaves mail waiting); only backpressure or an error stops it early, and then the
+cursor stands exactly after the last committed batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from shardworker.config import Settings
+from shardworker.db.store import FolderCursor, LedgerEntry, ProviderConfig, Store
+from shardworker.errors import ParseError
+from shardworker.imap.session import FolderSession, FolderStatus, MessageInfo
+from shardworker.logs import get_logger
+from shardworker.mime import (
+    Caps,
+    ParsedMail,
+    build_payload,
+    parse_large,
+    parse_message,
+    plan_large_fetch,
+)
+from shardworker.publish import Fence, Outbound, Publisher
+
+log = get_logger(__name__)
+
+# Raw bytes fetched in one UID FETCH at most, so a batch of big messages stays bounded.
+FETCH_BUDGET_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class SyncResult:
+    published: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    bytes: int = 0
+    backpressured: bool = False
+    reseeded: bool = False
+    published_at: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Collected:
+    """What one batch's fetch-and-parse produced."""
+
+    uid_validity: int
+    result: SyncResult
+    parsed: list[tuple[int, ParsedMail]] = field(default_factory=list)
+    dead: list[LedgerEntry] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SyncContext:
+    settings: Settings
+    store: Store
+    publisher: Publisher
+    caps: Caps
+    provider: ProviderConfig
+    fence: Fence | None
+    epoch: int | None
+
+
+def _batches(infos: Sequence[MessageInfo], count: int) -> Iterator[list[MessageInfo]]:
+    for start in range(0, len(infos), count):
+        yield list(infos[start : start + count])
+
+
+def _fetch_groups(infos: Sequence[MessageInfo], cap: int) -> Iterator[list[int]]:
+    group: list[int] = []
+    size = 0
+    for info in infos:
+        if group and size + info.size > cap:
+            yield group
+            group, size = [], 0
+        group.append(info.uid)
+        size += info.size
+    if group:
+        yield group
+
+
+class FolderSync:
+    """Drains one folder above its cursor; the engine owns the session and the cursor."""
+
+    def __init__(self, ctx: SyncContext, session: FolderSession) -> None:
+        self.ctx = ctx
+        self.session = session
+        p = ctx.provider
+        self.log_fields = {
+            "provider_id": p.provider_id,
+            "tenant": p.tenant,
+            "folder": session.folder,
+        }
+
+    def ensure_cursor(self, cursor: FolderCursor | None, status: FolderStatus) -> FolderCursor:
+        """Apply the first-sync and UIDVALIDITY policies (docs/DESIGN.md)."""
+        if cursor is not None and cursor.uid_validity == status.uid_validity:
+            return cursor
+        fresh = FolderCursor(uid_validity=status.uid_validity, last_uid=status.uid_next - 1)
+        p = self.ctx.provider
+        self.ctx.store.reseed_folder(
+            p.tenant,
+            p.provider_id,
+            self.session.folder,
+            fresh.uid_validity,
+            fresh.last_uid,
+            self.ctx.epoch,
+        )
+        event = "first_sync_from_now" if cursor is None else "uidvalidity_changed"
+        log.info(
+            event,
+            **self.log_fields,
+            uid_validity=fresh.uid_validity,
+            last_uid=fresh.last_uid,
+            old_uid_validity=None if cursor is None else cursor.uid_validity,
+        )
+        return fresh
+
+    def drain(self, cursor: FolderCursor) -> tuple[FolderCursor, SyncResult]:
+        result = SyncResult()
+        batch_size = max(1, self.ctx.provider.max_emails_per_sync or 50)
+        while True:
+            infos = self.session.new_messages(cursor.last_uid)
+            if not infos:
+                return cursor, result
+            log.info("new_messages", **self.log_fields, count=len(infos))
+            for batch in _batches(infos, batch_size):
+                if self.ctx.publisher.backpressured():
+                    result.backpressured = True
+                    return cursor, result
+                cursor = self._process_batch(cursor, batch, result)
+
+    def _process_batch(
+        self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult
+    ) -> FolderCursor:
+        p, folder = self.ctx.provider, self.session.folder
+        known = self.ctx.store.known_uids(
+            p.tenant, p.provider_id, folder, cursor.uid_validity, [m.uid for m in batch]
+        )
+        todo = [m for m in batch if m.uid not in known]
+        entries = self._publish(cursor.uid_validity, todo, result) if todo else []
+        last_uid = batch[-1].uid
+        self.ctx.store.commit_batch(
+            p.tenant, p.provider_id, folder, cursor.uid_validity, entries, last_uid, self.ctx.epoch
+        )
+        return FolderCursor(uid_validity=cursor.uid_validity, last_uid=last_uid)
+
+    def _publish(
+        self, uid_validity: int, todo: list[MessageInfo], result: SyncResult
+    ) -> list[LedgerEntry]:
+        parsed, entries = self._fetch_and_parse(uid_validity, todo, result)
+        mids = self.ctx.store.known_message_ids(
+            self.ctx.provider.tenant,
+            self.ctx.provider.provider_id,
+            [m.message_id for _, m in parsed],
+        )
+        outbound: list[Outbound] = []
+        for uid, mail in parsed:
+            if mail.message_id in mids:
+                entries.append(
+                    LedgerEntry(uid, mail.message_id, mids[mail.message_id], "duplicate")
+                )
+                result.duplicates += 1
+            else:
+                outbound.append(self._outbound(uid_validity, uid, mail))
+        if outbound:
+            results = self.ctx.publisher.publish_batch(outbound, self.ctx.fence)
+            done = time.monotonic()
+            for out, res in zip(outbound, results, strict=True):
+                status = "duplicate" if res.duplicate else "published"
+                entries.append(LedgerEntry(out.uid, out.message_id, res.stream_id, status))
+                if res.duplicate:
+                    result.duplicates += 1
+                else:
+                    result.published += 1
+                    result.published_at.append(done)
+        return entries
+
+    def _outbound(self, uid_validity: int, uid: int, mail: ParsedMail) -> Outbound:
+        p = self.ctx.provider
+        now = datetime.now(UTC)
+        payload = build_payload(
+            tenant=p.tenant, provider_id=p.provider_id, email_data=mail.email_data, occurred_at=now
+        )
+        return Outbound(
+            tenant=p.tenant,
+            provider_id=p.provider_id,
+            mailbox=p.mailbox,
+            folder=self.session.folder,
+            uid_validity=uid_validity,
+            uid=uid,
+            message_id=mail.message_id,
+            payload=payload,
+            event_time=now,
+        )
+
+    def _fetch_and_parse(
+        self, uid_validity: int, todo: list[MessageInfo], result: SyncResult
+    ) -> tuple[list[tuple[int, ParsedMail]], list[LedgerEntry]]:
+        caps = self.ctx.caps
+        got = _Collected(uid_validity, result)
+        by_uid = {m.uid: m for m in todo}
+        small = [m for m in todo if m.size <= caps.max_raw_bytes]
+        for group in _fetch_groups(small, FETCH_BUDGET_BYTES):
+            bodies = self.session.fetch_bodies(group)
+            for uid in group:
+                self._parse_one(by_uid[uid], bodies.pop(uid, None), got)
+        for info in todo:
+            if info.size > caps.max_raw_bytes:
+                self._parse_large_one(info, got)
+        got.parsed.sort(key=lambda item: item[0])
+        return got.parsed, got.dead
+
+    def _parse_one(self, info: MessageInfo, raw: bytes | None, got: _Collected) -> None:
+        if raw is None:
+            # EXISTS announced it but FETCH cannot find it (expunged meanwhile, or a broken
+            # server): record why and move on rather than block the folder.
+            self._dead_letter(got, info.uid, "fetch_returned_nothing", None)
+            return
+        got.result.bytes += len(raw)
+        try:
+            mail = parse_message(
+                raw, uid=info.uid, mailbox=self.ctx.provider.mailbox,
+                internal_date=info.internal_date, caps=self.ctx.caps,
+            )  # fmt: skip
+        except ParseError as exc:
+            self._dead_letter(got, info.uid, f"parse_error: {exc}", raw)
+        except Exception as exc:  # one bad message never blocks a mailbox
+            self._dead_letter(got, info.uid, f"parser_crash: {type(exc).__name__}", raw)
+        else:
+            got.parsed.append((info.uid, mail))
+
+    def _parse_large_one(self, info: MessageInfo, got: _Collected) -> None:
+        def sections_for(structure: object) -> list[str]:
+            return list(plan_large_fetch(structure).text_sections)
+
+        large = self.session.fetch_large(info.uid, sections_for)
+        if large is None:
+            self._dead_letter(got, info.uid, "fetch_returned_nothing", None)
+            return
+        got.result.bytes += len(large.header) + sum(len(v) for v in large.parts.values())
+        try:
+            mail = parse_large(
+                large.header, plan_large_fetch(large.bodystructure), large.parts,
+                size=info.size, uid=info.uid, mailbox=self.ctx.provider.mailbox,
+                internal_date=info.internal_date, caps=self.ctx.caps,
+            )  # fmt: skip
+        except ParseError as exc:
+            self._dead_letter(got, info.uid, f"parse_error: {exc}", None)
+        except Exception as exc:  # one bad message never blocks a mailbox
+            self._dead_letter(got, info.uid, f"parser_crash: {type(exc).__name__}", None)
+        else:
+            got.parsed.append((info.uid, mail))
+
+    def _dead_letter(self, got: _Collected, uid: int, reason: str, raw: bytes | None) -> None:
+        p = self.ctx.provider
+        self.ctx.publisher.dead_letter(
+            tenant=p.tenant, provider_id=p.provider_id, folder=self.session.folder,
+            uid_validity=got.uid_validity, uid=uid, message_id=None, reason=reason, raw=raw,
+            fence=self.ctx.fence,
+        )  # fmt: skip
+        log.warning("dead_lettered", **self.log_fields, uid=uid, reason=reason)
+        got.dead.append(LedgerEntry(uid, f"uid:{uid}", None, "dead_lettered", reason))
+        got.result.dead_lettered += 1

@@ -1,0 +1,238 @@
+"""One provider + folder IMAP connection, as a small state machine.
+
+The engine drives it: blocking methods (``examine``, ``fetch_*``, ``enter_idle``,
+``leave_idle``, ``close``) run on sync threads, one at a time per session; the loop thread
+only touches ``sock`` (to register it) and ``abort()`` (to kill a hung connection from
+outside).  The session never changes flags or moves mail: the folder is opened with
+EXAMINE and bodies are fetched with ``BODY.PEEK[]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from imapclient import IMAPClient
+from imapclient.response_parser import parse_fetch_response
+
+from shardworker.errors import FolderError, ImapProtocolError
+
+
+class State(enum.Enum):
+    NEW = "new"
+    CONNECTING = "connecting"
+    SYNCING = "syncing"
+    IDLE = "idle"
+    POLL_WAIT = "poll_wait"
+    BACKOFF = "backoff"
+    PARKED = "parked"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class FolderStatus:
+    uid_validity: int
+    uid_next: int
+    exists: int
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    uid: int
+    size: int
+    internal_date: datetime | None
+
+
+@dataclass(frozen=True)
+class LargeParts:
+    header: bytes
+    bodystructure: object
+    parts: dict[str, bytes]
+
+
+def _as_int(value: Any, what: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ImapProtocolError(f"server sent a non-numeric {what}") from None
+
+
+class FolderSession:
+    """The IMAP half of one folder's ingestion; engine state lives beside it."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.client: IMAPClient | None = None
+        self.sock: socket.socket | None = None
+        self.idling = False
+        self.has_idle = False
+
+    def attach(self, client: IMAPClient, capabilities: Iterable[str]) -> None:
+        client.normalise_times = False
+        self.client = client
+        self.sock = client.socket()
+        self.has_idle = "IDLE" in {c.upper() for c in capabilities}
+        self.idling = False
+
+    def _client(self) -> IMAPClient:
+        if self.client is None:
+            raise ImapProtocolError("session is not connected")
+        return self.client
+
+    def _forget_untagged(self) -> None:
+        # imaplib keeps every untagged response forever; on a connection that lives for
+        # weeks that is a slow leak, and a stale EXISTS would also poison SELECT parsing.
+        self._client()._imap.untagged_responses.clear()
+
+    def examine(self) -> FolderStatus:
+        client = self._client()
+        self._forget_untagged()
+        try:
+            info = client.select_folder(self.folder, readonly=True)
+        except IMAPClient.Error as exc:
+            raise FolderError(f"cannot examine folder: {exc}") from None
+        uid_validity = info.get(b"UIDVALIDITY")
+        if uid_validity is None:
+            raise ImapProtocolError("EXAMINE answer lacks UIDVALIDITY")
+        uid_next = info.get(b"UIDNEXT")
+        if uid_next is None:
+            uid_next = self._uid_next_by_search()
+        return FolderStatus(
+            uid_validity=_as_int(uid_validity, "UIDVALIDITY"),
+            uid_next=_as_int(uid_next, "UIDNEXT"),
+            exists=_as_int(info.get(b"EXISTS", 0), "EXISTS"),
+        )
+
+    def _uid_next_by_search(self) -> int:
+        # RFC 3501 makes UIDNEXT optional in the SELECT answer; fall back to the top UID.
+        uids = self._client().search(["ALL"])
+        return (max(uids) + 1) if uids else 1
+
+    def new_messages(self, after_uid: int) -> list[MessageInfo]:
+        """UIDs above the cursor with their sizes, in UID order.
+
+        ``n:*`` always matches the highest UID even when it is below ``n``; those are
+        filtered out here, never published.
+        """
+        data = self._fetch_range(f"{after_uid + 1}:*", "(UID RFC822.SIZE INTERNALDATE)")
+        out: list[MessageInfo] = []
+        for uid, item in data.items():
+            if not isinstance(uid, int) or uid <= after_uid:
+                continue
+            size = item.get(b"RFC822.SIZE")
+            out.append(
+                MessageInfo(
+                    uid=uid,
+                    size=_as_int(size if size is not None else 0, "RFC822.SIZE"),
+                    internal_date=item.get(b"INTERNALDATE"),
+                )
+            )
+        out.sort(key=lambda m: m.uid)
+        return out
+
+    def _fetch_range(self, uid_range: str, items: str) -> dict[int, dict[bytes, Any]]:
+        # IMAPClient.fetch() drops every answer whose UID was not listed literally, so a
+        # range like ``n:*`` needs the raw command.
+        client = self._client()
+        imap = client._imap
+        tag = imap._command("UID", "FETCH", uid_range, items)
+        typ, data = imap._command_complete("FETCH", tag)
+        client._checkok("fetch", typ, data)
+        typ, data = imap._untagged_response(typ, data, "FETCH")
+        parsed: dict[int, dict[bytes, Any]] = parse_fetch_response(data, False, True)
+        return parsed
+
+    def fetch_bodies(self, uids: Sequence[int]) -> dict[int, bytes]:
+        data = self._client().fetch(list(uids), ["BODY.PEEK[]"])
+        out: dict[int, bytes] = {}
+        for uid, item in data.items():
+            body = item.get(b"BODY[]")
+            if isinstance(body, bytes):
+                out[uid] = body
+        return out
+
+    def fetch_large(self, uid: int, sections_for: Any) -> LargeParts | None:
+        """Header, BODYSTRUCTURE and the text parts only: memory stays bounded."""
+        client = self._client()
+        meta = client.fetch([uid], ["BODYSTRUCTURE", "BODY.PEEK[HEADER]"]).get(uid)
+        if not meta:
+            return None
+        structure = meta.get(b"BODYSTRUCTURE")
+        header = meta.get(b"BODY[HEADER]") or b""
+        sections: list[str] = sections_for(structure)
+        parts: dict[str, bytes] = {}
+        if sections:
+            wanted = [f"BODY.PEEK[{s}]" for s in sections]
+            got = client.fetch([uid], wanted).get(uid, {})
+            for section in sections:
+                value = got.get(f"BODY[{section}]".encode())
+                if isinstance(value, bytes):
+                    parts[section] = value
+        return LargeParts(header=header, bodystructure=structure, parts=parts)
+
+    def poll(self) -> None:
+        """Ask the server for news (used when it lacks IDLE)."""
+        self._client().noop()
+        self._forget_untagged()
+
+    def enter_idle(self) -> bool:
+        """Start IDLE; True when data already waits in the client's buffers.
+
+        An EXISTS that arrives in the same segment as ``+ idling`` sits in imaplib's
+        buffered reader (or the TLS object's buffer) where the selector will never see
+        it.  A non-blocking peek catches that race.
+        """
+        client = self._client()
+        self._forget_untagged()
+        client.idle()
+        self.idling = True
+        return self._buffered_data()
+
+    def _buffered_data(self) -> bool:
+        sock = self.sock
+        if sock is None:
+            return False
+        reader = self._client()._imap.file
+        timeout = sock.gettimeout()
+        sock.setblocking(False)
+        try:
+            return bool(reader.peek(1))
+        except (BlockingIOError, OSError, ValueError):
+            return False
+        finally:
+            sock.settimeout(timeout)
+
+    def leave_idle(self) -> None:
+        if self.idling:
+            self.idling = False
+            self._client().idle_done()
+            self._forget_untagged()
+
+    def close(self, *, logout: bool) -> None:
+        client, self.client, self.sock = self.client, None, None
+        self.idling = False
+        if client is None:
+            return
+        try:
+            if logout:
+                client.logout()
+            else:
+                client.shutdown()
+        except Exception:
+            # Logging out of a broken connection fails in any number of ways.
+            with contextlib.suppress(Exception):
+                client.shutdown()
+
+    def abort(self) -> None:
+        """Kill the socket from another thread: any blocked call on it fails at once."""
+        sock = self.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
