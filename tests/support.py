@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -172,6 +174,11 @@ class Rig:
 
     def close(self) -> None:
         self.stop()
+        # Later tests may run a worker over the whole database: leave nothing active behind.
+        with psycopg.connect(self.settings.database_url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE email_providers SET is_active = false WHERE tenant = %s", (self.tenant,)
+            )
         self.pool.close()
         self.redis.close()
 
@@ -195,6 +202,51 @@ class Rig:
                 "shardworker_ledger WHERE provider_id = %s ORDER BY folder, uid",
                 (pid,),
             ).fetchall()
+
+
+class WorkerProcess:
+    """`shardworker run` as a real process, with these settings."""
+
+    def __init__(self, settings: Settings, log_path: str) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "shardworker", "run"],
+                env=worker_env(self.settings),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self.proc
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def peak_rss_kib(self) -> int:
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as status:
+            lines = status.read().splitlines()
+        for line in lines:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
 
 def rig_settings(dsn: str, redis_url: str, cafile: str, **overrides: str) -> Settings:
