@@ -140,7 +140,7 @@ def _decode_replace(data: bytes, codec: str) -> str:
 
 def raw_header_text(value: str, fallback_charset: str | None, defects: list[str]) -> str:
     """Turn a compat32 raw header value (8-bit bytes held as surrogates) into text."""
-    if _SURROGATES.search(value) is None:
+    if value.isascii() or _SURROGATES.search(value) is None:
         return value
     try:
         data = value.encode("ascii", "surrogateescape")
@@ -336,6 +336,10 @@ def scrub_strings(value: object, defects: list[str]) -> object:
     PostgreSQL text columns downstream; both come only from broken input.
     """
     if isinstance(value, str):
+        # isascii() and the NUL test run at memory speed; the regex does not (base64
+        # attachment content is megabytes of ASCII).
+        if value.isascii() and "\x00" not in value:
+            return value
         if _NUL_OR_SURROGATE.search(value) is None:
             return value
         if "\x00" in value:
