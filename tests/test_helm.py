@@ -17,6 +17,7 @@ import base64
 import copy
 import dataclasses
 import json
+import subprocess
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import pytest
 import yaml
 
 from shardworker.config import Settings, env_name, load_settings
+from tests.harness.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "shardworker"
@@ -549,6 +551,30 @@ def test_helm_test_pod_checks_both_stores_with_the_release_secret(render: Any) -
         == env_of(sts_container)["SHARDWORKER_DATABASE_URL"]
     )
     assert container["image"] == sts_container["image"]
+
+
+def test_helm_test_script_passes_against_real_stores_and_fails_without(
+    render: Any, pg_dsn: str, redis_url: str
+) -> None:
+    """The rendered one-liner, run with the project's interpreter (same psycopg and redis)."""
+    command = one(render({}), "Pod")["spec"]["containers"][0]["command"]
+
+    def run(database_url: str, redis: str) -> subprocess.CompletedProcess[str]:
+        env = {"SHARDWORKER_DATABASE_URL": database_url, "SHARDWORKER_REDIS_URL": redis}
+        return subprocess.run(
+            [sys.executable, *command[1:]],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    good = run(pg_dsn, redis_url)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.split() == ["postgresql:", "ok", "redis:", "ok"]
+    bad = run(pg_dsn, f"redis://127.0.0.1:{free_port()}/0")
+    assert bad.returncode != 0 and "redis: ok" not in bad.stdout
 
 
 def test_pod_monitor_labels_and_selector(render: Any) -> None:
