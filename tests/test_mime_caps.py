@@ -84,3 +84,11 @@ def test_forty_megabyte_message_with_big_attachments() -> None:
     ]
     [result] = validate_payloads([payload(parsed)])
     assert result["shapeA"] and result["shapeB"], result
+
+
+def test_caps_from_settings_follow_the_settings() -> None:
+    from shardworker.config import Settings
+
+    assert Caps.from_settings(Settings()) == Caps()
+    custom = Caps.from_settings(Settings(max_attachments=3, include_raw_mime=True))
+    assert custom.max_attachments == 3 and custom.include_raw_mime is True
