@@ -16,10 +16,12 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-# pip runs again only when pyproject.toml is newer than the stamp.
+# pip runs again only when pyproject.toml is newer than the stamp. The grep drops the
+# machine-wide pip config's warnings about absent local package mirrors.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,dev]'
+	set -o pipefail; $(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,dev]' 2>&1 \
+		| { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	@touch $@
 
 deps:
