@@ -8,7 +8,7 @@ version), so a member that joins or leaves changes only the providers that rank 
 A round runs four phases over an in-memory state:
 
 1. keep: a provider whose owner is still a member stays put (moving costs a drain);
-2. shed: members above ``cap`` give up the providers that want them least;
+2. shed: members above ``cap`` give up the providers that score them lowest;
 3. place: new, orphaned and shed providers go to their best-ranked member below ``cap``;
 4. fill: members below ``floor`` pull, first from providers that are moving this round
    anyway (free), then from the most-loaded members' sticky providers.
@@ -16,7 +16,7 @@ A round runs four phases over an in-memory state:
 Only sticky providers moved by phases 2 and 4 count against ``max_rebalance_moves``, so new
 and orphaned providers are always served while a flapping pod cannot cause a move storm;
 later rounds finish the rebalancing.  Each rebalance move lowers the total distance of the
-loads from ``[floor, cap]`` by one, so repeated rounds converge and then move nothing.
+loads from ``[floor, cap]`` by at least one, so repeated rounds converge, then move nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
-from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -96,36 +95,42 @@ def plan_assignment(
 
 
 class _Preferences:
-    """Per-round cache of every provider's scores, computed at most once per provider."""
+    """Per-round cache of rendezvous scores, each computed at most once and only when asked.
+
+    A steady round scores nothing; a join scores moving providers against the members below
+    cap and the rest against their owner and the joining members: far fewer than P x M.
+    """
 
     def __init__(self, members: list[str]) -> None:
         # Hashing "member\0" once and copying the state gives the same digest as hashing
         # the whole string, at about two thirds of the cost.
         self._prefixes = [hashlib.blake2b(f"{m}\0".encode(), digest_size=8) for m in members]
-        self._rows: dict[str, tuple[list[int], list[int]]] = {}
+        self._scores: dict[str, list[int]] = {}  # -1: not computed yet
 
-    def _row(self, provider: str) -> tuple[list[int], list[int]]:
-        cached = self._rows.get(provider)
-        if cached is None:
-            data = provider.encode()
-            scores = []
-            for prefix in self._prefixes:
-                hasher = prefix.copy()
-                hasher.update(data)
-                scores.append(int.from_bytes(hasher.digest(), "big"))
-            cached = self._rows[provider] = (scores, sorted(scores))
-        return cached
+    def _row(self, provider: str) -> list[int]:
+        row = self._scores.get(provider)
+        if row is None:
+            row = self._scores[provider] = [-1] * len(self._prefixes)
+        return row
 
-    def order(self, provider: str) -> list[int]:
-        """Member indices, most preferred first."""
-        scores = self._row(provider)[0]
-        return sorted(range(len(scores)), key=scores.__getitem__, reverse=True)
+    def _hash(self, provider: str, member: int) -> int:
+        hasher = self._prefixes[member].copy()
+        hasher.update(provider.encode())
+        return int.from_bytes(hasher.digest(), "big")
 
-    def rank(self, provider: str, member: int) -> tuple[int, int]:
-        """How much ``provider`` wants ``member``: smaller is more (position, then -score)."""
-        scores, ascending = self._row(provider)
-        weight = scores[member]
-        return len(scores) - bisect_right(ascending, weight), -weight
+    def score(self, provider: str, member: int) -> int:
+        row = self._row(provider)
+        if row[member] < 0:
+            row[member] = self._hash(provider, member)
+        return row[member]
+
+    def best(self, provider: str, members: list[int]) -> int:
+        """The one of ``members`` that ``provider`` prefers."""
+        row = self._row(provider)
+        for member in members:
+            if row[member] < 0:
+                row[member] = self._hash(provider, member)
+        return max(members, key=row.__getitem__)
 
 
 class _Round:
@@ -172,13 +177,13 @@ class _Round:
         return pending
 
     def shed_overloaded(self) -> list[str]:
-        """Phase 2: take from members above cap the providers that rank them lowest."""
+        """Phase 2: take from members above cap the providers that score them lowest."""
         shed: list[str] = []
         for member in range(len(self.members)):
             excess = min(self._load(member) - self.cap, self._allowance())
             if excess <= 0:
                 continue
-            unwanted = self._ranked(self.held[member], member)[:excess]
+            unwanted = self._least_wanted(member)[:excess]
             for provider in unwanted:
                 self.held[member].discard(provider)
                 del self.owner[provider]
@@ -189,9 +194,12 @@ class _Round:
 
     def place(self, providers: list[str]) -> None:
         """Phase 3: each provider goes to its best-ranked member still below cap."""
+        open_members = [m for m in range(len(self.members)) if self._load(m) < self.cap]
         for provider in providers:
-            order = self.prefs.order(provider)
-            self._put(provider, next(m for m in order if self._load(m) < self.cap))
+            best = self.prefs.best(provider, open_members)
+            self._put(provider, best)
+            if self._load(best) >= self.cap:
+                open_members.remove(best)
 
     def fill_underloaded(self) -> None:
         """Phase 4: raise every member below floor to floor, least-loaded first."""
@@ -215,16 +223,27 @@ class _Round:
             self._put(provider, taker)
             self.free.add(provider)
 
+    def _least_wanted(self, member: int) -> list[str]:
+        """``member``'s providers, lowest score first: the likeliest to rank it below others."""
+        return sorted(self.held[member], key=lambda p: (self.prefs.score(p, member), p))
+
     def _candidates(self, donors: list[int], taker: int, *, free: bool) -> dict[int, list[str]]:
-        """Per donor, its (free or sticky) providers with the one wanting ``taker`` most last."""
+        """Per donor, its free (or sticky) providers, the one wanting ``taker`` most last.
+
+        Wanting means first preferring ``taker`` to the donor, then scoring ``taker`` high:
+        the providers that rendezvous hashing would hand to ``taker`` anyway.
+        """
         return {
-            d: self._ranked([p for p in self.held[d] if (p in self.free) == free], taker)
+            d: sorted(
+                (p for p in self.held[d] if (p in self.free) == free),
+                key=lambda p: self._want(p, taker, d),
+            )
             for d in donors
         }
 
-    def _ranked(self, providers: Sequence[str] | set[str], member: int) -> list[str]:
-        """``providers`` from the one that wants ``member`` least to the one that wants it most."""
-        return sorted(providers, key=lambda p: (self.prefs.rank(p, member), p), reverse=True)
+    def _want(self, provider: str, taker: int, donor: int) -> tuple[bool, int, str]:
+        weight = self.prefs.score(provider, taker)
+        return weight > self.prefs.score(provider, donor), weight, provider
 
     def _pop_from_most_loaded(self, pool: dict[int, list[str]]) -> str | None:
         donors = [d for d, left in pool.items() if left and self._load(d) > self.floor]
