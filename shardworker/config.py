@@ -58,7 +58,27 @@ class Settings:
     workers: int = _setting(0, "Worker processes per pod; 0 means the number of cores.")
     lease_ttl_s: float = _setting(10.0, "Provider lease time-to-live.")
     lease_renew_s: float = _setting(3.0, "How often leases are renewed (one Lua call per worker).")
-    member_grace_s: float = _setting(15.0, "A member gone for less than this keeps its providers.")
+    member_grace_s: float = _setting(10.0, "A member gone for less than this keeps its providers.")
+    leader_ttl_s: float = _setting(
+        6.0, "Leader lease time-to-live; a dead leader is replaced after it."
+    )
+    leader_round_s: float = _setting(
+        1.0, "How often the leader recomputes and publishes the assignment."
+    )
+    assignment_poll_s: float = _setting(
+        0.5, "How often a worker reads its share of the assignment."
+    )
+    join_debounce_s: float = _setting(
+        1.0, "A new member gets providers only after it has been seen for this long."
+    )
+    max_rebalance_moves: int = _setting(
+        200,
+        "Providers moved for balance per leader round at most (new and orphaned ones always move).",
+    )
+    alga_lease_ttl_s: float = _setting(
+        120.0,
+        "TTL mirrored into Alga's `lease_owner`/`lease_expires_at`, like Alga's own listener.",
+    )
     drain_deadline_s: float = _setting(
         20.0, "Graceful drain deadline on SIGTERM; keep below the pod's grace period."
     )

@@ -8,6 +8,6 @@ from shardworker.config import Settings
 
 def run(settings: Settings) -> int:
     logs.configure(settings.log_level)
-    from shardworker.worker import run_single
+    from shardworker.pool.coordinator import run_pool
 
-    return run_single(settings)
+    return run_pool(settings)

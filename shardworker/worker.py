@@ -1,24 +1,22 @@
-"""One worker process: builds its own clients from settings and runs the engine.
+"""What a worker process builds for itself: clients, stores and the engine.
 
 Nothing live crosses a process boundary: the Redis client, the PostgreSQL pool and the
-IMAP sockets are all made here.  What the worker serves comes from an assignment
-source: the whole database (single-process mode) or the pool's lease manager.
+IMAP sockets are all made here, from settings.  What the engine serves is decided by the
+pool agent (shardworker.pool.agent).
 """
 
 from __future__ import annotations
 
-import signal
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import FrameType
 
 import redis
+from psycopg_pool import ConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from shardworker.config import Settings
-from shardworker.db.store import ProviderConfig, Store, open_pool
+from shardworker.db.store import Store, open_pool
 from shardworker.engine.cycle import CycleDeps
 from shardworker.engine.loop import Engine
 from shardworker.imap.connect import tls_context
@@ -37,6 +35,7 @@ class WorkerContext:
     publisher: Publisher
     engine: Engine
     redis: redis.Redis
+    pool: ConnectionPool
     close: Callable[[], None]
 
 
@@ -74,55 +73,4 @@ def build_worker(
         pool.close()
         client.close()
 
-    return WorkerContext(settings, store, publisher, engine, client, close)
-
-
-def serve_database(ctx: WorkerContext, stop: threading.Event) -> None:
-    """Single-process mode: serve every active, unpaused IMAP provider in the database."""
-    interval = ctx.settings.provider_refresh_s
-    known: int | None = None
-    while not stop.is_set():
-        try:
-            configs: list[ProviderConfig] = [c for c in ctx.store.load_providers() if not c.paused]
-        except Exception:
-            log.error("provider_refresh_failed", exc=True)
-        else:
-            if len(configs) != known:
-                log.info("providers_loaded", count=len(configs))
-                known = len(configs)
-            ctx.engine.update_providers(configs)
-        stop.wait(interval)
-
-
-def install_signal_handlers(engine: Engine) -> None:
-    """The first SIGTERM/SIGINT drains; a second one exits at once."""
-    seen: list[int] = []
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        seen.append(signum)
-        if len(seen) > 1:
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-        engine.request_stop()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
-
-
-def run_single(settings: Settings) -> int:
-    ctx = build_worker(settings)
-    stop = threading.Event()
-    refresher = threading.Thread(
-        target=serve_database, args=(ctx, stop), name="providers", daemon=True
-    )
-    install_signal_handlers(ctx.engine)
-    refresher.start()
-    log.info("worker_started", mode="single")
-    try:
-        ctx.engine.run(drain_deadline_s=settings.drain_deadline_s)
-    finally:
-        stop.set()
-        refresher.join(timeout=5)
-        ctx.close()
-    log.info("worker_stopped", published=ctx.engine.stats.published)
-    return 0
+    return WorkerContext(settings, store, publisher, engine, client, pool, close)

@@ -22,8 +22,12 @@ def test_unknown_variable_is_named() -> None:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("SHARDWORKER_LEASE_TTL_S", "soon"), ("SHARDWORKER_WORKERS", "2.5"),
-     ("SHARDWORKER_PUBLISH_EVENT_BUS", "maybe"), ("SHARDWORKER_WORKERS", "-1")],
+    [
+        ("SHARDWORKER_LEASE_TTL_S", "soon"),
+        ("SHARDWORKER_WORKERS", "2.5"),
+        ("SHARDWORKER_PUBLISH_EVENT_BUS", "maybe"),
+        ("SHARDWORKER_WORKERS", "-1"),
+    ],
 )
 def test_invalid_value_is_named(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
@@ -38,7 +42,9 @@ def test_invalid_secret_value_is_not_echoed() -> None:
 
 def test_cross_field_rules() -> None:
     with pytest.raises(ConfigError, match="BACKPRESSURE_MAX_LAG"):
-        load_settings({"SHARDWORKER_STREAM_MAXLEN": "1000", "SHARDWORKER_BACKPRESSURE_MAX_LAG": "5000"})
+        load_settings(
+            {"SHARDWORKER_STREAM_MAXLEN": "1000", "SHARDWORKER_BACKPRESSURE_MAX_LAG": "5000"}
+        )
     with pytest.raises(ConfigError, match="LEASE_RENEW_S"):
         load_settings({"SHARDWORKER_LEASE_TTL_S": "4", "SHARDWORKER_LEASE_RENEW_S": "3"})
     with pytest.raises(ConfigError, match="IDLE_REFRESH_S"):
@@ -46,10 +52,14 @@ def test_cross_field_rules() -> None:
 
 
 def test_values_parse_to_their_types() -> None:
-    s = load_settings({
-        "SHARDWORKER_WORKERS": "3", "SHARDWORKER_LEASE_TTL_S": "12.5",
-        "SHARDWORKER_PUBLISH_EVENT_BUS": "yes", "SHARDWORKER_SECRET_READ_CHAIN": "env, db",
-    })
+    s = load_settings(
+        {
+            "SHARDWORKER_WORKERS": "3",
+            "SHARDWORKER_LEASE_TTL_S": "12.5",
+            "SHARDWORKER_PUBLISH_EVENT_BUS": "yes",
+            "SHARDWORKER_SECRET_READ_CHAIN": "env, db",
+        }
+    )
     assert (s.workers, s.lease_ttl_s, s.publish_event_bus) == (3, 12.5, True)
     assert s.secret_read_chain == ("env", "db")
 
@@ -71,4 +81,6 @@ def test_redacted_hides_every_secret_field() -> None:
 
 def test_readme_settings_table_matches_settings() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert settings_table() in readme, "regenerate with: shardworker print-config --table"
+    assert settings_table() in readme, (
+        "regenerate with: .venv/bin/python scripts/readme_settings.py"
+    )

@@ -282,11 +282,13 @@ class Engine:
         if self.providers.get(rt.key) is not rt:
             return
         del self.providers[rt.key]
+        if rt.replacement is not None and not self._stopping:
+            # A config change: the same owner serves it on, so the lease stays.
+            self._start_provider(rt.replacement, rt.fence, rt.epoch)
+            return
         log.info("provider_released", provider_id=rt.key)
         if self.on_released is not None:
             self.on_released(rt.key)
-        if rt.replacement is not None and not self._stopping:
-            self._start_provider(rt.replacement, rt.fence, rt.epoch)
 
     def _begin_stop(self) -> None:
         if self._stopping:

@@ -1,0 +1,161 @@
+"""A worker's membership in the pool: heartbeats, leases, and what its engine serves.
+
+Two threads, neither of which ever touches IMAP:
+
+* the *keeper* heartbeats and renews every held lease in one Lua call each
+  ``lease_renew_s``; a lease that is lost (or may have expired while Redis was
+  unreachable) stops its provider in the engine at once;
+* the *assigner* reads this member's share of the assignment, acquires the leases it
+  lacks, hands the engine exactly the providers it holds leases for, and releases a lease
+  only after the engine has drained that provider (finished in-flight work, checkpointed,
+  logged out), so the next owner never overlaps with us.
+
+On drain the member leaves the registry first (the leader moves its providers at once),
+stops serving, and keeps renewing until every lease is released.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+from shardworker.config import Settings
+from shardworker.db.store import ProviderConfig, Store
+from shardworker.engine.loop import Engine
+from shardworker.errors import ShardworkerError
+from shardworker.logs import get_logger
+from shardworker.pool.leases import Lease, LeaseManager
+from shardworker.pool.registry import Registry
+
+log = get_logger(__name__)
+
+ACQUIRE_BATCH = 500
+
+
+class PoolAgent:
+    def __init__(
+        self, settings: Settings, member: str, *, registry: Registry, leases: LeaseManager,
+        store: Store, engine: Engine, released: queue.SimpleQueue[str],
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self.member = member
+        self.registry = registry
+        self.leases = leases
+        self.store = store
+        self.engine = engine
+        # Provider ids the engine has drained (fed by Engine(on_released=released.put)).
+        self.released = released
+        self.draining = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._configs: dict[str, ProviderConfig] = {}
+        self._configs_for: frozenset[str] = frozenset()
+        self._configs_at = float("-inf")
+        self._threads: list[threading.Thread] = []
+        self.on_lease_lost: Callable[[Lease], None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.registry.heartbeat(self.member)
+        for name, target in (("keeper", self._keep), ("assigner", self._assign)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def begin_drain(self) -> None:
+        if self.draining.is_set():
+            return
+        self.draining.set()
+        log.info("member_leaving", member=self.member, leases=len(self.leases.held))
+        try:
+            self.registry.leave(self.member)
+        except Exception:
+            log.warning("member_leave_failed", member=self.member)
+        self.engine.request_stop()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """After the engine stopped: release what is left and end both threads."""
+        self._release_drained()
+        with self._lock:
+            try:
+                self.leases.release_all()
+            except ShardworkerError as exc:
+                log.warning("lease_release_failed", error=str(exc))
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout_s)
+
+    # -- keeper --------------------------------------------------------------------------
+
+    def _keep(self) -> None:
+        while not self._stop.wait(self.settings.lease_renew_s):
+            try:
+                if not self.draining.is_set():
+                    self.registry.heartbeat(self.member)
+            except Exception:
+                log.warning("heartbeat_failed", member=self.member)
+            with self._lock:
+                lost = self.leases.renew()
+            for lease in lost:
+                log.warning("lease_lost", provider_id=lease.provider_id, member=self.member,
+                            epoch=lease.epoch)  # fmt: skip
+                self.engine.drop_provider_now(lease.provider_id)
+                if self.on_lease_lost is not None:
+                    self.on_lease_lost(lease)
+
+    # -- assigner ------------------------------------------------------------------------
+
+    def _assign(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.assign_once()
+            except Exception as exc:
+                log.warning("assign_failed", member=self.member, error_type=type(exc).__name__,
+                            error=str(exc))  # fmt: skip
+            self._stop.wait(self.settings.assignment_poll_s)
+
+    def assign_once(self) -> None:
+        self._release_drained()
+        if self.draining.is_set():
+            return
+        share = self.registry.member_assignment(self.member)
+        desired = share.providers if share is not None else frozenset()
+        configs = self._load_configs(desired)
+        held = set(self.leases.held)
+        wanted = [(c.tenant, c.provider_id) for p, c in configs.items() if p not in held]
+        for start in range(0, len(wanted), ACQUIRE_BATCH):
+            got = self.leases.acquire(wanted[start : start + ACQUIRE_BATCH])
+            for lease in got:
+                log.info("lease_acquired", provider_id=lease.provider_id, epoch=lease.epoch)
+        with self._lock:
+            held_now = dict(self.leases.held)
+        serve = [c for p, c in configs.items() if p in held_now]
+        fences = {p: (held_now[p].fence, held_now[p].epoch) for p in held_now}
+        self.engine.update_providers(serve, fences)
+
+    def _load_configs(self, desired: frozenset[str]) -> dict[str, ProviderConfig]:
+        now = self.leases.clock()
+        stale = now - self._configs_at >= self.settings.provider_refresh_s
+        if desired != self._configs_for or stale:
+            every = self.store.load_providers()
+            self._configs = {c.provider_id: c for c in every
+                             if c.provider_id in desired and not c.paused}  # fmt: skip
+            self._configs_for = desired
+            self._configs_at = now
+        return self._configs
+
+    def _release_drained(self) -> None:
+        done: list[str] = []
+        while True:
+            try:
+                done.append(self.released.get_nowait())
+            except queue.Empty:
+                break
+        if not done:
+            return
+        with self._lock:
+            count = self.leases.release(done)
+        if count:
+            log.info("leases_released", count=count, member=self.member)

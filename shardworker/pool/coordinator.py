@@ -1,0 +1,97 @@
+"""``shardworker run``: a coordinator (supervisor + leader thread) and W worker processes.
+
+Each worker process is a pool member ``<pod>/<index>``; the identity is stable across
+restarts of the process (same slot) and of the pod (``POD_NAME`` from a StatefulSet), so a
+member that comes back within the grace period keeps its providers.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+from shardworker import logs
+from shardworker.config import Settings, load_settings
+from shardworker.db.ownership import OwnershipStore
+from shardworker.db.store import open_pool
+from shardworker.exitcodes import ExitCode
+from shardworker.logs import get_logger
+from shardworker.pool.agent import PoolAgent
+from shardworker.pool.childproc import ChildChannel
+from shardworker.pool.leader import Leader
+from shardworker.pool.leases import LeaseManager
+from shardworker.pool.registry import Registry
+from shardworker.pool.supervisor import Supervisor
+from shardworker.worker import WorkerContext, build_worker, redis_client
+
+log = get_logger(__name__)
+
+
+def member_id(settings: Settings, index: int) -> str:
+    return f"{settings.identity}/{index}"
+
+
+def _boot(settings: Settings, member: str) -> tuple[WorkerContext, PoolAgent]:
+    released: queue.SimpleQueue[str] = queue.SimpleQueue()
+    ctx = build_worker(settings, on_released=released.put)
+    leases = LeaseManager(ctx.redis, OwnershipStore(ctx.pool), member, settings.lease_ttl_s)
+    agent = PoolAgent(
+        settings, member, registry=Registry(ctx.redis), leases=leases, store=ctx.store,
+        engine=ctx.engine, released=released,
+    )  # fmt: skip
+    return ctx, agent
+
+
+def _watch_drain(channel: ChildChannel, agent: PoolAgent, stop: threading.Event) -> None:
+    while not stop.wait(0.1):
+        if channel.draining:
+            agent.begin_drain()
+            return
+
+
+def worker_main(index: int, channel: ChildChannel) -> int:
+    """One worker process (spawned): boot, report ready, serve until drained."""
+    try:
+        settings = load_settings()
+        logs.configure(settings.log_level)
+        member = member_id(settings, index)
+        ctx, agent = _boot(settings, member)
+    except Exception as exc:
+        log.error("worker_boot_failed", worker=index, error_type=type(exc).__name__, error=str(exc))
+        return ExitCode.WORKER_BOOT_ERROR
+    channel.ready()
+    agent.start()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_drain, args=(channel, agent, stop), daemon=True)
+    watcher.start()
+    log.info("worker_started", member=member)
+    try:
+        ctx.engine.run(drain_deadline_s=settings.drain_deadline_s)
+    finally:
+        stop.set()
+        agent.stop()
+        ctx.close()
+    log.info("worker_stopped", member=member, published=ctx.engine.stats.published)
+    return ExitCode.OK
+
+
+def run_pool(settings: Settings) -> int:
+    identity = settings.identity
+    logs.set_process_context(pod=identity, role="coordinator")
+    client = redis_client(settings)
+    pool = open_pool(settings.database_url, max_size=2)
+    leader = Leader(settings, Registry(client), OwnershipStore(pool), identity)
+    supervisor = Supervisor(
+        settings.worker_count, worker_main, pod_identity=identity,
+        drain_deadline_s=settings.drain_deadline_s,
+    )  # fmt: skip
+    leader.start()
+    log.info("coordinator_started", workers=settings.worker_count)
+    try:
+        code = supervisor.run()
+    finally:
+        leader.stop()
+        pool.close()
+        client.close()
+    log.info("coordinator_stopped", code=int(code))
+    return code
