@@ -148,6 +148,11 @@ class FolderSync:
         self.ctx.store.commit_batch(
             p.tenant, p.provider_id, folder, cursor.uid_validity, entries, last_uid, self.ctx.epoch
         )
+        if entries:
+            log.info(
+                "published", **self.log_fields, count=len(entries), first_uid=batch[0].uid,
+                last_uid=last_uid, epoch=self.ctx.epoch,
+            )  # fmt: skip
         return FolderCursor(uid_validity=cursor.uid_validity, last_uid=last_uid)
 
     def _publish(

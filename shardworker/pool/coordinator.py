@@ -7,6 +7,7 @@ member that comes back within the grace period keeps its providers.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
@@ -54,6 +55,7 @@ def worker_main(index: int, channel: ChildChannel) -> int:
     try:
         settings = load_settings()
         logs.configure(settings.log_level)
+        logs.set_process_context(pid=os.getpid())
         member = member_id(settings, index)
         ctx, agent = _boot(settings, member)
     except Exception as exc:
