@@ -157,8 +157,7 @@ class Supervisor:
                 self._stop_result = ExitCode.FAILURE
             self.kill_workers()
             self.restore_signal_handlers(previous)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._close_wake_pipe()
 
     def handle_signal(self, signum: int, frame: FrameType | None) -> None:
         """No logging, just queue (gunicorn): the main loop does the work."""
@@ -233,10 +232,12 @@ class Supervisor:
 
     def _next_timeout(self) -> float:
         now = time.monotonic()
-        due = [now + _MAX_WAIT_S, self._next_ping]
+        due = [now + _MAX_WAIT_S]
         if self.on_tick is not None:
             due.append(self._next_tick)
-        if self._stop_result is not None:
+        if self._stop_result is None:
+            due.append(self._next_ping)
+        else:
             due.append(self._drain_started + self.drain_deadline_s)
         due.extend(s.restart_at for s in self._slots if s.restart_at is not None)
         return max(0.0, min(due) - now)
@@ -428,6 +429,12 @@ class Supervisor:
 
     def _live_slots(self) -> list[_Slot]:
         return [s for s in self._slots if s.proc is not None]
+
+    def _close_wake_pipe(self) -> None:
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        # A late handle_signal() must not write into whatever file reuses the number.
+        self._wake_r = self._wake_w = -1
 
     def _close_conn(self, slot: _Slot) -> None:
         if slot.conn is not None:
