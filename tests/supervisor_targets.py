@@ -43,12 +43,24 @@ def serve(index: int, channel: ChildChannel) -> int:
     """Ready, busy until SIGTERM, then a short drain that leaves a marker."""
     _record_start(index)
     _ready(index, channel)
+    return serve_until_drained(index, channel)
+
+
+def serve_until_drained(index: int, channel: ChildChannel) -> int:
     while not channel.draining:
         time.sleep(_POLL_S)
     time.sleep(_DRAIN_WORK_S)
     marker = _dir() / f"drained-{index}-{os.getpid()}"
     marker.write_text(json.dumps(channel.drain_signals))
     return ExitCode.OK
+
+
+def block_after_ready(index: int, channel: ChildChannel) -> int:
+    """Main thread blocked longer than the ping timeout: the responder thread still answers."""
+    _record_start(index)
+    _ready(index, channel)
+    time.sleep(float(os.environ.get("SW_SUP_BLOCK_S", "2.0")))
+    return serve_until_drained(index, channel)
 
 
 def ignore_drain(index: int, channel: ChildChannel) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from shardworker.exitcodes import ExitCode
+from shardworker.pool.childproc import PING, PONG, READY, ChildChannel
 from shardworker.pool.supervisor import Supervisor, restart_delay_s
 from tests import supervisor_targets as targets
 
@@ -349,6 +351,30 @@ def test_worker_that_never_boots_is_replaced_after_boot_timeout(sup_dir: Path) -
 
 
 @pytest.mark.timeout(30)
+def test_busy_main_thread_still_counts_as_alive(
+    sup_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SW_SUP_BLOCK_S", str(FAST["ping_timeout_s"] * 2))
+    ready_at: list[float] = []
+
+    def stop_after_the_block() -> None:
+        stats = supervisor.stats()
+        if stats.slots[0].ready and not ready_at:
+            ready_at.append(time.monotonic())
+        blocked_long = ready_at and time.monotonic() - ready_at[0] > FAST["ping_timeout_s"] * 2.5
+        if blocked_long and not stats.draining:
+            supervisor.handle_signal(signal.SIGTERM, None)
+
+    supervisor = Supervisor(
+        1, targets.block_after_ready, **FAST, on_tick=stop_after_the_block, tick_interval_s=0.1
+    )
+    assert supervisor.run() == ExitCode.OK
+
+    [slot] = supervisor.stats().slots
+    assert (slot.hung_kills, slot.restarts, slot.last_exit_code) == (0, 0, 0)
+
+
+@pytest.mark.timeout(30)
 def test_failing_tick_is_logged_and_the_loop_goes_on(
     sup_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -367,6 +393,29 @@ def test_failing_tick_is_logged_and_the_loop_goes_on(
     # Ticks go on during the drain (the lead renews its leadership until the end).
     assert len(calls) >= 3
     assert [r.getMessage() for r in caplog.records].count("tick_failed") == 2
+
+
+# -- the child's half ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(10)
+def test_channel_answers_pings_and_notices_a_vanished_supervisor() -> None:
+    parent, child = multiprocessing.Pipe(duplex=True)
+    channel = ChildChannel(3, "pod-a", child)
+    try:
+        channel.ready()
+        assert parent.recv_bytes() == READY
+        parent.send_bytes(PING)
+        assert parent.poll(2) and parent.recv_bytes() == PONG
+        assert not channel.draining
+
+        channel.record_signal(signal.SIGTERM, None)
+        assert channel.draining and channel.drain_signals == [signal.SIGTERM]
+
+        parent.close()
+        wait_until(lambda: channel.supervisor_gone, timeout=3, what="EOF noticed")
+    finally:
+        channel.close()
 
 
 # -- pure units ----------------------------------------------------------------------------
