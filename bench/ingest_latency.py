@@ -1,0 +1,281 @@
+"""APPEND→XADD latency over Dovecot's own push floor, with N idle folders in the engine.
+
+    PYTHONPATH=. .venv/bin/python bench/ingest_latency.py [--folders 5000] [--samples 300]
+        [--tls] [--size 12000] [--quick]
+
+One engine serves N providers (INBOX each) from this process.  A probe in a separate
+process then takes sequential samples, each on a random one of the N mailboxes:
+
+* a bare imapclient session IDLEs on the same mailbox and notes when ``* n EXISTS``
+  arrives: the floor (Dovecot holds IDLE notifications ~500 ms);
+* it APPENDs one message and an ``XREAD BLOCK`` on the workflow stream notes when the
+  event for that Message-ID lands;
+* overhead = t_xadd - t_exists(bare), for the same message.
+
+The probe runs in its own process so its threads never compete with the engine for
+the GIL; both use CLOCK_MONOTONIC.  The engine's own view (EXISTS seen → XADD done,
+``engine.stats.latencies``) is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import secrets
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import Any
+
+import orjson
+import redis
+
+from bench.common import (
+    STREAM,
+    EngineRun,
+    StageTracer,
+    bare_client,
+    bench_logs,
+    bench_settings,
+    cpu_seconds,
+    create_providers,
+    fail,
+    machine_note,
+    ms,
+    percentile,
+    print_table,
+    private_dovecot,
+    private_redis,
+    realistic_mail,
+    rss_kib,
+    run_with_progress,
+    tenant_configs,
+    throwaway_database,
+    wait_for_exists,
+)
+from tests.harness.dovecot import Dovecot, ImapUser
+
+SAMPLE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    host: str
+    port: int
+    tls: bool
+    cafile: str
+    redis_url: str
+    users: tuple[ImapUser, ...]  # one per sample, already drawn at random
+    size: int
+    gap_s: float
+
+
+@dataclass(frozen=True)
+class Sample:
+    floor_s: float  # APPEND done → EXISTS at the bare client
+    overhead_s: float  # EXISTS at the bare client → event readable in the stream
+
+
+def _last_id(client: redis.Redis) -> bytes:
+    newest: Any = client.xrevrange(STREAM, count=1)
+    return bytes(newest[0][0]) if newest else b"0-0"
+
+
+def _wait_event(client: redis.Redis, after: bytes, mid: str) -> tuple[float, bytes]:
+    """Block until the event whose emailData.id is ``mid`` is readable; (time, its id)."""
+    deadline = time.monotonic() + SAMPLE_TIMEOUT_S
+    wanted = mid.strip("<>")
+    while True:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0:
+            raise TimeoutError(f"no event for {mid} within {SAMPLE_TIMEOUT_S}s")
+        reply: Any = client.xread({STREAM: after}, count=100, block=remaining_ms)
+        now = time.monotonic()
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                after = entry_id
+                payload = orjson.loads(fields[b"payload_json"])
+                if str(payload["emailData"]["id"]).strip("<>") == wanted:
+                    return now, after
+
+
+def _one_sample(spec: ProbeSpec, user: ImapUser, r: redis.Redis, seq: int) -> Sample:
+    bare = bare_client(spec.host, spec.port, spec.tls, spec.cafile, user)
+    appender = bare_client(spec.host, spec.port, spec.tls, spec.cafile, user)
+    try:
+        bare.idle()
+        mid = f"<lat-{seq}-{secrets.token_hex(6)}@bench.example.com>"
+        raw = realistic_mail(random.Random(seq), mid, spec.size)
+        after = _last_id(r)
+        seen: dict[str, float | BaseException] = {}
+
+        def watch() -> None:
+            try:
+                seen["t"] = wait_for_exists(bare, SAMPLE_TIMEOUT_S)
+            except BaseException as exc:  # reported by the caller
+                seen["t"] = exc
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        appender.append("INBOX", raw)
+        t_appended = time.monotonic()
+        t_event, _ = _wait_event(r, after, mid)
+        watcher.join(SAMPLE_TIMEOUT_S)
+        t_exists = seen.get("t")
+        if not isinstance(t_exists, float):
+            raise RuntimeError(f"bare IDLE client saw no EXISTS: {t_exists!r}")
+        bare.idle_done()
+        return Sample(floor_s=t_exists - t_appended, overhead_s=t_event - t_exists)
+    finally:
+        for client in (bare, appender):
+            with contextlib.suppress(Exception):
+                client.logout()
+
+
+def probe(spec: ProbeSpec) -> list[Sample]:
+    """Runs in a spawned process: the samples, sequentially."""
+    r = redis.Redis.from_url(spec.redis_url)
+    out: list[Sample] = []
+    try:
+        for seq, user in enumerate(spec.users):
+            out.append(_one_sample(spec, user, r, seq))
+            if (seq + 1) % 50 == 0:
+                print(f"  ... {seq + 1}/{len(spec.users)} samples", flush=True)
+            time.sleep(spec.gap_s)
+    finally:
+        r.close()
+    return out
+
+
+def run_probe(spec: ProbeSpec) -> list[Sample]:
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(probe, spec).result()
+
+
+@dataclass
+class LatencyResult:
+    folders: int
+    connect_s: float
+    samples: list[Sample]
+    engine_latencies: list[float]
+    engine_cpu_s: float
+    sampling_s: float
+    rss_kib: int
+    errors: dict[str, int]
+
+
+def measure(
+    args: argparse.Namespace,
+    dsn: str,
+    redis_base: str,
+    server: Dovecot,
+    tracer: StageTracer | None = None,
+) -> LatencyResult:
+    """Engine with ``args.folders`` idle providers, then the probe's samples."""
+    users = server.add_users(args.folders, prefix="lat")
+    redis_url = f"{redis_base}/1"
+    settings = bench_settings(dsn, redis_url, str(server.cafile))
+    tenant, _ = run_with_progress(
+        f"creating {args.folders} providers",
+        lambda: create_providers(settings, server, users, tls=args.tls),
+    )
+    run = EngineRun(settings)
+    try:
+        run.serve(tenant_configs(run.ctx, tenant))
+        connect_s = run.wait_idle(args.folders, timeout_s=max(180.0, args.folders * 0.1))
+        print(f"{args.folders} folders IDLE after {connect_s:.1f}s", flush=True)
+        time.sleep(2)  # let the post-connect status writes settle
+        rng = random.Random(args.seed)
+        spec = ProbeSpec(
+            host=server.host, port=server.tls_port if args.tls else server.plain_port,
+            tls=args.tls, cafile=str(server.cafile), redis_url=redis_url,
+            users=tuple(rng.choice(users) for _ in range(args.samples)),
+            size=args.size, gap_s=args.gap,
+        )  # fmt: skip
+        run.engine.stats.latencies.clear()
+        if tracer is not None:
+            tracer.install()
+        cpu0, t0 = cpu_seconds(), time.monotonic()
+        try:
+            samples = run_probe(spec)
+        finally:
+            if tracer is not None:
+                tracer.uninstall()
+        sampling_s, engine_cpu = time.monotonic() - t0, cpu_seconds() - cpu0
+        still_idle = run.census()["idle"]
+        if still_idle < args.folders:
+            fail(f"only {still_idle}/{args.folders} folders IDLE after sampling")
+        return LatencyResult(
+            folders=args.folders, connect_s=connect_s, samples=samples,
+            engine_latencies=list(run.engine.stats.latencies), engine_cpu_s=engine_cpu,
+            sampling_s=sampling_s, rss_kib=rss_kib(), errors=dict(run.engine.stats.errors),
+        )  # fmt: skip
+    finally:
+        run.stop()
+
+
+def report(res: LatencyResult, args: argparse.Namespace) -> None:
+    floors = [s.floor_s for s in res.samples]
+    over = [s.overhead_s for s in res.samples]
+    eng = res.engine_latencies
+    mode = "TLS" if args.tls else "plain"
+    rows = [
+        ("idle folders in the engine", f"{res.folders} ({mode}, INBOX each)"),
+        ("samples", f"{len(res.samples)} x ~{args.size} B, sequential"),
+        ("connect + IDLE all folders", f"{res.connect_s:.1f} s"),
+        ("floor p50 / p99 (APPEND done → bare EXISTS)",
+         f"{ms(percentile(floors, 50))} / {ms(percentile(floors, 99))}"),
+        ("overhead p50 (target ≤ 5 ms)", ms(percentile(over, 50))),
+        ("overhead p99 (target ≤ 25 ms)", ms(percentile(over, 99))),
+        ("overhead max", ms(max(over))),
+        ("engine EXISTS seen → XADD done p50 / p99",
+         f"{ms(percentile(eng, 50))} / {ms(percentile(eng, 99))} ({len(eng)} events)"),
+        ("engine CPU while sampling", f"{100 * res.engine_cpu_s / res.sampling_s:.1f} % of a core"),
+        ("engine process RSS", f"{res.rss_kib / 1024:.0f} MiB"),
+        ("engine errors", str(res.errors or "none")),
+        ("machine", machine_note()),
+    ]  # fmt: skip
+    print_table("ingest latency: APPEND→XADD over the push floor", rows)
+    if len(eng) != len(res.samples):
+        fail(f"the engine published {len(eng)} events for {len(res.samples)} samples")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folders", type=int, default=5000, help="idle providers (INBOX each)")
+    parser.add_argument("--samples", type=int, default=300)
+    parser.add_argument("--tls", action="store_true", help="implicit TLS instead of plain")
+    parser.add_argument("--size", type=int, default=12_000, help="message size in bytes")
+    parser.add_argument("--gap", type=float, default=0.05, help="pause between samples (s)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--log-level", default="INFO", help="service log level (to a file)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each stage of the push cycles (diagnostic)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 folders, 30 samples")
+    args = parser.parse_args()
+    if args.quick:
+        args.folders, args.samples = 200, 30
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    print(f"ingest_latency: {args.folders} folders, {args.samples} samples; {machine_note()}")
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(private_dovecot())
+        redis_base = stack.enter_context(private_redis())
+        dsn = stack.enter_context(throwaway_database())
+        stack.enter_context(bench_logs("latency", args.log_level))
+        tracer = StageTracer() if args.breakdown else None
+        result = measure(args, dsn, redis_base, server, tracer)
+    report(result, args)
+    if tracer is not None:
+        print_table("push cycle stages, median (times from the loop seeing EXISTS)",
+                    tracer.table())  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
