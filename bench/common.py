@@ -9,6 +9,7 @@ Run from the repository root:  ``PYTHONPATH=. .venv/bin/python bench/<name>.py``
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import quopri
@@ -355,12 +356,18 @@ def _now() -> datetime:
 # ------------------------------------------------------------------ bare IDLE client
 
 
+@functools.lru_cache(maxsize=4)
+def _client_context(cafile: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
+
+
 def bare_client(
     host: str, port: int, tls: bool, cafile: str, user: ImapUser
 ) -> imapclient.IMAPClient:
-    """A plain imapclient session: login, EXAMINE INBOX."""
-    ctx = ssl.create_default_context(cafile=cafile)
-    client = imapclient.IMAPClient(host, port=port, ssl=tls, ssl_context=ctx, timeout=15)
+    """A plain imapclient session: login, EXAMINE INBOX (one TLS context per CA file)."""
+    client = imapclient.IMAPClient(
+        host, port=port, ssl=tls, ssl_context=_client_context(cafile), timeout=15
+    )
     client.login(user.name, user.password)
     client.select_folder("INBOX", readonly=True)
     return client
