@@ -93,3 +93,34 @@ class LeaseLostError(LeaseError):
 
 class FencedError(LeaseError):
     """A write carried a stale fencing epoch and was rejected atomically."""
+
+
+class TokenRefreshError(ImapAuthError):
+    """The OAuth2 token endpoint refused the refresh token (``invalid_grant``...): terminal."""
+
+
+class TokenEndpointError(ImapTransientError):
+    """The OAuth2 token endpoint failed (5xx, timeout, refused): retried with backoff."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="token_endpoint")
+
+
+class AdminError(ShardworkerError):
+    """An admin operation (CLI or HTTP API) was refused; the message says why."""
+
+
+class ValidationError(AdminError):
+    """A request field is invalid; ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFoundError(AdminError):
+    """The provider or command does not exist."""
+
+
+class ConflictError(AdminError):
+    """The operation cannot run in the current state (e.g. nobody owns the provider)."""

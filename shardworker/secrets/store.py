@@ -13,6 +13,9 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+import psycopg
+from psycopg.rows import TupleRow
+
 from shardworker.config import Settings
 from shardworker.db.store import Pool
 from shardworker.errors import SecretError, SecretNotFoundError
@@ -20,6 +23,15 @@ from shardworker.logs import get_logger
 from shardworker.secrets.crypto import Keyring
 
 log = get_logger(__name__)
+
+Connection = psycopg.Connection[TupleRow]
+
+_UPSERT = (
+    "INSERT INTO shardworker_secrets (tenant, provider_id, name, key_id, envelope) "
+    "VALUES (%s::uuid, %s::uuid, %s, %s, %s) ON CONFLICT (tenant, name) DO UPDATE "
+    "SET provider_id = EXCLUDED.provider_id, key_id = EXCLUDED.key_id, "
+    "envelope = EXCLUDED.envelope, updated_at = now()"
+)
 
 # Alga's names, plus the access token which only shardworker caches.
 _PREFIXES = {
@@ -115,27 +127,43 @@ class SecretStore:
             raise SecretError(f"cannot read secret file for {name}: {exc.strerror}") from None
         return value or None
 
-    def put(self, tenant: str, provider_id: str, name: str, value: str) -> None:
-        """Store (or replace) a secret in shardworker's table, encrypted with the newest key."""
+    def put(
+        self,
+        tenant: str,
+        provider_id: str,
+        name: str,
+        value: str,
+        *,
+        conn: Connection | None = None,
+    ) -> None:
+        """Store (or replace) a secret in shardworker's table, encrypted with the newest key.
+
+        With ``conn`` the write joins the caller's transaction (a provider and its secrets
+        are written all or nothing).
+        """
         envelope = self._keyring.encrypt(value, _aad(tenant, name))
-        with self._require_pool().connection() as conn:
-            conn.execute(
-                "INSERT INTO shardworker_secrets (tenant, provider_id, name, key_id, envelope) "
-                "VALUES (%s::uuid, %s::uuid, %s, %s, %s) ON CONFLICT (tenant, name) DO UPDATE "
-                "SET provider_id = EXCLUDED.provider_id, key_id = EXCLUDED.key_id, "
-                "envelope = EXCLUDED.envelope, updated_at = now()",
-                (tenant, provider_id, name, self._keyring.newest_kid, envelope),
-            )
+        params = (tenant, provider_id, name, self._keyring.newest_kid, envelope)
+        if conn is not None:
+            conn.execute(_UPSERT, params)
+        else:
+            with self._require_pool().connection() as own:
+                own.execute(_UPSERT, params)
         log.info("secret_stored", tenant=tenant, provider_id=provider_id, name=name)
 
-    def delete_provider_secrets(self, tenant: str, provider_id: str) -> int:
-        with self._require_pool().connection() as conn:
-            cur = conn.execute(
-                "DELETE FROM shardworker_secrets "
-                "WHERE tenant = %s::uuid AND provider_id = %s::uuid",
-                (tenant, provider_id),
-            )
-            return cur.rowcount
+    def delete(self, tenant: str, name: str, *, conn: Connection) -> None:
+        """Remove one secret from shardworker's table, in the caller's transaction."""
+        conn.execute(
+            "DELETE FROM shardworker_secrets WHERE tenant = %s::uuid AND name = %s", (tenant, name)
+        )
+
+    def delete_provider_secrets(
+        self, tenant: str, provider_id: str, *, conn: Connection | None = None
+    ) -> int:
+        query = "DELETE FROM shardworker_secrets WHERE tenant = %s::uuid AND provider_id = %s::uuid"
+        if conn is not None:
+            return conn.execute(query, (tenant, provider_id)).rowcount
+        with self._require_pool().connection() as own:
+            return own.execute(query, (tenant, provider_id)).rowcount
 
     def rotate_keys(self) -> int:
         """Re-encrypt every secret not under the newest key, in one transaction."""
