@@ -59,6 +59,9 @@ class Settings:
     lease_ttl_s: float = _setting(10.0, "Provider lease time-to-live.")
     lease_renew_s: float = _setting(3.0, "How often leases are renewed (one Lua call per worker).")
     member_grace_s: float = _setting(10.0, "A member gone for less than this keeps its providers.")
+    worker_ping_timeout_s: float = _setting(
+        10.0, "A worker that does not answer the coordinator's ping for this long is replaced."
+    )
     leader_ttl_s: float = _setting(
         6.0, "Leader lease time-to-live; a dead leader is replaced after it."
     )

@@ -140,3 +140,24 @@ def dovecot_factory() -> Iterator[Callable[..., Dovecot]]:
 def imap_user(dovecot: Dovecot) -> ImapUser:
     """A fresh user (name, password) on the shared Dovecot; unpacks as a tuple."""
     return dovecot.add_user()
+
+
+@pytest.fixture(scope="session")
+def migrated_dsn(pg_dsn: str) -> str:
+    """The session's throwaway database after `shardworker migrate`."""
+    from shardworker.db.migrate import migrate
+
+    migrate(pg_dsn)
+    return pg_dsn
+
+
+@pytest.fixture
+def fresh_dsn() -> Iterator[str]:
+    """A migrated database of its own, for tests that run a whole pool over it."""
+    from shardworker.db.migrate import migrate
+
+    name = create_database()
+    dsn = dsn_for(PG_ADMIN_DSN, name)
+    migrate(dsn)
+    yield dsn
+    drop_database(name)

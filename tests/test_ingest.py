@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from shardworker.db.migrate import migrate
 from shardworker.publish import uid_key
 from tests.support import (
     Rig,
@@ -22,12 +21,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="session")
-def migrated_dsn(pg_dsn: str) -> str:
-    migrate(pg_dsn)
-    return pg_dsn
 
 
 @pytest.fixture

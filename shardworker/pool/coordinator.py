@@ -85,7 +85,7 @@ def run_pool(settings: Settings) -> int:
     leader = Leader(settings, Registry(client), OwnershipStore(pool), identity)
     supervisor = Supervisor(
         settings.worker_count, worker_main, pod_identity=identity,
-        drain_deadline_s=settings.drain_deadline_s,
+        drain_deadline_s=settings.drain_deadline_s, ping_timeout_s=settings.worker_ping_timeout_s,
     )  # fmt: skip
     leader.start()
     log.info("coordinator_started", workers=settings.worker_count)

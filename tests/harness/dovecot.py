@@ -468,6 +468,10 @@ class Dovecot:
             with contextlib.suppress(OSError):
                 client.shutdown()
 
+    def close_admin_sessions(self) -> None:
+        """Log out the cached sessions used by append(), so who() counts only the clients."""
+        self._close_clients()
+
     def _close_clients(self) -> None:
         for user in list(self._clients):
             self._close_client(user)
