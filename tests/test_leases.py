@@ -1,0 +1,139 @@
+"""Leases, fencing and the registry against the real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import redis
+
+from shardworker.db.ownership import OwnershipStore
+from shardworker.db.providers import create_provider
+from shardworker.db.store import LedgerEntry, Store, open_pool
+from shardworker.errors import FencedError, LeaseLostError
+from shardworker.pool.leases import LeaseManager, lease_key
+from shardworker.pool.registry import Assignment, Registry
+from shardworker.publish import Outbound, Publisher
+from tests.support import rig_settings
+
+
+@pytest.fixture
+def env(migrated_dsn: str, redis_url: str) -> Iterator[dict[str, Any]]:
+    pool = open_pool(migrated_dsn, max_size=4)
+    client = redis.Redis.from_url(redis_url)
+    tenant = str(uuid.uuid4())
+    pids = [
+        create_provider(
+            pool,
+            tenant=tenant,
+            mailbox=f"m{i}@example.com",
+            host="127.0.0.1",
+            port=1,
+            secure=True,
+            allow_starttls=False,
+            auth_type="password",
+            username=f"u{i}",
+        )
+        for i in range(3)
+    ]
+    yield {"pool": pool, "redis": client, "tenant": tenant, "pids": pids,
+           "ownership": OwnershipStore(pool), "store": Store(pool),
+           "settings": rig_settings(migrated_dsn, redis_url, "")}  # fmt: skip
+    client.close()
+    pool.close()
+
+
+def manager(env: dict[str, Any], member: str, ttl_s: float = 5.0, **kw: Any) -> LeaseManager:
+    return LeaseManager(env["redis"], env["ownership"], member, ttl_s, **kw)
+
+
+def test_a_lease_has_one_holder_and_a_final_token(env: dict[str, Any]) -> None:
+    a, b = manager(env, "pod-a/0"), manager(env, "pod-b/0")
+    items = [(env["tenant"], p) for p in env["pids"]]
+    got = a.acquire(items)
+    assert [x.provider_id for x in got] == env["pids"]
+    assert b.acquire(items) == []
+    for lease in got:
+        assert env["redis"].get(lease.key).decode() == f"pod-a/0|{lease.epoch}"
+    assert a.renew() == []
+
+
+def test_a_stale_owner_can_neither_publish_nor_checkpoint(env: dict[str, Any]) -> None:
+    tenant, pid = env["tenant"], env["pids"][0]
+    a, b = manager(env, "pod-a/0", ttl_s=0.3), manager(env, "pod-b/0")
+    [old] = a.acquire([(tenant, pid)])
+    time.sleep(0.45)  # a is paused past its TTL (as under SIGSTOP)
+    [new] = b.acquire([(tenant, pid)])
+    assert new.epoch == old.epoch + 1
+    publisher = Publisher(env["redis"], env["settings"])
+    out = Outbound(tenant=tenant, provider_id=pid, mailbox="m0@example.com", folder="INBOX",
+                   uid_validity=1, uid=7, message_id="<stale@example.com>",
+                   payload={"tenantId": tenant}, event_time=datetime.now(UTC))  # fmt: skip
+    with pytest.raises(FencedError):
+        publisher.publish_batch([out], old.fence)
+    assert env["redis"].xlen("workflow:events:global") == 0
+    store: Store = env["store"]
+    entry = LedgerEntry(7, "<stale@example.com>", "1-0", "published")
+    with pytest.raises(FencedError):
+        store.commit_batch(tenant, pid, "INBOX", 1, [entry], 7, old.epoch)
+    assert store.known_uids(tenant, pid, "INBOX", 1, [7]) == {}
+    # The new owner goes through, and the old one learns it lost the lease.
+    publisher.publish_batch([out], new.fence)
+    store.commit_batch(tenant, pid, "INBOX", 1, [entry], 7, new.epoch)
+    assert [x.provider_id for x in a.renew()] == [pid]
+
+
+def test_release_never_deletes_a_successors_lease(env: dict[str, Any]) -> None:
+    tenant, pid = env["tenant"], env["pids"][1]
+    a, b = manager(env, "pod-a/0", ttl_s=0.2), manager(env, "pod-b/0")
+    a.acquire([(tenant, pid)])
+    time.sleep(0.3)
+    [lease] = b.acquire([(tenant, pid)])
+    assert a.release([pid]) == 0
+    assert env["redis"].get(lease_key(tenant, pid)).decode() == lease.token
+
+
+def test_leases_count_as_lost_when_renewals_fail_past_the_ttl(env: dict[str, Any]) -> None:
+    now = [100.0]
+    a = manager(env, "pod-a/0", ttl_s=5.0, clock=lambda: now[0])
+    a.acquire([(env["tenant"], p) for p in env["pids"]])
+    a.client = redis.Redis(port=1, socket_connect_timeout=0.2)  # Redis unreachable from here
+    a._renew = a.client.register_script("return 1")
+    now[0] += 4.0
+    assert a.renew() == []  # still within the TTL: keep serving
+    now[0] += 1.5
+    assert sorted(x.provider_id for x in a.renew()) == sorted(env["pids"])
+    assert a.held == {}
+
+
+def test_one_leader_at_a_time_and_a_deposed_one_cannot_publish(env: dict[str, Any]) -> None:
+    reg = Registry(env["redis"])
+    a = reg.elect("pod-a", 0.3, None)
+    assert a is not None and a.startswith("pod-a|")
+    assert reg.elect("pod-b", 0.3, None) is None
+    assert reg.elect("pod-a", 0.3, a) == a
+    time.sleep(0.4)
+    b = reg.elect("pod-b", 5.0, None)
+    assert b is not None and int(b.split("|")[1]) > int(a.split("|")[1])
+    with pytest.raises(LeaseLostError):
+        reg.publish(a, Assignment(1, 1, {"p": "pod-a/0"}), ["pod-a/0"], [])
+    assert reg.read_assignment() is None
+    reg.publish(b, Assignment(1, 2, {"p": "pod-b/0"}), ["pod-b/0"], [])
+    share = reg.member_assignment("pod-b/0")
+    assert share is not None and share.providers == frozenset({"p"})
+
+
+def test_members_live_within_the_grace_period(env: dict[str, Any]) -> None:
+    reg = Registry(env["redis"])
+    reg.heartbeat("pod-a/0")
+    reg.heartbeat("pod-b/0")
+    assert reg.live_members(0.5) == ["pod-a/0", "pod-b/0"]
+    time.sleep(0.6)
+    reg.heartbeat("pod-b/0")
+    assert reg.live_members(0.5) == ["pod-b/0"]
+    reg.leave("pod-b/0")
+    assert reg.live_members(0.5) == []
