@@ -22,6 +22,7 @@ from shardworker.engine.loop import Engine
 from shardworker.imap.connect import tls_context
 from shardworker.logs import get_logger
 from shardworker.mime import Caps
+from shardworker.oauth import TokenRefresher
 from shardworker.publish import Publisher
 from shardworker.secrets.store import SecretStore
 
@@ -59,13 +60,15 @@ def build_worker(
     client = redis_client(settings)
     publisher = Publisher(client, settings)
     publisher.ensure_groups()
+    secrets = SecretStore(settings, pool)
     deps = CycleDeps(
         settings=settings,
         store=store,
-        secrets=SecretStore(settings, pool),
+        secrets=secrets,
         publisher=publisher,
         caps=Caps.from_settings(settings),
         ssl_context=tls_context(settings.tls_ca_file),
+        oauth=TokenRefresher(settings, pool, store, secrets),
     )
     engine = Engine(deps, on_released=on_released)
 

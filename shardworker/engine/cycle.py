@@ -13,9 +13,10 @@ from typing import Literal
 
 from shardworker.config import Settings
 from shardworker.db.store import FolderCursor, Store
+from shardworker.engine.resync import run_jobs
 from shardworker.engine.state import ProviderRuntime, Slot
 from shardworker.engine.sync import FolderSync, SyncContext, SyncResult
-from shardworker.errors import FolderError, ShardworkerError
+from shardworker.errors import FolderError, SecretError, ShardworkerError
 from shardworker.imap.connect import (
     Credentials,
     capabilities,
@@ -26,6 +27,7 @@ from shardworker.imap.connect import (
 from shardworker.imap.folders import resolve_folders
 from shardworker.imap.session import FolderStatus
 from shardworker.mime import Caps
+from shardworker.oauth import TokenRefresher
 from shardworker.publish import Publisher
 from shardworker.secrets.store import SecretStore, secret_name
 
@@ -54,25 +56,38 @@ class CycleDeps:
     publisher: Publisher
     caps: Caps
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    oauth: TokenRefresher | None = field(default=None, repr=False)
 
 
 def load_credentials(deps: CycleDeps, provider: ProviderRuntime) -> Credentials:
+    cfg = provider.config
+    if cfg.auth_type == "oauth2":
+        return _oauth_credentials(deps, provider)
     cached = provider.credentials
     if cached is not None:
         return cached
-    cfg = provider.config
-    if cfg.auth_type == "oauth2":
-        name = secret_name("access_token", cfg.provider_id)
-        creds = Credentials(
-            "oauth2", cfg.username, deps.secrets.get(cfg.tenant, cfg.provider_id, name)
-        )
-    else:
-        name = secret_name("password", cfg.provider_id)
-        creds = Credentials(
-            "password", cfg.username, deps.secrets.get(cfg.tenant, cfg.provider_id, name)
-        )
+    name = secret_name("password", cfg.provider_id)
+    creds = Credentials(
+        "password", cfg.username, deps.secrets.get(cfg.tenant, cfg.provider_id, name)
+    )
     provider.credentials = creds
     return creds
+
+
+def _oauth_credentials(deps: CycleDeps, provider: ProviderRuntime) -> Credentials:
+    """The cached token while fresh; else a stored or refreshed one (this worker owns it)."""
+    if deps.oauth is None:
+        raise SecretError("auth_type oauth2 needs a token refresher in this process")
+    with provider.credentials_lock:
+        force = provider.force_token_refresh
+        cached = provider.credentials
+        if cached is not None and not force and deps.oauth.is_fresh(provider.access_token):
+            return cached
+        token = deps.oauth.access_token(provider.config, force=force)
+        provider.force_token_refresh = False
+        provider.access_token = token
+        provider.credentials = Credentials("oauth2", provider.config.username, token.value)
+        return provider.credentials
 
 
 class Cycle:
@@ -103,12 +118,20 @@ class Cycle:
             return out
         sync = FolderSync(self._context(slot.provider), slot.session)
         assert out.cursor is not None
+        if slot.jobs:
+            out.cursor, job_state = run_jobs(
+                slot.jobs, sync, slot.session, out.cursor, self.deps.settings.net_timeout_s
+            )
+            if job_state == "backpressure":
+                out.kind = "backpressure"
+                return out
+            out.buffered = job_state == "more"  # come straight back for the rest
         out.cursor, out.result = sync.drain(out.cursor)
         if out.result.backpressured:
             out.kind = "backpressure"
             return out
         if slot.session.has_idle:
-            out.buffered = slot.session.enter_idle()
+            out.buffered = slot.session.enter_idle() or out.buffered
         else:
             out.kind = "poll"
         return out

@@ -27,6 +27,7 @@ from typing import Any
 
 from shardworker.db.store import ProviderConfig
 from shardworker.engine.cycle import Cycle, CycleDeps, Outcome
+from shardworker.engine.resync import FolderJob, ResyncRequest
 from shardworker.engine.state import ProviderRuntime, Slot, make_backoff
 from shardworker.errors import (
     FencedError,
@@ -127,6 +128,17 @@ class Engine:
 
     def request_stop(self) -> None:
         self.post(self._begin_stop)
+
+    def reconnect_provider(
+        self, provider_id: str, config: ProviderConfig | None, on_done: Callable[[bool], None]
+    ) -> None:
+        """Log out every connection and open them again (fresh credentials, ``config`` if
+        given); ``on_done(True)`` once reopening started, ``on_done(False)`` if not served."""
+        self.post(lambda: self._reconnect(provider_id, config, on_done))
+
+    def resync_provider(self, provider_id: str, request: ResyncRequest) -> None:
+        """Queue an admin resync on the provider's matching folder slots."""
+        self.post(lambda: self._resync(provider_id, request))
 
     # -- loop --------------------------------------------------------------------------
 
@@ -256,6 +268,34 @@ class Engine:
             log.warning("provider_dropped", provider_id=provider_id, reason="lease_lost")
             self._stop_provider(rt, immediate=True)
 
+    def _reconnect(
+        self, provider_id: str, config: ProviderConfig | None, on_done: Callable[[bool], None]
+    ) -> None:
+        rt = self.providers.get(provider_id)
+        if rt is None or self._stopping or (rt.stopping and rt.replacement is None):
+            self._background(on_done, False)
+            return
+        log.info("provider_reconnecting", provider_id=provider_id)
+        rt.replacement = config or rt.replacement or rt.config
+        rt.after_restart.append(on_done)
+        self._stop_provider(rt, immediate=False)
+
+    def _resync(self, provider_id: str, request: ResyncRequest) -> None:
+        rt = self.providers.get(provider_id)
+        served = {} if rt is None or rt.stopping else {f: s for f, s in rt.slots.items() if f}
+        slots = [s for f, s in served.items() if request.matches(f)]
+        if not slots:
+            self._background(request.fail, sorted(served))
+            return
+        request.expect([s.folder for s in slots])
+        for slot in slots:
+            slot.jobs.append(FolderJob(request, slot.folder))
+            if slot.busy:
+                slot.rerun = True
+            elif slot.registered or slot.state == State.POLL_WAIT:
+                self._unregister(slot)
+                self._dispatch(slot)
+
     def _stop_slot(self, slot: Slot) -> None:
         slot.want_stop = True
         slot.timer_gen += 1
@@ -282,10 +322,15 @@ class Engine:
         if self.providers.get(rt.key) is not rt:
             return
         del self.providers[rt.key]
+        restarted, rt.after_restart = rt.after_restart, []
         if rt.replacement is not None and not self._stopping:
             # A config change: the same owner serves it on, so the lease stays.
             self._start_provider(rt.replacement, rt.fence, rt.epoch)
+            for callback in restarted:
+                self._background(callback, True)
             return
+        for callback in restarted:
+            self._background(callback, False)
         log.info("provider_released", provider_id=rt.key)
         if self.on_released is not None:
             self.on_released(rt.key)
@@ -506,6 +551,7 @@ class Engine:
         slot.session.close(logout=False)
         slot.state = State.BACKOFF
         rt.credentials = None
+        rt.force_token_refresh = True  # an OAuth2 token may have expired or been revoked
         if now < rt.auth_blocked_until:
             self._set_timer(slot, rt.auth_blocked_until - now)
             return

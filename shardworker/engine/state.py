@@ -6,13 +6,17 @@ Touched only by the loop thread, except a slot's ``session`` while a job owns it
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shardworker.config import Settings
 from shardworker.db.store import FolderCursor, ProviderConfig
 from shardworker.engine.backoff import Backoff
+from shardworker.engine.resync import FolderJob
 from shardworker.imap.connect import Credentials
 from shardworker.imap.session import FolderSession, FolderStatus, State
+from shardworker.oauth import AccessToken
 from shardworker.publish import Fence
 
 
@@ -38,6 +42,9 @@ class Slot:
     last_activity: float = 0.0
     last_error: str | None = None
     want_stop: bool = False
+    # Admin resyncs waiting for (or part-way through) this slot's next cycle.  The loop
+    # thread appends, the cycle owning the slot pops: list operations are atomic.
+    jobs: list[FolderJob] = field(default_factory=list)
 
     @property
     def folder(self) -> str:
@@ -71,6 +78,13 @@ class ProviderRuntime:
     last_sync_write: float = 0.0
     auth_ok_seen: bool = False
     auth_blocked_until: float = 0.0
+    # OAuth2: the cached access token (with its expiry); a failed XOAUTH2 login forces a
+    # refresh.  The lock keeps two folder slots from refreshing (rotating) at once.
+    access_token: AccessToken | None = None
+    force_token_refresh: bool = False
+    credentials_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Called (True) once a reconnect's replacement runtime started, (False) if dropped.
+    after_restart: list[Callable[[bool], None]] = field(default_factory=list, repr=False)
 
     @property
     def key(self) -> str:

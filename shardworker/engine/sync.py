@@ -155,6 +155,25 @@ class FolderSync:
             )  # fmt: skip
         return FolderCursor(uid_validity=cursor.uid_validity, last_uid=last_uid)
 
+    def publish_below_cursor(
+        self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult
+    ) -> None:
+        """A backfill batch (UIDs the cursor already passed), exactly once; the cursor stays."""
+        p, folder = self.ctx.provider, self.session.folder
+        known = self.ctx.store.known_uids(
+            p.tenant, p.provider_id, folder, cursor.uid_validity, [m.uid for m in batch]
+        )
+        todo = [m for m in batch if m.uid not in known]
+        entries = self._publish(cursor.uid_validity, todo, result) if todo else []
+        if entries:
+            # The cursor never moves back within a UIDVALIDITY: this records the ledger only.
+            self.ctx.store.commit_batch(
+                p.tenant, p.provider_id, folder, cursor.uid_validity, entries,
+                cursor.last_uid, self.ctx.epoch,
+            )  # fmt: skip
+            log.info("published", **self.log_fields, count=len(entries), backfill=True,
+                     first_uid=batch[0].uid, last_uid=batch[-1].uid)  # fmt: skip
+
     def _publish(
         self, uid_validity: int, todo: list[MessageInfo], result: SyncResult
     ) -> list[LedgerEntry]:
