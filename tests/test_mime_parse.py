@@ -12,6 +12,7 @@ import pytest
 from shardworker.errors import ParseError
 from shardworker.mime import Caps, build_payload, iso_utc
 from shardworker.mime.addresses import is_zod_email
+from shardworker.mime.fixups import html_to_text
 from tests.mime_support import (
     GOOD,
     INTERNAL_DATE,
@@ -366,3 +367,22 @@ def test_iso_utc_converts_and_truncates() -> None:
 )
 def test_zod_email_regex(value: str, ok: bool) -> None:
     assert is_zod_email(value) is ok
+
+
+@pytest.mark.parametrize(
+    "markup",
+    ["<!--" * 300_000, "<a " * 300_000, "<script>" * 150_000, "<" * 1_000_000, "&#" * 500_000],
+    ids=["unclosed-comments", "unclosed-tags", "unclosed-scripts", "bare-lt", "entities"],
+)
+def test_html_to_text_is_linear_on_hostile_markup(markup: str) -> None:
+    started = time.monotonic()
+    html_to_text(markup, [])
+    assert time.monotonic() - started < 3
+
+
+def test_html_to_text_keeps_structure_and_drops_invisible_parts() -> None:
+    markup = (
+        "<html><head><title>T</title></head><body><TABLE><tr><td>a</td><TD>b</td></tr>"
+        "</table>line<BR>next<!-- hidden --><style>x{}</style><pre>p</pre>&lt;ok&gt;</body>"
+    )
+    assert html_to_text(markup, []) == "a b\n\nline\nnext\n\np\n\n<ok>"

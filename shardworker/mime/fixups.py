@@ -24,7 +24,6 @@ import codecs
 import html
 import re
 from email.message import Message
-from html.parser import HTMLParser
 
 # Charset labels seen in the wild that Python does not know, or knows as something
 # narrower than what senders actually use.
@@ -247,81 +246,48 @@ def clean_filename(name: str, defects: list[str]) -> str:
     return stripped
 
 
-class _TextExtractor(HTMLParser):
-    """Collects the visible text of an HTML document with block-level line breaks."""
-
-    _SKIP = frozenset({"script", "style", "head", "title", "template", "noscript"})
-    _BLOCK = frozenset(
-        {
-            "p",
-            "div",
-            "tr",
-            "table",
-            "h1",
-            "h2",
-            "h3",
-            "h4",
-            "h5",
-            "h6",
-            "blockquote",
-            "pre",
-            "ul",
-            "ol",
-            "section",
-            "article",
-            "header",
-            "footer",
-            "hr",
-            "address",
-        }
-    )
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.chunks: list[str] = []
-        self._skip_depth = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self._skip_depth += 1
-        elif tag == "br":
-            self.chunks.append("\n")
-        elif tag == "li":
-            self.chunks.append("\n- ")
-        elif tag in ("td", "th"):
-            self.chunks.append("\t")
-        elif tag in self._BLOCK:
-            self.chunks.append("\n\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self._skip_depth = max(0, self._skip_depth - 1)
-        elif tag in self._BLOCK:
-            self.chunks.append("\n\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skip_depth:
-            self.chunks.append(data)
-
-
-_HTML_TEXT_MAX_CHARS = 2 * 1024 * 1024
+# Every pattern below is linear: possessive quantifiers never give back what they took,
+# and an unclosed construct runs to the end of the input in one match, so a hostile
+# document of n characters costs O(n) (``html.parser`` is quadratic on unclosed comments).
+# Constant replacements keep the per-tag work in C.
+_TAG_END = r"\b[^>]*+(?:>|\Z)"
+_HTML_PASSES = (
+    (re.compile(r"<!--(?:[^-]++|-(?!->))*+(?:-->|\Z)"), ""),
+    (
+        re.compile(
+            r"<(script|style|head|title|template|noscript)" + _TAG_END
+            + r"(?:[^<]++|<(?!/\1\b))*+(?:</\1" + _TAG_END + ")?",
+            re.IGNORECASE,
+        ),
+        "",
+    ),
+    (re.compile(r"<br" + _TAG_END, re.IGNORECASE), "\n"),
+    (re.compile(r"<li" + _TAG_END, re.IGNORECASE), "\n- "),
+    (re.compile(r"<t[dh]" + _TAG_END, re.IGNORECASE), "\t"),
+    (
+        re.compile(
+            r"</?(?:p|div|tr|table|h[1-6]|blockquote|pre|ul|ol|section|article|header"
+            r"|footer|hr|address)" + _TAG_END,
+            re.IGNORECASE,
+        ),
+        "\n\n",
+    ),
+    (re.compile(r"</?[a-zA-Z][^>]*+(?:>|\Z)"), ""),
+)  # fmt: skip
+_HTML_TEXT_MAX_CHARS = 1024 * 1024
 _SPACES = re.compile(r"[ \t\r\f\v\u00a0]+")
-_BLANK_LINES = re.compile(r"\n\s*\n\s*(\n\s*)+")
+_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 def html_to_text(markup: str, defects: list[str]) -> str:
-    """Plain text for an HTML-only message; bounded so hostile markup stays cheap."""
+    """Plain text for an HTML-only message: visible text, block structure as newlines."""
     if len(markup) > _HTML_TEXT_MAX_CHARS:
         defects.append("html_text_truncated")
         markup = markup[:_HTML_TEXT_MAX_CHARS]
-    parser = _TextExtractor()
-    try:
-        parser.feed(markup)
-        parser.close()
-    except (AssertionError, ValueError):
-        defects.append("html_unparseable")
-        return html.unescape(re.sub(r"<[^>]*>", " ", markup)).strip()
-    text = "".join(parser.chunks)
+    text = markup
+    for pattern, replacement in _HTML_PASSES:
+        text = pattern.sub(replacement, text)
+    text = html.unescape(text)
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
