@@ -14,6 +14,7 @@ import math
 import os
 import quopri
 import random
+import secrets
 import select
 import shutil
 import ssl
@@ -25,6 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -410,6 +412,88 @@ def wait_for_exists(client: imapclient.IMAPClient, timeout_s: float) -> float:
             raise ConnectionError("server closed the IDLE connection")
         if line.rstrip().upper().endswith(b"EXISTS"):
             return time.monotonic()
+
+
+SAMPLE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class PushTarget:
+    """Where the bare IDLE client and the appender connect."""
+
+    host: str
+    port: int
+    tls: bool
+    cafile: str
+
+    @classmethod
+    def of(cls, server: Dovecot, tls: bool) -> PushTarget:
+        port = server.tls_port if tls else server.plain_port
+        return cls(server.host, port, tls, str(server.cafile))
+
+
+@dataclass(frozen=True)
+class Sample:
+    floor_s: float  # APPEND done → EXISTS at the bare client
+    overhead_s: float  # EXISTS at the bare client → the pipeline under test is done
+
+
+def push_sample(
+    target: PushTarget,
+    user: ImapUser,
+    seq: int,
+    size: int,
+    arm: Callable[[str], Callable[[], float]],
+) -> Sample:
+    """One APPEND on ``user``'s INBOX, timed twice for the same message.
+
+    A bare imapclient session IDLEs on the mailbox and notes when EXISTS arrives (the
+    server's push floor).  ``arm(message_id)`` is called before the APPEND and returns a
+    function that blocks until the pipeline under test has handled that message and
+    returns when (time.monotonic seconds).
+    """
+    bare = bare_client(target.host, target.port, target.tls, target.cafile, user)
+    appender = bare_client(target.host, target.port, target.tls, target.cafile, user)
+    try:
+        bare.idle()
+        mid = f"<lat-{seq}-{secrets.token_hex(6)}@bench.example.com>"
+        raw = realistic_mail(random.Random(seq), mid, size)
+        wait_done = arm(mid)
+        seen: dict[str, float | BaseException] = {}
+
+        def watch() -> None:
+            try:
+                seen["t"] = wait_for_exists(bare, SAMPLE_TIMEOUT_S)
+            except BaseException as exc:  # reported below, on the caller's thread
+                seen["t"] = exc
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        appender.append("INBOX", raw)
+        t_appended = time.monotonic()
+        t_done = wait_done()
+        watcher.join(SAMPLE_TIMEOUT_S)
+        t_exists = seen.get("t")
+        if not isinstance(t_exists, float):
+            raise RuntimeError(f"bare IDLE client saw no EXISTS: {t_exists!r}")
+        bare.idle_done()
+        return Sample(floor_s=t_exists - t_appended, overhead_s=t_done - t_exists)
+    finally:
+        for client in (bare, appender):
+            with contextlib.suppress(Exception):
+                client.logout()
+
+
+def latency_rows(samples: Sequence[Sample]) -> list[tuple[str, str]]:
+    floors = [s.floor_s for s in samples]
+    over = [s.overhead_s for s in samples]
+    return [
+        ("floor p50 / p99 (APPEND done → bare EXISTS)",
+         f"{ms(percentile(floors, 50))} / {ms(percentile(floors, 99))}"),
+        ("overhead p50", ms(percentile(over, 50))),
+        ("overhead p99", ms(percentile(over, 99))),
+        ("overhead max", ms(max(over))),
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- figures

@@ -22,9 +22,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import random
-import secrets
-import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -34,10 +33,12 @@ import orjson
 import redis
 
 from bench.common import (
+    SAMPLE_TIMEOUT_S,
     STREAM,
     EngineRun,
+    PushTarget,
+    Sample,
     StageTracer,
-    bare_client,
     bench_logs,
     bench_settings,
     cpu_seconds,
@@ -49,34 +50,22 @@ from bench.common import (
     print_table,
     private_dovecot,
     private_redis,
-    realistic_mail,
+    push_sample,
     rss_kib,
     run_with_progress,
     tenant_configs,
     throwaway_database,
-    wait_for_exists,
 )
 from tests.harness.dovecot import Dovecot, ImapUser
-
-SAMPLE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    host: str
-    port: int
-    tls: bool
-    cafile: str
+    target: PushTarget
     redis_url: str
     users: tuple[ImapUser, ...]  # one per sample, already drawn at random
     size: int
     gap_s: float
-
-
-@dataclass(frozen=True)
-class Sample:
-    floor_s: float  # APPEND done → EXISTS at the bare client
-    overhead_s: float  # EXISTS at the bare client → event readable in the stream
 
 
 def _last_id(client: redis.Redis) -> bytes:
@@ -102,55 +91,36 @@ def _wait_event(client: redis.Redis, after: bytes, mid: str) -> tuple[float, byt
                     return now, after
 
 
-def _one_sample(spec: ProbeSpec, user: ImapUser, r: redis.Redis, seq: int) -> Sample:
-    bare = bare_client(spec.host, spec.port, spec.tls, spec.cafile, user)
-    appender = bare_client(spec.host, spec.port, spec.tls, spec.cafile, user)
-    try:
-        bare.idle()
-        mid = f"<lat-{seq}-{secrets.token_hex(6)}@bench.example.com>"
-        raw = realistic_mail(random.Random(seq), mid, spec.size)
-        after = _last_id(r)
-        seen: dict[str, float | BaseException] = {}
+def _stream_waiter(r: redis.Redis) -> Callable[[str], Callable[[], float]]:
+    def arm(mid: str) -> Callable[[], float]:
+        after = _last_id(r)  # taken before the APPEND: the event cannot slip past
+        return lambda: _wait_event(r, after, mid)[0]
 
-        def watch() -> None:
-            try:
-                seen["t"] = wait_for_exists(bare, SAMPLE_TIMEOUT_S)
-            except BaseException as exc:  # reported by the caller
-                seen["t"] = exc
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        appender.append("INBOX", raw)
-        t_appended = time.monotonic()
-        t_event, _ = _wait_event(r, after, mid)
-        watcher.join(SAMPLE_TIMEOUT_S)
-        t_exists = seen.get("t")
-        if not isinstance(t_exists, float):
-            raise RuntimeError(f"bare IDLE client saw no EXISTS: {t_exists!r}")
-        bare.idle_done()
-        return Sample(floor_s=t_exists - t_appended, overhead_s=t_event - t_exists)
-    finally:
-        for client in (bare, appender):
-            with contextlib.suppress(Exception):
-                client.logout()
+    return arm
 
 
-def probe(spec: ProbeSpec) -> list[Sample]:
-    """Runs in a spawned process: the samples, sequentially."""
-    r = redis.Redis.from_url(spec.redis_url)
+def probe(spec: ProbeSpec) -> tuple[list[Sample], list[str]]:
+    """Runs in a spawned process: the samples, sequentially; also the ones that timed out."""
+    # redis-py's default 5 s socket timeout would cut a long XREAD BLOCK short.
+    r = redis.Redis.from_url(spec.redis_url, socket_timeout=SAMPLE_TIMEOUT_S + 5)
     out: list[Sample] = []
+    missed: list[str] = []
     try:
         for seq, user in enumerate(spec.users):
-            out.append(_one_sample(spec, user, r, seq))
+            try:
+                out.append(push_sample(spec.target, user, seq, spec.size, _stream_waiter(r)))
+            except (TimeoutError, RuntimeError) as exc:
+                missed.append(f"sample {seq} on {user.name}: {exc}")
+                print(f"  !!! {missed[-1]}", flush=True)
             if (seq + 1) % 50 == 0:
                 print(f"  ... {seq + 1}/{len(spec.users)} samples", flush=True)
             time.sleep(spec.gap_s)
     finally:
         r.close()
-    return out
+    return out, missed
 
 
-def run_probe(spec: ProbeSpec) -> list[Sample]:
+def run_probe(spec: ProbeSpec) -> tuple[list[Sample], list[str]]:
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(probe, spec).result()
 
@@ -160,6 +130,7 @@ class LatencyResult:
     folders: int
     connect_s: float
     samples: list[Sample]
+    missed: list[str]
     engine_latencies: list[float]
     engine_cpu_s: float
     sampling_s: float
@@ -190,8 +161,7 @@ def measure(
         time.sleep(2)  # let the post-connect status writes settle
         rng = random.Random(args.seed)
         spec = ProbeSpec(
-            host=server.host, port=server.tls_port if args.tls else server.plain_port,
-            tls=args.tls, cafile=str(server.cafile), redis_url=redis_url,
+            target=PushTarget.of(server, args.tls), redis_url=redis_url,
             users=tuple(rng.choice(users) for _ in range(args.samples)),
             size=args.size, gap_s=args.gap,
         )  # fmt: skip
@@ -200,7 +170,7 @@ def measure(
             tracer.install()
         cpu0, t0 = cpu_seconds(), time.monotonic()
         try:
-            samples = run_probe(spec)
+            samples, missed = run_probe(spec)
         finally:
             if tracer is not None:
                 tracer.uninstall()
@@ -209,7 +179,7 @@ def measure(
         if still_idle < args.folders:
             fail(f"only {still_idle}/{args.folders} folders IDLE after sampling")
         return LatencyResult(
-            folders=args.folders, connect_s=connect_s, samples=samples,
+            folders=args.folders, connect_s=connect_s, samples=samples, missed=missed,
             engine_latencies=list(run.engine.stats.latencies), engine_cpu_s=engine_cpu,
             sampling_s=sampling_s, rss_kib=rss_kib(), errors=dict(run.engine.stats.errors),
         )  # fmt: skip
@@ -239,6 +209,9 @@ def report(res: LatencyResult, args: argparse.Namespace) -> None:
         ("machine", machine_note()),
     ]  # fmt: skip
     print_table("ingest latency: APPEND→XADD over the push floor", rows)
+    if res.missed:
+        fail(f"{len(res.missed)} sample(s) saw no event within {SAMPLE_TIMEOUT_S:.0f} s: "
+             + "; ".join(res.missed[:5]))  # fmt: skip
     if len(eng) != len(res.samples):
         fail(f"the engine published {len(eng)} events for {len(res.samples)} samples")
 
@@ -271,10 +244,10 @@ def main() -> None:
         stack.enter_context(bench_logs("latency", args.log_level))
         tracer = StageTracer() if args.breakdown else None
         result = measure(args, dsn, redis_base, server, tracer)
-    report(result, args)
-    if tracer is not None:
-        print_table("push cycle stages, median (times from the loop seeing EXISTS)",
-                    tracer.table())  # fmt: skip
+        if tracer is not None:
+            print_table("push cycle stages, median (times from the loop seeing EXISTS)",
+                        tracer.table())  # fmt: skip
+        report(result, args)  # inside: a failed run keeps the service log
 
 
 if __name__ == "__main__":
