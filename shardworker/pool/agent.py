@@ -20,6 +20,7 @@ import queue
 import threading
 from collections.abc import Callable
 
+from shardworker.admin.commands import CommandInbox
 from shardworker.config import Settings
 from shardworker.db.store import ProviderConfig, Store
 from shardworker.engine.loop import Engine
@@ -54,6 +55,8 @@ class PoolAgent:
         self._configs_at = float("-inf")
         self._threads: list[threading.Thread] = []
         self.on_lease_lost: Callable[[Lease], None] | None = None
+        # Admin commands addressed to this member, served between assignment reads.
+        self.commands = CommandInbox(registry.client, store, engine, member, owner=self)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -114,7 +117,25 @@ class PoolAgent:
             except Exception as exc:
                 log.warning("assign_failed", member=self.member, error_type=type(exc).__name__,
                             error=str(exc))  # fmt: skip
-            self._stop.wait(self.settings.assignment_poll_s)
+            self._wait_for_commands(self.settings.assignment_poll_s)
+
+    def _wait_for_commands(self, timeout_s: float) -> None:
+        """The pause between assignment reads, spent blocked on the command stream."""
+        try:
+            self.commands.serve(timeout_s)
+        except Exception as exc:
+            log.warning("commands_failed", member=self.member, error_type=type(exc).__name__,
+                        error=str(exc))  # fmt: skip
+            self._stop.wait(timeout_s)
+
+    # -- what the command inbox asks -----------------------------------------------------
+
+    def holds(self, provider_id: str) -> bool:
+        with self._lock:
+            return provider_id in self.leases.held
+
+    def invalidate_configs(self) -> None:
+        self._configs_at = float("-inf")
 
     def assign_once(self) -> None:
         self._release_drained()

@@ -1,0 +1,1 @@
+"""Provider management and admin operations: CLI, HTTP API and command delivery."""
