@@ -12,6 +12,7 @@ import queue
 import threading
 
 from shardworker import logs
+from shardworker.admin.api import AdminApi, start_admin_api
 from shardworker.config import Settings, load_settings
 from shardworker.db.ownership import OwnershipStore
 from shardworker.db.store import open_pool
@@ -89,9 +90,14 @@ def run_pool(settings: Settings) -> int:
     )  # fmt: skip
     leader.start()
     log.info("coordinator_started", workers=settings.worker_count)
+    admin: AdminApi | None = None
     try:
+        # In the coordinator, on its own address (SHARDWORKER_ADMIN_ADDR, not the metrics one).
+        admin = start_admin_api(settings)
         code = supervisor.run()
     finally:
+        if admin is not None:
+            admin.close()
         leader.stop()
         pool.close()
         client.close()
