@@ -265,6 +265,8 @@ def rig_settings(dsn: str, redis_url: str, cafile: str, **overrides: str) -> Set
         "SHARDWORKER_POLL_INTERVAL_S": "0.5",
         "SHARDWORKER_FOLDER_REPROBE_S": "1",
         "SHARDWORKER_SYNC_THREADS": "4",
+        # Every `shardworker run` of a test listens for /metrics: an ephemeral port each.
+        "SHARDWORKER_METRICS_ADDR": "127.0.0.1:0",
     }
     env.update({f"SHARDWORKER_{k.upper()}": v for k, v in overrides.items()})
     return load_settings(env)

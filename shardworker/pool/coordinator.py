@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 
-from shardworker import logs
+from shardworker import logs, metrics
 from shardworker.admin.api import AdminApi, start_admin_api
 from shardworker.config import Settings, load_settings
 from shardworker.db.ownership import OwnershipStore
@@ -22,6 +22,7 @@ from shardworker.pool.agent import PoolAgent
 from shardworker.pool.childproc import ChildChannel
 from shardworker.pool.leader import Leader
 from shardworker.pool.leases import LeaseManager
+from shardworker.pool.observer import PodObserver
 from shardworker.pool.registry import Registry
 from shardworker.pool.supervisor import Supervisor
 from shardworker.worker import WorkerContext, build_worker, redis_client
@@ -81,13 +82,18 @@ def worker_main(index: int, channel: ChildChannel) -> int:
 def run_pool(settings: Settings) -> int:
     identity = settings.identity
     logs.set_process_context(pod=identity, role="coordinator")
+    # Before any worker is spawned: the children inherit the directory through the environment.
+    metrics_dir = metrics.use_multiprocess_dir(settings.metrics_dir)
     client = redis_client(settings)
-    pool = open_pool(settings.database_url, max_size=2)
+    pool = open_pool(settings.database_url, max_size=3)
     leader = Leader(settings, Registry(client), OwnershipStore(pool), identity)
     supervisor = Supervisor(
         settings.worker_count, worker_main, pod_identity=identity,
         drain_deadline_s=settings.drain_deadline_s, ping_timeout_s=settings.worker_ping_timeout_s,
     )  # fmt: skip
+    observer = PodObserver(settings, supervisor, leader, pool)
+    supervisor.on_tick = observer.tick
+    observer.start()
     leader.start()
     log.info("coordinator_started", workers=settings.worker_count)
     admin: AdminApi | None = None
@@ -98,8 +104,10 @@ def run_pool(settings: Settings) -> int:
     finally:
         if admin is not None:
             admin.close()
+        observer.stop()
         leader.stop()
         pool.close()
         client.close()
+        metrics_dir.close()
     log.info("coordinator_stopped", code=int(code))
     return code
