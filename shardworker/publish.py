@@ -30,6 +30,7 @@ import orjson
 import redis
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.logs import get_logger
@@ -243,9 +244,10 @@ class Publisher:
         if not batch:
             return []
         calls = [self._publish_call(out, fence) for out in batch]
-        replies = self._run(self._publish, calls, "publish")
-        self._raise_fenced(replies, fence, len(batch))
-        return [self._publish_result(out, reply) for out, reply in zip(batch, replies, strict=True)]
+        with metrics.publish_round_trip():
+            replies = self._run(self._publish, calls, "publish")
+            self._raise_fenced(replies, fence, len(batch))
+            return [self._publish_result(o, r) for o, r in zip(batch, replies, strict=True)]
 
     def _publish_call(self, out: Outbound, fence: Fence | None) -> _Call:
         s = self._settings
@@ -369,6 +371,7 @@ class Publisher:
         if isinstance(replies[0], Exception):
             raise PublishError(f"dead-letter of UID {uid} failed: {_scrub(str(replies[0]))}")
         log.warning("dead_lettered", provider_id=provider_id, folder=folder, uid=uid, reason=reason)
+        metrics.dead_lettered(reason)
         return _text(replies[0])
 
     # Consumer groups and backpressure

@@ -11,6 +11,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Literal
 
+from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.db.store import FolderCursor, Store
 from shardworker.engine.resync import run_jobs
@@ -109,11 +110,11 @@ class Cycle:
         if not slot.connected:
             self._connect(slot, out)
         elif slot.session.idling:
-            slot.session.leave_idle()
+            metrics.timed_imap("idle_done", slot.session.leave_idle)
         elif not slot.session.has_idle:
-            slot.session.poll()
+            metrics.timed_imap("noop", slot.session.poll)
         if slot.want_stop:
-            slot.session.close(logout=True)
+            metrics.timed_imap("logout", slot.session.close, logout=True)
             out.kind = "stopped"
             return out
         sync = FolderSync(self._context(slot.provider), slot.session)
@@ -131,7 +132,7 @@ class Cycle:
             out.kind = "backpressure"
             return out
         if slot.session.has_idle:
-            out.buffered = slot.session.enter_idle() or out.buffered
+            out.buffered = metrics.timed_imap("idle_enter", slot.session.enter_idle) or out.buffered
         else:
             out.kind = "poll"
         return out
@@ -156,7 +157,9 @@ class Cycle:
             if cfg.connection_timeout_ms
             else d.settings.connect_timeout_s
         )
-        client = open_client(
+        client = metrics.timed_imap(
+            "connect",
+            open_client,
             cfg.host,
             cfg.port,
             security_mode(cfg.secure, cfg.allow_starttls),
@@ -170,7 +173,7 @@ class Cycle:
         out.connected_now, out.capabilities = True, caps
         if slot.resolving:
             self._adopt_folder(slot, out)
-        out.status = slot.session.examine()
+        out.status = metrics.timed_imap("examine", slot.session.examine)
         sync = FolderSync(self._context(slot.provider), slot.session)
         known = (
             slot.cursor

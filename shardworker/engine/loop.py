@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from shardworker import metrics
 from shardworker.db.store import ProviderConfig
 from shardworker.engine.cycle import Cycle, CycleDeps, Outcome
 from shardworker.engine.resync import FolderJob, ResyncRequest
@@ -171,6 +172,7 @@ class Engine:
         if now >= self._next_watchdog:
             self._next_watchdog = now + WATCHDOG_EVERY_S
             self._watchdog(now)
+            metrics.observe_engine(self, now)
 
     def _next_timeout(self) -> float:
         if self._posted:
@@ -407,6 +409,7 @@ class Engine:
         slot.busy = False
         self._release_host(slot)
         outcome = future.result()
+        metrics.cycle_finished(slot.state, outcome)
         slot.cursor, slot.status = outcome.cursor, outcome.status
         if outcome.connected_now:
             self._on_connected(slot, outcome)
@@ -418,6 +421,7 @@ class Engine:
             slot.want_stop and (outcome.kind == "error" or not slot.connected)
         ):
             # A stop that fails half-way (dead server) closes without logging out.
+            log.info("disconnected", **slot.log_fields(), reason="stopped")
             slot.session.close(logout=False)
             self._slot_closed(slot)
         elif slot.want_stop:
@@ -436,6 +440,7 @@ class Engine:
                 self._dispatch(slot)
                 return
             self._register(slot)
+            (log.info if outcome.connected_now else log.debug)("idle_started", **slot.log_fields())
             self._set_timer(slot, self.settings.idle_refresh_s)
         elif outcome.kind == "poll":
             slot.state = State.POLL_WAIT
@@ -506,6 +511,7 @@ class Engine:
         st.bytes += result.bytes
         if slot.exists_seen_at is not None:
             st.latencies.extend(t - slot.exists_seen_at for t in result.published_at)
+        metrics.record_sync(result, slot.exists_seen_at)
 
     # -- errors ------------------------------------------------------------------------
 
@@ -513,6 +519,8 @@ class Engine:
         rt, now = slot.provider, self.clock()
         reason = getattr(err, "reason", None) or getattr(err, "code", None) or type(err).__name__
         self.stats.errors[str(reason)] += 1
+        metrics.session_error(err)
+        was_connected = slot.connected
         slot.last_error = f"{type(err).__name__}: {err}"
         log.warning(
             "session_error",
@@ -545,6 +553,8 @@ class Engine:
                 delay = max(delay, self.settings.auth_backoff_base_s)
             self._set_timer(slot, delay)
             self._report(rt, "error", slot.last_error)
+        if was_connected and not slot.connected:
+            log.info("disconnected", **slot.log_fields(), reason=str(reason))
 
     def _on_auth_failure(self, slot: Slot, err: ImapAuthError, now: float) -> None:
         rt = slot.provider

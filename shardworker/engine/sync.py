@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.db.store import FolderCursor, LedgerEntry, ProviderConfig, Store
 from shardworker.errors import ParseError
@@ -125,15 +126,17 @@ class FolderSync:
         result = SyncResult()
         batch_size = max(1, self.ctx.provider.max_emails_per_sync or 50)
         while True:
-            infos = self.session.new_messages(cursor.last_uid)
+            infos = metrics.timed_imap("fetch_meta", self.session.new_messages, cursor.last_uid)
             if not infos:
                 return cursor, result
             log.info("new_messages", **self.log_fields, count=len(infos))
-            for batch in _batches(infos, batch_size):
-                if self.ctx.publisher.backpressured():
-                    result.backpressured = True
-                    return cursor, result
-                cursor = self._process_batch(cursor, batch, result)
+            with metrics.DrainProgress(len(infos), self.log_fields) as progress:
+                for batch in _batches(infos, batch_size):
+                    if self.ctx.publisher.backpressured():
+                        result.backpressured = True
+                        return cursor, result
+                    cursor = self._process_batch(cursor, batch, result)
+                    progress.advance(len(batch))
 
     def _process_batch(
         self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult
@@ -231,7 +234,7 @@ class FolderSync:
         by_uid = {m.uid: m for m in todo}
         small = [m for m in todo if m.size <= caps.max_raw_bytes]
         for group in _fetch_groups(small, FETCH_BUDGET_BYTES):
-            bodies = self.session.fetch_bodies(group)
+            bodies = metrics.timed_imap("fetch_body", self.session.fetch_bodies, group)
             for uid in group:
                 self._parse_one(by_uid[uid], bodies.pop(uid, None), got)
         for info in todo:
@@ -263,7 +266,7 @@ class FolderSync:
         def sections_for(structure: object) -> list[str]:
             return list(plan_large_fetch(structure).text_sections)
 
-        large = self.session.fetch_large(info.uid, sections_for)
+        large = metrics.timed_imap("fetch_large", self.session.fetch_large, info.uid, sections_for)
         if large is None:
             self._dead_letter(got, info.uid, "fetch_returned_nothing", None)
             return

@@ -20,6 +20,7 @@ import queue
 import threading
 from collections.abc import Callable
 
+from shardworker import metrics
 from shardworker.admin.commands import CommandInbox
 from shardworker.config import Settings
 from shardworker.db.store import ProviderConfig, Store
@@ -101,6 +102,7 @@ class PoolAgent:
                 log.warning("heartbeat_failed", member=self.member)
             with self._lock:
                 lost = self.leases.renew()
+                metrics.lease_renewal(len(self.leases.held), len(lost))
             for lease in lost:
                 log.warning("lease_lost", provider_id=lease.provider_id, member=self.member,
                             epoch=lease.epoch)  # fmt: skip
@@ -148,10 +150,12 @@ class PoolAgent:
         wanted = [(c.tenant, c.provider_id) for p, c in configs.items() if p not in held]
         for start in range(0, len(wanted), ACQUIRE_BATCH):
             got = self.leases.acquire(wanted[start : start + ACQUIRE_BATCH])
+            metrics.leases_acquired(len(got))
             for lease in got:
                 log.info("lease_acquired", provider_id=lease.provider_id, epoch=lease.epoch)
         with self._lock:
             held_now = dict(self.leases.held)
+        metrics.set_leases_held(len(held_now))
         serve = [c for p, c in configs.items() if p in held_now]
         fences = {p: (held_now[p].fence, held_now[p].epoch) for p in held_now}
         self.engine.update_providers(serve, fences)
@@ -178,5 +182,6 @@ class PoolAgent:
             return
         with self._lock:
             count = self.leases.release(done)
+        metrics.leases_released(count)
         if count:
             log.info("leases_released", count=count, member=self.member)

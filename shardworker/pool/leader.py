@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.db.ownership import OwnershipStore
 from shardworker.errors import LeaseLostError, ShardworkerError
@@ -112,6 +113,7 @@ class Leader:
         started = self.clock()
         self.rebalance(token)
         self.stats.last_round_s = self.clock() - started
+        metrics.observe_rebalance(self.stats.last_round_s)
 
     def _step_down(self, reason: str) -> None:
         if self.token is not None:
