@@ -371,7 +371,7 @@ def test_zod_email_regex(value: str, ok: bool) -> None:
 
 @pytest.mark.parametrize(
     "markup",
-    ["<!--" * 300_000, "<a " * 300_000, "<script>" * 150_000, "<" * 1_000_000, "&#" * 500_000],
+    ["<!--" * 300_000, "<a " * 300_000, "<script>" * 150_000, "<" * 300_000, "&#" * 500_000],
     ids=["unclosed-comments", "unclosed-tags", "unclosed-scripts", "bare-lt", "entities"],
 )
 def test_html_to_text_is_linear_on_hostile_markup(markup: str) -> None:
@@ -386,3 +386,35 @@ def test_html_to_text_keeps_structure_and_drops_invisible_parts() -> None:
         "</table>line<BR>next<!-- hidden --><style>x{}</style><pre>p</pre>&lt;ok&gt;</body>"
     )
     assert html_to_text(markup, []) == "a b\n\nline\nnext\n\np\n\n<ok>"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b" " * 16000 + b"x",
+        b"a" + b" " * 16000 + b"b",
+        b'"' + b" " * 16000,
+        b"a@" * 8000,
+        b"a" * 16000,
+        b"x@y.co " + b" " * 16000 + b"<",
+        b'"x" ' * 4000 + b"<a@b.co>",
+        b"=?utf-8?q?" * 3000,
+    ],
+    ids=[
+        "spaces",
+        "spaced-name",
+        "open-quote",
+        "at-signs",
+        "one-token",
+        "open-angle",
+        "quoted-names",
+        "open-encoded-words",
+    ],
+)
+def test_hostile_address_and_date_headers_stay_fast(value: bytes) -> None:
+    raw = b"From: " + value + b"\r\nTo: " + value + b"\r\nCc: " + value + b"\r\nDate: "
+    raw += value + b"\r\nSubject: " + value + b"\r\n\r\nbody\r\n"
+    started = time.monotonic()
+    parsed = parse(raw)
+    assert time.monotonic() - started < 5
+    assert is_zod_email(parsed.email_data["from"]["email"])

@@ -27,7 +27,8 @@ ZOD_EMAIL = re.compile(
 _MAX_ADDRESS_CHARS = 320
 _MAX_HEADER_CHARS = 16 * 1024
 _MAX_NAME_CHARS = 512
-_EMAIL_TOKEN = re.compile(r"[^\s<>(),;:\"\[\]]+@[^\s<>(),;:\"\[\]]+")
+# Starts only where a token starts (the look-behind), and never backtracks: linear.
+_EMAIL_TOKEN = re.compile(r"(?<![^\s<>(),;:\"\[\]@])[^\s<>(),;:\"\[\]@]++@[^\s<>(),;:\"\[\]@]++")
 
 
 def is_zod_email(value: str) -> bool:
@@ -77,11 +78,13 @@ def parse_address_headers(
 # The common shapes, ``"Name" <addr>``, ``Name <addr>`` and ``addr``, parsed without the
 # structural parser.  Comments, escapes, groups, routes and ``@`` in an unquoted name do
 # not match, so anything that could be ambiguous still goes to mail-parser.
-_NAME = r'(?:"[^"\\\r\n]*"|[^"()\\;:<>,@\[\]]*)'
-_ADDR = r"[^<>\s\"()\\;:,@\[\]]+@[^<>\s\"()\\;:,@\[\]]+"
-_ITEM = rf"\s*(?:({_NAME})\s*<({_ADDR})>|({_ADDR}))\s*"
+# Possessive quantifiers everywhere: nothing is ever given back, so matching is linear
+# (an ambiguous ``\s*`` next to a name that may hold spaces backtracks exponentially).
+_NAME = r'(?:"[^"\\\r\n]*+"\s*+|[^"()\\;:<>,@\[\]]*+)'
+_ADDR = r"[^<>\s\"()\\;:,@\[\]]++@[^<>\s\"()\\;:,@\[\]]++"
+_ITEM = rf"\s*+(?:({_NAME})<({_ADDR})>|({_ADDR}))\s*+"
 _SIMPLE_ITEM = re.compile(_ITEM)
-_SIMPLE_LIST = re.compile(rf"(?:{_ITEM})?(?:,(?:{_ITEM})?)*")
+_SIMPLE_LIST = re.compile(rf"(?:{_ITEM})?+(?:,(?:{_ITEM})?+)*+\s*+")
 
 
 def _simple_pairs(text: str) -> list[tuple[str, str]] | None:
@@ -94,6 +97,7 @@ def _simple_pairs(text: str) -> list[tuple[str, str]] | None:
         if bare is not None:
             pairs.append(("", bare))
             continue
+        name = name.strip()
         if name.startswith('"'):
             if "=?" in name:
                 return None  # a quoted encoded word stays literal: mail-parser decides

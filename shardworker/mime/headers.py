@@ -15,6 +15,7 @@ from shardworker.mime.fixups import decode_header_value, raw_header_text
 _MSG_ID = re.compile(r"<[^<>\s]+>")
 _MAX_ID_CHARS = 998
 _MAX_REFERENCES = 200
+_MAX_DATE_CHARS = 256
 _HEADERS_BUDGET_CHARS = 256 * 1024
 _MAX_HEADER_VALUE_CHARS = 64 * 1024
 # Always kept in the headers map, whatever the budget: the fallbacks point at them.
@@ -121,7 +122,8 @@ def received_at(values: list[str], internal_date: datetime | None, defects: list
     """Date header in UTC; an invalid or missing one falls back to INTERNALDATE, then now."""
     if values:
         try:
-            result = parse_mail_date(_unfold(values[0]))
+            # A real Date is ~31 characters; the cap bounds the third-party parser's work.
+            result = parse_mail_date(_unfold(values[0])[:_MAX_DATE_CHARS])
         except Exception:  # third-party parser on hostile input
             result = None
         if result is not None and result.value is not None:
