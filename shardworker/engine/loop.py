@@ -309,6 +309,8 @@ class Engine:
         if slot.connected and not slot.provider.immediate:
             self._dispatch(slot)
         else:
+            if slot.connected:
+                log.info("disconnected", **slot.log_fields(), reason="dropped")
             slot.session.close(logout=False)
             self._slot_closed(slot)
 
