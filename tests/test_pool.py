@@ -33,7 +33,7 @@ def cluster(fresh_dsn: str, redis_url: str, dovecot: Any, tmp_dir: Path) -> Iter
         made.append(c)
         for name in pods:
             c.start_pod(name)
-        c.wait(c.all_served, 90, "every provider served once")
+        c.wait(lambda: c.all_served(set(pods)), 90, "every provider served once")
         return c
 
     yield make
@@ -164,3 +164,37 @@ def test_killing_the_leader_elects_another_and_leaves_nothing_unowned(cluster: A
     c.wait(lambda: c.all_served(rest), 60, "no provider unowned")
     print(f"leader {name} killed: new leader after {elected:.1f}s")
     assert elected < 10
+
+
+def test_a_restarted_worker_keeps_its_providers(cluster: Any) -> None:
+    c = cluster(member_grace_s="10")
+    before = c.owners()
+    pod = c.pods["pod-a"]
+    member, pid = sorted(pod.worker_pids().items())[0]
+    import os
+
+    os.kill(pid, signal.SIGKILL)  # the coordinator restarts it in the same slot
+    c.wait(lambda: pod.worker_pids().get(member, pid) != pid, 20, "worker restarted")
+    c.wait(c.all_served, 30, "served again")
+    assert c.owners() == before, "a worker back within the grace period lost providers"
+
+
+def test_alga_leases_are_honoured_and_ours_are_mirrored(cluster: Any) -> None:
+    import psycopg
+
+    c = cluster(providers=12, pods=("pod-a",))
+    alga_pid = sorted(c.users)[0]
+    with psycopg.connect(c.settings.database_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE imap_email_provider_config SET lease_owner = 'email-service:alga-1', "
+            "lease_expires_at = now() + interval '120 seconds' WHERE email_provider_id = %s",
+            (alga_pid,))  # fmt: skip
+    c.wait(lambda: alga_pid not in c.leases(), 20, "alga's provider released")
+    c.wait(lambda: c.sessions()[c.users[alga_pid]] == 0, 20, "its session closed")
+    with psycopg.connect(c.settings.database_url) as conn:
+        rows = dict(conn.execute(
+            "SELECT email_provider_id::text, lease_owner FROM imap_email_provider_config "
+            "WHERE tenant = %s", (c.tenant,)).fetchall())  # fmt: skip
+    assert rows[alga_pid] == "email-service:alga-1"
+    ours = {p: o for p, o in rows.items() if p != alga_pid}
+    assert all(o is not None and o.startswith("shardworker:pod-a/") for o in ours.values()), ours

@@ -1,0 +1,183 @@
+"""Pool benchmarks (issue 4): failover, graceful handoff, cold start, rebalance on join.
+
+    PYTHONPATH=. .venv/bin/python bench/pool_bench.py [--quick] [--only NAME]
+
+Each scenario runs real `shardworker run` pods against a private Dovecot, a private Redis
+and a throwaway PostgreSQL database, with the production lease timings (TTL 10 s, grace
+10 s) unless a scenario says otherwise, and prints its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from shardworker.db.migrate import migrate
+from tests.harness.dovecot import Dovecot
+from tests.harness.net import free_port, wait_for_port
+from tests.harness.pg import PG_ADMIN_DSN, create_database, drop_database, dsn_for
+from tests.pool_support import Cluster
+from tests.support import make_mail, message_ids
+
+PRODUCTION = {"lease_ttl_s": "10", "lease_renew_s": "3", "member_grace_s": "10",
+              "leader_ttl_s": "6", "leader_round_s": "1", "assignment_poll_s": "0.5",
+              "join_debounce_s": "1", "drain_deadline_s": "20", "provider_refresh_s": "5",
+              "worker_ping_timeout_s": "10", "sync_threads": "8"}  # fmt: skip
+
+
+class Env:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
+        wait_for_port(self.port)
+        self.dbname = create_database(prefix="sw_bench_")
+        self.dsn = dsn_for(PG_ADMIN_DSN, self.dbname)
+        migrate(self.dsn)
+        self.tmp = Path(tempfile.mkdtemp(prefix="sw-poolbench-"))
+        self.dovecot = Dovecot()
+        self.dovecot.start()
+
+    def cluster(self, providers: int, pods: tuple[str, ...], **overrides: str) -> Cluster:
+        db = len(list(self.tmp.iterdir())) % 15 + 1
+        c = Cluster(self.dsn, f"redis://127.0.0.1:{self.port}/{db}", self.dovecot, self.tmp,
+                    providers, **{**PRODUCTION, **overrides})  # fmt: skip
+        c.redis.flushdb()
+        for name in pods:
+            c.start_pod(name)
+        return c
+
+    def close(self) -> None:
+        self.dovecot.close()
+        self.redis.terminate()
+        self.redis.wait(10)
+        drop_database(self.dbname)
+
+
+def time_until(pred: Callable[[], bool], timeout_s: float, every_s: float = 0.2) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if pred():
+            return time.monotonic() - start
+        time.sleep(every_s)
+    raise SystemExit(f"not reached within {timeout_s}s")
+
+
+def scenario_failover(env: Env, providers: int) -> None:
+    c = env.cluster(providers, ("pod-a", "pod-b", "pod-c"))
+    try:
+        time_until(c.all_served, 300)
+        victims = [p for p, m in c.leases().items() if m.startswith("pod-c/")]
+        c.pods["pod-c"].kill()
+        killed = time.monotonic()
+        sent = []
+        for i, pid in enumerate(victims[:200]):
+            mid = f"<failover{i}@bench>"
+            c.dovecot.append(c.users[pid], "INBOX", make_mail(message_id=mid))
+            sent.append(mid)
+        time_until(lambda: c.all_served({"pod-a", "pod-b"}), 120)
+        took = time.monotonic() - killed
+        time_until(lambda: set(sent) <= set(message_ids(c.redis)), 60)
+        got = Counter(m for m in message_ids(c.redis) if m.startswith("<failover"))
+        lost = len(set(sent) - set(got))
+        dup = sum(n - 1 for n in got.values())
+        print(
+            f"failover after SIGKILL: {providers} providers over 3 pods, {len(victims)} moved: "
+            f"all IDLE again after {took:.1f}s; mail during failover {len(sent)}, "
+            f"lost {lost}, duplicated {dup}"
+        )
+    finally:
+        c.close()
+
+
+def scenario_handoff(env: Env, providers: int) -> None:
+    c = env.cluster(providers, ("pod-a", "pod-b", "pod-c"))
+    try:
+        time_until(c.all_served, 300)
+        victims = sum(1 for m in c.leases().values() if m.startswith("pod-b/"))
+        started = time.monotonic()
+        c.pods["pod-b"].terminate()
+        exited = time.monotonic() - started
+        time_until(lambda: c.all_served({"pod-a", "pod-c"}), 60, every_s=0.05)
+        print(
+            f"graceful handoff (SIGTERM): {victims} providers IDLE elsewhere after "
+            f"{time.monotonic() - started:.2f}s (pod exited after {exited:.2f}s)"
+        )
+    finally:
+        c.close()
+
+
+def scenario_cold_start(env: Env, providers: int) -> None:
+    started = time.monotonic()
+    c = env.cluster(providers, ("pod-a",), sync_threads="16")
+    try:
+        time_until(lambda: len(c.leases()) == providers, 300, every_s=0.5)
+        leased = time.monotonic() - started
+        time_until(c.all_served, 300, every_s=1.0)
+        print(
+            f"cold start: {providers} providers on one pod (2 workers): all leased after "
+            f"{leased:.1f}s, all IDLE after {time.monotonic() - started:.1f}s"
+        )
+    finally:
+        c.close()
+
+
+def scenario_join(env: Env, providers: int) -> None:
+    c = env.cluster(providers, ("pod-a", "pod-b", "pod-c"))
+    try:
+        time_until(c.all_served, 300)
+        before = c.owners()
+        c.start_pod("pod-d")
+        started = time.monotonic()
+        time_until(lambda: any(m.startswith("pod-d/") for m in c.owners().values()), 60)
+        time_until(lambda: c.all_served() and _balance(c.owners()) <= 1.25, 120)
+        after = c.owners()
+        moved = sum(1 for p in before if after.get(p) != before[p])
+        optimum = providers * 2 / 8
+        print(
+            f"rebalance on join: moved {moved}/{providers} = {moved / providers:.3f} "
+            f"(optimum {optimum / providers:.3f}, ratio {moved / optimum:.2f}); max/mean "
+            f"{_balance(before):.3f} -> {_balance(after):.3f}; settled in "
+            f"{time.monotonic() - started:.1f}s"
+        )
+    finally:
+        c.close()
+
+
+def _balance(owners: dict[str, str]) -> float:
+    loads = Counter(owners.values())
+    return max(loads.values()) / statistics.mean(loads.values())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    ap.add_argument("--only", choices=["failover", "handoff", "cold", "join"])
+    args = ap.parse_args()
+    sizes = {
+        "failover": 300 if args.quick else 3000,
+        "handoff": 300 if args.quick else 3000,
+        "cold": 500 if args.quick else 10_000,
+        "join": 300 if args.quick else 3000,
+    }
+    runs = {"failover": scenario_failover, "handoff": scenario_handoff,
+            "cold": scenario_cold_start, "join": scenario_join}  # fmt: skip
+    env = Env()
+    try:
+        for name, run in runs.items():
+            if args.only in (None, name):
+                run(env, sizes[name])
+    finally:
+        env.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
