@@ -56,9 +56,9 @@ class Settings:
     # Identity and pool
     pod_name: str = _setting("", "Stable pod identity; defaults to `POD_NAME`, then the host name.")
     workers: int = _setting(0, "Worker processes per pod; 0 means the number of cores.")
-    lease_ttl_s: float = _setting(10.0, "Provider lease time-to-live.")
-    lease_renew_s: float = _setting(3.0, "How often leases are renewed (one Lua call per worker).")
-    member_grace_s: float = _setting(10.0, "A member gone for less than this keeps its providers.")
+    lease_ttl_s: float = _setting(8.0, "Provider lease time-to-live.")
+    lease_renew_s: float = _setting(2.5, "How often leases are renewed (one Lua call per worker).")
+    member_grace_s: float = _setting(8.0, "A member gone for less than this keeps its providers.")
     worker_ping_timeout_s: float = _setting(
         10.0, "A worker that does not answer the coordinator's ping for this long is replaced."
     )

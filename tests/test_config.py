@@ -11,7 +11,7 @@ from shardworker.errors import ConfigError
 
 def test_defaults_load_with_no_environment() -> None:
     s = load_settings({})
-    assert s.lease_ttl_s == 10.0
+    assert s.lease_ttl_s == 8.0
     assert s.stream_maxlen > 1000
 
 

@@ -34,6 +34,10 @@ def member_id(settings: Settings, index: int) -> str:
     return f"{settings.identity}/{index}"
 
 
+def engine_drain_deadline(settings: Settings) -> float:
+    return max(0.5, min(settings.drain_deadline_s * 0.75, settings.drain_deadline_s - 2.0))
+
+
 def _boot(settings: Settings, member: str) -> tuple[WorkerContext, PoolAgent]:
     released: queue.SimpleQueue[str] = queue.SimpleQueue()
     ctx = build_worker(settings, on_released=released.put)
@@ -70,7 +74,9 @@ def worker_main(index: int, channel: ChildChannel) -> int:
     watcher.start()
     log.info("worker_started", member=member)
     try:
-        ctx.engine.run(drain_deadline_s=settings.drain_deadline_s)
+        # The engine must finish (and release its leases) before the supervisor's own
+        # deadline SIGKILLs the process, or successors wait for the lease TTLs.
+        ctx.engine.run(drain_deadline_s=engine_drain_deadline(settings))
     finally:
         stop.set()
         agent.stop()
