@@ -3,8 +3,8 @@
     PYTHONPATH=. .venv/bin/python bench/pool_bench.py [--quick] [--only NAME]
 
 Each scenario runs real `shardworker run` pods against a private Dovecot, a private Redis
-and a throwaway PostgreSQL database, with the production lease timings (TTL 10 s, grace
-10 s) unless a scenario says otherwise, and prints its figures.
+and a throwaway PostgreSQL database, with the default lease timings (TTL 8 s, grace
+8 s) unless a scenario says otherwise, and prints its figures.
 """
 
 from __future__ import annotations
