@@ -378,3 +378,25 @@ def test_40mb_message_is_published_within_the_caps(
 
     [verdict] = validate_payloads([event["payload"]])
     assert verdict["shapeA"] and verdict["shapeB"], verdict
+
+
+def test_connection_attempts_per_host_are_capped(make_rig: Any, dovecot: Any) -> None:
+    r = make_rig(connect_concurrency_per_host="2", sync_threads="6")
+    pids = [r.add_provider(*dovecot.add_user()) for _ in range(12)]
+    ctx = r.start()
+    wait_until(lambda: all(connected(r, p) for p in pids), timeout_s=20)
+    # Six threads could connect six at once; the per-host cap holds it at two.
+    assert ctx.engine.stats.peak_host_connecting == 2
+    assert ctx.engine.stats.connects == 12
+
+
+def test_idle_is_reissued_on_a_timer(make_rig: Any, dovecot: Any) -> None:
+    user, password = dovecot.add_user()
+    r = make_rig(idle_refresh_s="0.5")
+    pid = r.add_provider(user, password)
+    ctx = r.start()
+    wait_until(lambda: connected(r, pid))
+    wait_until(lambda: ctx.engine.stats.idle_refreshes >= 3, timeout_s=5)
+    dovecot.append(user, "INBOX", make_mail(message_id="<after-refresh@example.com>"))
+    wait_until(lambda: events(r.redis), timeout_s=5)
+    assert message_ids(r.redis) == ["<after-refresh@example.com>"]

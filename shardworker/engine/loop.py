@@ -57,6 +57,8 @@ class EngineStats:
     dead_lettered: int = 0
     bytes: int = 0
     connects: int = 0
+    idle_refreshes: int = 0
+    peak_host_connecting: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
 
@@ -202,6 +204,8 @@ class Engine:
         while self._timers and self._timers[0][0] <= now:
             _, _, gen, slot = heapq.heappop(self._timers)
             if gen == slot.timer_gen and not slot.want_stop:
+                if slot.registered:
+                    self.stats.idle_refreshes += 1  # re-issue IDLE before servers or NATs drop it
                 self._unregister(slot)
                 self._dispatch(slot)
 
@@ -388,6 +392,9 @@ class Engine:
             slot.state = State.CONNECTING
             return False
         self._host_inflight[host] += 1
+        self.stats.peak_host_connecting = max(
+            self.stats.peak_host_connecting, self._host_inflight[host]
+        )
         slot.connecting_host = host
         return True
 
