@@ -145,6 +145,8 @@ class Leader:
         live = self.registry.live_members(self.settings.member_grace_s)
         members = self._eligible(live, current)
         servable = self.ownership.servable()
+        if len(servable) != self.stats.providers or len(members) != self.stats.members:
+            log.info("providers_loaded", providers=len(servable), members=len(members))
         tenants = dict((p, t) for t, p in servable)
         plan = plan_assignment(
             [p for _, p in servable], members, current,
