@@ -39,6 +39,7 @@ from shardworker.errors import (
     SecretError,
     ShardworkerError,
     StoreError,
+    TokenRefreshError,
 )
 from shardworker.imap.session import FolderSession, State
 from shardworker.logs import get_logger
@@ -583,6 +584,8 @@ class Engine:
             paused = self.deps.store.record_auth_failure(
                 cfg.tenant, cfg.provider_id, err.code, threshold
             )
+            # A rejected refresh token has already paused the provider (shardworker.oauth).
+            paused = paused or (isinstance(err, TokenRefreshError) and err.code == "invalid_grant")
             self.post(lambda: self._after_auth_record(rt, paused))
 
         self._background(record)
