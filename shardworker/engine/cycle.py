@@ -26,6 +26,7 @@ from shardworker.imap.connect import (
     security_mode,
 )
 from shardworker.imap.folders import resolve_folders
+from shardworker.imap.guard import literal_cap
 from shardworker.imap.session import FolderStatus
 from shardworker.mime import Caps
 from shardworker.oauth import TokenRefresher
@@ -167,6 +168,7 @@ class Cycle:
             timeout_s=d.settings.net_timeout_s,
             connect_timeout_s=connect_timeout,
             ssl_context=d.ssl_context,
+            max_literal_bytes=literal_cap(d.settings.max_raw_bytes),
         )
         caps = capabilities(client)
         slot.session.attach(client, caps)

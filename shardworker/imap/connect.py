@@ -39,6 +39,7 @@ from shardworker.errors import (
     ImapProtocolError,
     ImapTransientError,
 )
+from shardworker.imap.guard import GuardedClient, literal_cap
 from shardworker.logs import get_logger
 
 Security = Literal["tls", "starttls", "plain"]
@@ -50,6 +51,9 @@ log = get_logger(__name__)
 logging.getLogger("imapclient.imaplib").setLevel(logging.INFO)
 
 REDACTED = "***"
+
+# Settings' default max_raw_bytes (25 MiB) plus the margin: for callers without settings.
+DEFAULT_MAX_LITERAL_BYTES = literal_cap(25 * 1024 * 1024)
 
 # RFC 5530 response codes.  Auth codes need an operator (wrong or expired credentials,
 # policy); the transient ones are server trouble that retrying fixes.
@@ -210,23 +214,27 @@ def open_client(
     timeout_s: float,
     connect_timeout_s: float,
     ssl_context: ssl.SSLContext | None,
+    max_literal_bytes: int = DEFAULT_MAX_LITERAL_BYTES,
 ) -> IMAPClient:
     """A logged-in client whose socket times out after ``timeout_s`` on every operation.
 
-    TCP, TLS, the greeting and STARTTLS are bounded by ``connect_timeout_s``.  On failure
-    the socket is closed and a classified ``ImapAuthError`` / ``ImapTransientError`` raised.
+    TCP, TLS, the greeting and STARTTLS are bounded by ``connect_timeout_s``.  Every read
+    is bounded (shardworker.imap.guard): no literal above ``max_literal_bytes`` (use
+    ``literal_cap(settings.max_raw_bytes)``), no endless line, no drip.  On failure the
+    socket is closed and a classified ``ImapAuthError`` / ``ImapTransientError`` raised.
     """
     where = f"{host}:{port}"
     if security == "plain":
         log.warning("imap_plaintext_connection", host=host, port=port)
     context = ssl_context if ssl_context is not None else tls_context()
     try:
-        client = IMAPClient(
+        client = GuardedClient(
             host,
             port,
             ssl=security == "tls",
             ssl_context=context,
             timeout=SocketTimeout(connect=connect_timeout_s, read=connect_timeout_s),
+            max_literal_bytes=max_literal_bytes,
         )
     except Exception as exc:
         raise classify_error(exc, where=where) from exc
