@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import imaplib
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from imapclient import IMAPClient
 from imapclient.response_parser import parse_fetch_response
 
 from shardworker.errors import FolderError, ImapProtocolError
+from shardworker.imap.connect import classify_error
 
 
 class State(enum.Enum):
@@ -96,6 +98,10 @@ class FolderSession:
         self._forget_untagged()
         try:
             info = client.select_folder(self.folder, readonly=True)
+        except imaplib.IMAP4.abort as exc:
+            # A dropped connection or a garbled answer says nothing about the folder:
+            # retried with backoff, never parked as missing.
+            raise classify_error(exc) from None
         except IMAPClient.Error as exc:
             raise FolderError(f"cannot examine folder: {exc}") from None
         uid_validity = info.get(b"UIDVALIDITY")
