@@ -127,6 +127,8 @@ class FolderSession:
         ``n:*`` always matches the highest UID even when it is below ``n``; those are
         filtered out here, never published.
         """
+        # What the server announces from here on is news to this check (see enter_idle).
+        self._forget_untagged()
         data = self._fetch_range(f"{after_uid + 1}:*", "(UID RFC822.SIZE INTERNALDATE)")
         out: list[MessageInfo] = []
         for uid, item in data.items():
@@ -193,13 +195,17 @@ class FolderSession:
 
         An EXISTS that arrives in the same segment as ``+ idling`` sits in imaplib's
         buffered reader (or the TLS object's buffer) where the selector will never see
-        it.  A non-blocking peek catches that race.
+        it.  A non-blocking peek catches that race.  Also True when the answer to the
+        last ``new_messages`` check already announced an EXISTS: mail that landed after
+        the server evaluated that UID FETCH is announced once, there, and never again in
+        IDLE, so forgetting it would leave the message waiting for the next IDLE refresh.
         """
         client = self._client()
+        announced = "EXISTS" in client._imap.untagged_responses
         self._forget_untagged()
         client.idle()
         self.idling = True
-        return self._buffered_data()
+        return self._buffered_data() or announced
 
     def _buffered_data(self) -> bool:
         sock = self.sock
