@@ -49,6 +49,10 @@ log = get_logger(__name__)
 
 WATCHDOG_EVERY_S = 2.0
 BACKPRESSURE_RETRY_S = 1.0
+# Once two cycles in a row found nothing new, the next wake-up waits this long after the
+# last cycle: a server answering every IDLE with an EXISTS for mail FETCH never finds must
+# not make a slot spin.  Dovecot coalesces its own notifications over 0.5 s anyway.
+EMPTY_WAKE_GAP_S = 0.25
 
 
 @dataclass
@@ -447,7 +451,7 @@ class Engine:
             slot.state = State.IDLE
             if outcome.buffered or slot.rerun:
                 slot.rerun = False
-                self._dispatch(slot)
+                self._wake(slot)
                 return
             self._register(slot)
             (log.info if outcome.connected_now else log.debug)("idle_started", **slot.log_fields())
@@ -514,6 +518,8 @@ class Engine:
     def _account(self, slot: Slot, outcome: Outcome) -> None:
         result = outcome.result
         assert result is not None
+        found = result.published or result.duplicates or result.dead_lettered
+        slot.empty_cycles = 0 if found else slot.empty_cycles + 1
         st = self.stats
         st.published += result.published
         st.duplicates += result.duplicates
@@ -630,8 +636,16 @@ class Engine:
 
     def _on_readable(self, slot: Slot) -> None:
         self._unregister(slot)
+        self._wake(slot)
         slot.exists_seen_at = slot.last_activity = self.clock()
-        self._dispatch(slot)
+
+    def _wake(self, slot: Slot) -> None:
+        """Activity on an idle slot: a cycle now, unless wake-ups keep finding nothing."""
+        wait = slot.last_activity + EMPTY_WAKE_GAP_S - self.clock()  # since the last cycle
+        if slot.empty_cycles >= 2 and wait > 0:
+            self._set_timer(slot, wait)
+        else:
+            self._dispatch(slot)
 
     def _watchdog(self, now: float) -> None:
         stall = self.settings.net_timeout_s * 4

@@ -40,6 +40,7 @@ class Slot:
     connecting_host: str | None = None
     exists_seen_at: float | None = None
     last_activity: float = 0.0
+    empty_cycles: int = 0  # consecutive cycles that found nothing new (Engine._wake)
     last_error: str | None = None
     want_stop: bool = False
     # Admin resyncs waiting for (or part-way through) this slot's next cycle.  The loop
