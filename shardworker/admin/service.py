@@ -33,7 +33,6 @@ from shardworker.admin.validate import (
     validate_patch,
 )
 from shardworker.config import Settings
-from shardworker.db.models import VERSIONED_FIELDS
 from shardworker.db.store import Pool, Store
 from shardworker.errors import SecretNotFoundError, ValidationError
 from shardworker.imap.connect import Credentials, security_mode, tls_context
@@ -45,6 +44,12 @@ from shardworker.secrets.store import SecretStore, secret_name
 log = get_logger(__name__)
 
 MAX_WAIT_S = 120.0
+# Changes the owner must act on at once: how it connects and what it watches.
+_RECONNECT_FIELDS = frozenset({
+    "host", "port", "secure", "allow_starttls", "auth_type", "username", "folder_filters",
+    "max_emails_per_sync", "connection_timeout_ms", "oauth_token_url", "oauth_client_id",
+    "oauth_scopes",
+})  # fmt: skip
 _SECRETS_BY_AUTH = {
     "password": ("password",),
     "oauth2": ("oauth_client_secret", "refresh_token", "access_token"),
@@ -172,7 +177,7 @@ class AdminService:
         log.info("provider_updated", provider_id=pid, tenant=tenant,
                  fields=sorted(fields.values), secrets=sorted(fields.secrets))  # fmt: skip
         out = {"provider": self.show(pid, tenant), "command": None}
-        if fields.secrets or set(fields.values) & set(VERSIONED_FIELDS):
+        if fields.secrets or set(fields.values) & _RECONNECT_FIELDS:
             out["command"] = self._reconnect_after_update(tenant, pid)
         return out
 

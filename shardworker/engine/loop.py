@@ -325,6 +325,9 @@ class Engine:
 
     def _slot_closed(self, slot: Slot) -> None:
         slot.state = State.STOPPED
+        for job in slot.jobs:  # an admin resync cut short: say so rather than hang
+            self._background(job.abandon)
+        slot.jobs.clear()
         rt = slot.provider
         if rt.slots.get(slot.folder) is slot:
             del rt.slots[slot.folder]

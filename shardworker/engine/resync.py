@@ -64,9 +64,15 @@ class ResyncRequest:
             self._folders[folder] = state
             for name, value in counts.items():
                 self._counts[name] = self._counts.get(name, 0) + value
-            finished = all(s == "done" for s in self._folders.values())
+            states = set(self._folders.values())
             fields: dict[str, Any] = {**self._counts, "folders": dict(self._folders)}
-        self.report("done" if finished else "running", fields)
+        if "failed" in states:
+            overall = "failed" if states <= {"failed", "done"} else "running"
+        else:
+            overall = "done" if states == {"done"} else "running"
+        if overall == "failed":
+            fields["error"] = "stopped before finishing: the connection closed or moved"
+        self.report(overall, fields)
 
 
 @dataclass
@@ -76,6 +82,10 @@ class FolderJob:
     request: ResyncRequest
     folder: str
     pending: list[int] | None = None  # backfill UIDs still to publish
+
+    def abandon(self) -> None:
+        log.warning("resync_abandoned", folder=self.folder, remaining=len(self.pending or ()))
+        self.request.add(self.folder, "failed")
 
     def step(
         self, sync: FolderSync, session: FolderSession, cursor: FolderCursor, budget_s: float
