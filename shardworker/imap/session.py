@@ -104,6 +104,9 @@ class FolderSession:
             raise classify_error(exc) from None
         except IMAPClient.Error as exc:
             raise FolderError(f"cannot examine folder: {exc}") from None
+        # The EXISTS of the EXAMINE answer is the folder's size, not news: the drain that
+        # follows reads everything above the cursor anyway.
+        self._forget_untagged()
         uid_validity = info.get(b"UIDVALIDITY")
         if uid_validity is None:
             raise ImapProtocolError("EXAMINE answer lacks UIDVALIDITY")
