@@ -28,19 +28,9 @@ from typing import Any
 from shardworker import metrics
 from shardworker.db.store import ProviderConfig
 from shardworker.engine.cycle import Cycle, CycleDeps, Outcome
+from shardworker.engine.failures import FailurePolicy
 from shardworker.engine.resync import FolderJob, ResyncRequest
 from shardworker.engine.state import ProviderRuntime, Slot, make_backoff
-from shardworker.errors import (
-    FencedError,
-    FolderError,
-    ImapAuthError,
-    LeaseLostError,
-    PublishError,
-    SecretError,
-    ShardworkerError,
-    StoreError,
-    TokenRefreshError,
-)
 from shardworker.imap.session import FolderSession, State
 from shardworker.logs import get_logger
 from shardworker.publish import Fence
@@ -83,7 +73,7 @@ def config_fingerprint(cfg: ProviderConfig) -> tuple[Any, ...]:
     )
 
 
-class Engine:
+class Engine(FailurePolicy):
     def __init__(
         self,
         deps: CycleDeps,
@@ -531,80 +521,6 @@ class Engine:
         if slot.exists_seen_at is not None:
             st.latencies.extend(t - slot.exists_seen_at for t in result.published_at)
         metrics.record_sync(result, slot.exists_seen_at)
-
-    # -- errors ------------------------------------------------------------------------
-
-    def _on_error(self, slot: Slot, err: ShardworkerError) -> None:
-        rt, now = slot.provider, self.clock()
-        reason = getattr(err, "reason", None) or getattr(err, "code", None) or type(err).__name__
-        self.stats.errors[str(reason)] += 1
-        metrics.session_error(err)
-        was_connected = slot.connected
-        slot.last_error = f"{type(err).__name__}: {err}"
-        log.warning(
-            "session_error",
-            **slot.log_fields(),
-            error_type=type(err).__name__,
-            reason=str(reason),
-            error=str(err),
-        )
-        if isinstance(err, FencedError | LeaseLostError):
-            self._stop_provider(rt, immediate=True)
-        elif isinstance(err, ImapAuthError):
-            self._on_auth_failure(slot, err, now)
-        elif isinstance(err, FolderError) and not slot.resolving:
-            slot.session.close(logout=False)
-            slot.state = State.PARKED
-            self._set_timer(slot, self.settings.folder_reprobe_s)
-            if slot.folder not in rt.missing_folders:
-                rt.missing_folders += (slot.folder,)
-            self._update_parked(rt)
-            self._report(rt, "connected", rt.parked_detail)
-        elif isinstance(err, PublishError | StoreError) and slot.connected:
-            # Our side failed, not the mailbox: keep the IMAP session, retry the drain.
-            slot.state = State.BACKOFF
-            self._set_timer(slot, slot.backoff.failure(now))
-        else:
-            slot.session.close(logout=False)
-            slot.state = State.BACKOFF
-            delay = slot.backoff.failure(now)
-            if isinstance(err, SecretError):
-                delay = max(delay, self.settings.auth_backoff_base_s)
-            self._set_timer(slot, delay)
-            self._report(rt, "error", slot.last_error)
-        if was_connected and not slot.connected:
-            log.info("disconnected", **slot.log_fields(), reason=str(reason))
-
-    def _on_auth_failure(self, slot: Slot, err: ImapAuthError, now: float) -> None:
-        rt = slot.provider
-        slot.session.close(logout=False)
-        slot.state = State.BACKOFF
-        rt.credentials = None
-        rt.force_token_refresh = True  # an OAuth2 token may have expired or been revoked
-        if now < rt.auth_blocked_until:
-            self._set_timer(slot, rt.auth_blocked_until - now)
-            return
-        delay = rt.auth_backoff.failure(now)
-        rt.auth_blocked_until = now + delay
-        self._set_timer(slot, delay)
-        cfg, threshold = rt.config, self.settings.auth_failure_pause_threshold
-
-        def record() -> None:
-            paused = self.deps.store.record_auth_failure(
-                cfg.tenant, cfg.provider_id, err.code, threshold
-            )
-            # A rejected refresh token has already paused the provider (shardworker.oauth).
-            paused = paused or (isinstance(err, TokenRefreshError) and err.code == "invalid_grant")
-            self.post(lambda: self._after_auth_record(rt, paused))
-
-        self._background(record)
-
-    def _after_auth_record(self, rt: ProviderRuntime, paused: bool) -> None:
-        if paused and self.providers.get(rt.key) is rt:
-            log.warning("provider_paused", provider_id=rt.key, reason="auth_failure")
-            rt.paused = True
-            rt.replacement = None
-            self._stop_provider(rt, immediate=False)
 
     def _report(self, rt: ProviderRuntime, status: str, error: str | None) -> None:
         if (rt.reported_status, rt.reported_error) == (status, error):
