@@ -8,6 +8,7 @@ what happens next.  Every error is classified here, once.
 from __future__ import annotations
 
 import ssl
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -59,6 +60,10 @@ class CycleDeps:
     caps: Caps
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
     oauth: TokenRefresher | None = field(default=None, repr=False)
+    # Shared by every sync thread of the process: at most two big fetch-and-parse groups.
+    big_gate: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(2), repr=False
+    )
 
 
 def load_credentials(deps: CycleDeps, provider: ProviderRuntime) -> Credentials:
@@ -148,6 +153,7 @@ class Cycle:
             provider.config,
             provider.fence,
             provider.epoch,
+            d.big_gate,
         )
 
     def _connect(self, slot: Slot, out: Outcome) -> None:

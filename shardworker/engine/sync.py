@@ -8,6 +8,8 @@ cursor stands exactly after the last committed batch.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ log = get_logger(__name__)
 
 # Raw bytes fetched in one UID FETCH at most, so a batch of big messages stays bounded.
 FETCH_BUDGET_BYTES = 32 * 1024 * 1024
+BIG_GROUP_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -65,6 +68,9 @@ class SyncContext:
     provider: ProviderConfig
     fence: Fence | None
     epoch: int | None
+    big_gate: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(2), repr=False
+    )
 
 
 def _batches(infos: Sequence[MessageInfo], count: int) -> Iterator[list[MessageInfo]]:
@@ -234,9 +240,14 @@ class FolderSync:
         by_uid = {m.uid: m for m in todo}
         small = [m for m in todo if m.size <= caps.max_raw_bytes]
         for group in _fetch_groups(small, FETCH_BUDGET_BYTES):
-            bodies = metrics.timed_imap("fetch_body", self.session.fetch_bodies, group)
-            for uid in group:
-                self._parse_one(by_uid[uid], bodies.pop(uid, None), got)
+            size = sum(by_uid[uid].size for uid in group)
+            # Parsing holds about six times a message's size: big groups take turns, so a
+            # burst of large mail across all sync threads cannot multiply that by the pool.
+            gate = self.ctx.big_gate if size > BIG_GROUP_BYTES else contextlib.nullcontext()
+            with gate:
+                bodies = metrics.timed_imap("fetch_body", self.session.fetch_bodies, group)
+                for uid in group:
+                    self._parse_one(by_uid[uid], bodies.pop(uid, None), got)
         for info in todo:
             if info.size > caps.max_raw_bytes:
                 self._parse_large_one(info, got)
