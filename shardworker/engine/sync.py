@@ -205,6 +205,11 @@ class FolderSync:
             results = self.ctx.publisher.publish_batch(outbound, self.ctx.fence)
             done = time.monotonic()
             for out, res in zip(outbound, results, strict=True):
+                if res.dead_lettered:
+                    # Dead-lettered by an earlier attempt that crashed before its checkpoint.
+                    entries.append(LedgerEntry(out.uid, out.message_id, None, "dead_lettered",
+                                               "dead-lettered earlier"))  # fmt: skip
+                    continue
                 status = "duplicate" if res.duplicate else "published"
                 entries.append(LedgerEntry(out.uid, out.message_id, res.stream_id, status))
                 if res.duplicate:
