@@ -87,9 +87,20 @@ def throwaway_database() -> Iterator[str]:
         drop_database(name, PG_ADMIN_DSN)
 
 
+# Each implicit-TLS session stays proxied by an imap-login process, and OpenSSL's buffers
+# make that ~100 KiB: under the default 256 MB vsz_limit a login process dies of "OpenSSL
+# malloc() failed" near 2,000 TLS sessions.  Benchmarks hold thousands of them.
+MANY_TLS_SESSIONS_CONF = """\
+service imap-login {
+  vsz_limit = 4G
+  process_min_avail = 4
+}
+"""
+
+
 @contextlib.contextmanager
-def private_dovecot() -> Iterator[Dovecot]:
-    server = Dovecot()
+def private_dovecot(extra_conf: str = MANY_TLS_SESSIONS_CONF) -> Iterator[Dovecot]:
+    server = Dovecot(extra_conf=extra_conf)
     try:
         server.start()
         yield server
