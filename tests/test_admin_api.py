@@ -327,6 +327,67 @@ def test_a_command_for_a_provider_we_do_not_hold_is_rejected(redis_url: str) -> 
     client.close()
 
 
+class _Worker:
+    """The small interfaces a command inbox uses, faked: lease ownership, store, engine."""
+
+    def __init__(self) -> None:
+        self.mine = False
+        self.reconnects: list[str] = []
+
+    def holds(self, provider_id: str) -> bool:
+        return self.mine
+
+    def invalidate_configs(self) -> None:
+        pass
+
+    def load_provider(self, tenant: str, provider_id: str) -> None:
+        return None
+
+    def reconnect_provider(self, provider_id: str, config: Any, on_done: Any) -> None:
+        self.reconnects.append(provider_id)
+        on_done(True)
+
+
+def test_wait_resends_a_rejected_command_and_always_ends(redis_url: str) -> None:
+    import json
+    import threading
+    import time
+
+    from shardworker.admin.commands import CommandBus
+
+    client = redis.Redis.from_url(redis_url)
+    pid, tenant = str(uuid.uuid4()), str(uuid.uuid4())
+    client.set("sw:assignment", json.dumps({"version": 1, "epoch": 1, "owners": {pid: "m/0"}}))
+    worker = _Worker()
+    inbox = CommandInbox(client, worker, worker, "m/0", owner=worker)  # type: ignore[arg-type]
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if inbox.serve(0.05) and not worker.mine:
+                worker.mine = True  # the lease follows the assignment a moment later
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    bus = CommandBus(client)
+    try:
+        done = bus.wait(bus.send(tenant, pid, "reconnect", {})["command_id"], 10)
+        assert (done["state"], done["attempts"], worker.reconnects) == ("done", 2, [pid])
+        inbox.owner = _Never()  # a lease that never follows: wait still ends
+        started = time.monotonic()
+        stuck = bus.wait(bus.send(tenant, pid, "reconnect", {})["command_id"], 1.5)
+        assert stuck["state"] in ("rejected", "queued") and time.monotonic() - started < 5
+    finally:
+        stop.set()
+        thread.join(5)
+        client.close()
+
+
+class _Never(_Worker):
+    def holds(self, provider_id: str) -> bool:
+        return False
+
+
 # -- HTTP details ----------------------------------------------------------------------------
 
 

@@ -114,23 +114,23 @@ def test_reconnect_reaches_the_owner_on_either_pod(admin: AdminCluster) -> None:
         status, done = admin.api.call("POST", f"/v1/providers/{pid}/reconnect", {"wait_s": 20})
         assert status == 200, done
         assert (done["state"], done["owner"]) == ("done", admin.owner(pid)), done
-        wait_until(lambda pid=pid, before=before: admin.logins(pid) == before + 1, 10)
-        wait_until(lambda pid=pid: admin.c.sessions()[admin.c.users[pid]] == 1, 10)
+        wait_until(lambda pid=pid, before=before: admin.logins(pid) == before + 1, 30)
+        wait_until(lambda pid=pid: admin.c.sessions()[admin.c.users[pid]] == 1, 30)
         sent = admin.deliver(pid, "after-reconnect")
-        wait_until(lambda pid=pid, sent=sent: sent in admin.published(pid), 10)
+        wait_until(lambda pid=pid, sent=sent: sent in admin.published(pid), 30)
 
 
 def test_resync_to_now_publishes_nothing_again(admin: AdminCluster) -> None:
     pid = admin.take("pod-b")
     sent = [admin.deliver(pid, "before-resync") for _ in range(2)]
-    wait_until(lambda: set(sent) <= set(admin.published(pid)), 10)
+    wait_until(lambda: set(sent) <= set(admin.published(pid)), 30)
     status, done = admin.api.call("POST", f"/v1/providers/{pid}/resync", {"wait_s": 20})
     assert status == 200 and done["state"] == "done", done
     assert done["folders"] == {"INBOX": "done"} and done["owner"].startswith("pod-b/")
     uidnext = admin.c.dovecot.folder_status(admin.c.users[pid], "INBOX")["UIDNEXT"]
     assert admin.row(pid)["cursors"]["INBOX"]["last_uid"] == uidnext - 1
     after = admin.deliver(pid, "after-resync")
-    wait_until(lambda: after in admin.published(pid), 10)
+    wait_until(lambda: after in admin.published(pid), 30)
     time.sleep(0.5)
     assert sorted(admin.published(pid)) == sorted([*sent, after])
     assert not set(admin.old_mail[pid]) & set(admin.published(pid))
@@ -139,7 +139,7 @@ def test_resync_to_now_publishes_nothing_again(admin: AdminCluster) -> None:
 def test_backfill_publishes_only_older_mail_not_yet_published(admin: AdminCluster) -> None:
     pid = admin.take("pod-a")
     new = admin.deliver(pid, "new")
-    wait_until(lambda: new in admin.published(pid), 10)
+    wait_until(lambda: new in admin.published(pid), 30)
     since = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
     status, done = admin.api.call("POST", f"/v1/providers/{pid}/resync",
                                   {"since": since, "wait_s": 30})  # fmt: skip
@@ -147,7 +147,7 @@ def test_backfill_publishes_only_older_mail_not_yet_published(admin: AdminCluste
     # Candidates: the two recent old messages and the new one (already published).
     assert (done["total"], done["published"], done["duplicates"]) == (3, 2, 0), done
     old_2020, *recent = admin.old_mail[pid]
-    wait_until(lambda: len(admin.published(pid)) == 3, 5)
+    wait_until(lambda: len(admin.published(pid)) == 3, 30)
     assert sorted(admin.published(pid)) == sorted([new, *recent])
     # Again: everything is in the ledger now, nothing is published twice.
     again = admin.api.call("POST", f"/v1/providers/{pid}/resync", {"since": since, "wait_s": 30})
@@ -164,13 +164,13 @@ def test_pause_and_resume_reach_the_owner(admin: AdminCluster) -> None:
     status, paused = admin.api.call("POST", f"/v1/providers/{pid}/pause", {"wait_s": 20})
     assert status == 200 and paused["drained"] is True, paused
     assert paused["provider"]["pause_reason"] == "manual"
-    wait_until(lambda: admin.c.sessions()[user] == 0, 10)
+    wait_until(lambda: admin.c.sessions()[user] == 0, 30)
     held = admin.deliver(pid, "while-paused")
     time.sleep(1.5)
     assert held not in admin.published(pid)
     status, resumed = admin.api.call("POST", f"/v1/providers/{pid}/resume", {"wait_s": 20})
     assert status == 200 and resumed["served"] is True, resumed
-    wait_until(lambda: held in admin.published(pid), 15)
+    wait_until(lambda: held in admin.published(pid), 30)
     time.sleep(0.5)
     assert admin.published(pid).count(held) == 1
 
@@ -186,25 +186,19 @@ def test_password_and_folder_changes_take_effect_without_restart(admin: AdminClu
     time.sleep(1.1)  # Dovecot re-reads a changed passwd-file at most once a second
     status, changed = admin.api.call("PATCH", f"/v1/providers/{pid}", {"password": new_password})
     assert status == 200 and changed["command"]["op"] == "reconnect", changed
-    done = admin.api.call("GET", f"/v1/commands/{changed['command']['command_id']}")[1]
-    wait_until(
-        lambda: (
-            admin.api.call("GET", f"/v1/commands/{changed['command']['command_id']}")[1]["state"]
-            == "done"
-        ),
-        15,
-    )
+    cid = changed["command"]["command_id"]
+    wait_until(lambda: admin.api.call("GET", f"/v1/commands/{cid}")[1]["state"] == "done", 30)
     admin.c.dovecot.kick(user)  # a later reconnect must also use the new password
     sent = admin.deliver(pid, "new-password")
-    wait_until(lambda: sent in admin.published(pid), 15)
-    assert admin.row(pid)["auth_failure_count"] == 0, done
+    wait_until(lambda: sent in admin.published(pid), 30)
+    assert admin.row(pid)["auth_failure_count"] == 0
 
     status, changed = admin.api.call("PATCH", f"/v1/providers/{pid}",
                                      {"folder_filters": ["INBOX", "Archive"]})  # fmt: skip
     assert status == 200, changed
-    wait_until(lambda: "Archive" in admin.row(pid)["cursors"], 15)
+    wait_until(lambda: "Archive" in admin.row(pid)["cursors"], 30)
     archived = admin.deliver(pid, "archived", folder="Archive")
-    wait_until(lambda: archived in admin.published(pid), 10)
+    wait_until(lambda: archived in admin.published(pid), 30)
     assert {name: pod.worker_pids() for name, pod in admin.c.pods.items()} == pods_before
 
     secrets = [new_password, *(admin.c.dovecot.password(u) for u in admin.c.users.values())]

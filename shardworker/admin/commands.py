@@ -6,8 +6,9 @@ Admin side (CLI or API process), :class:`CommandBus`:
   ``owners[provider_id]``);
 * the command goes to that member's stream ``sw:cmd:<member>`` and its status into the
   hash ``sw:cmdstatus:<command_id>`` (state ``queued``), kept for a day;
-* ``wait`` polls the status; a command that the addressee rejected because the provider
-  moved meanwhile is sent again, same id, to the new owner.
+* ``wait`` polls the status; a command that the addressee rejected because it did not hold
+  the lease (the provider moved, or the lease has not followed the assignment yet) is sent
+  again, same id, to whoever owns the provider then (at most ``RESEND_LIMIT`` deliveries).
 
 Worker side, :class:`CommandInbox`, served from the pool agent's assign loop:
 
@@ -21,6 +22,7 @@ States: ``queued`` → ``running`` → ``done`` | ``failed``; or ``rejected`` (n
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -46,7 +48,8 @@ STREAM_MAXLEN = 1000
 STALE_AFTER_S = 300.0
 OPS = frozenset({"reconnect", "resync"})
 TERMINAL = frozenset({"done", "failed", "rejected", "expired"})
-RESEND_LIMIT = 3
+RESEND_LIMIT = 5
+RESEND_DELAY_S = 0.5
 
 
 def command_stream(member: str) -> str:
@@ -149,20 +152,25 @@ class CommandBus:
         deadline = time.monotonic() + timeout_s
         while True:
             status = self.status(command_id)
-            if status["state"] == "rejected" and int(status.get("attempts", 0)) < RESEND_LIMIT:
-                status = self._resend(status)
-            elif status["state"] in TERMINAL or time.monotonic() >= deadline:
+            in_time = time.monotonic() < deadline
+            if status["state"] == "rejected" and in_time and self._may_resend(status):
+                # The assignment can move before the lease follows it: try again shortly,
+                # to whoever owns the provider by then.
+                time.sleep(RESEND_DELAY_S)
+                self._resend(status)
+            elif status["state"] in TERMINAL or not in_time:
                 return status
-            time.sleep(self.poll_s)
+            else:
+                time.sleep(self.poll_s)
 
-    def _resend(self, status: dict[str, Any]) -> dict[str, Any]:
-        owner = self.owner(str(status["provider_id"]))
-        if owner is None or owner == status.get("owner"):
-            return status  # not reassigned yet: look again on the next poll
-        try:
-            return self._deliver(status)
-        except ConflictError:
-            return status
+    @staticmethod
+    def _may_resend(status: Mapping[str, Any]) -> bool:
+        return int(status.get("attempts", 0)) < RESEND_LIMIT
+
+    def _resend(self, status: dict[str, Any]) -> None:
+        # Nobody owns it right now: the status stays rejected.
+        with contextlib.suppress(ConflictError):
+            self._deliver(status)
 
 
 # -- worker side -----------------------------------------------------------------------
