@@ -187,15 +187,15 @@ def test_hostile_server_is_contained(
     assert sc.cause in row["error_message"], row["error_message"]
     assert row["last_error"] == row["error_message"]
     assert PASSWORD not in row["error_message"]
-    if sc.before_login == "normal":
-        attempts = [t for t in hostile.mailbox(user).logins if t >= start]
-    else:
-        attempts = [t for t in hostile.accepts[port] if t >= start]
-    assert 2 <= len(attempts) <= max_attempts(WINDOW_S), attempts
+    times = hostile.mailbox(user).logins if sc.before_login == "normal" else hostile.accepts[port]
+    wait_until(lambda: len([t for t in times if t >= start]) >= 2, timeout_s=5)  # it retries
+    elapsed = time.monotonic() - start
+    attempts = [t for t in times if t >= start]
+    assert len(attempts) <= max_attempts(elapsed), attempts  # ...at the backoff's pace
     assert max(latencies) < PUSH_LIMIT_S, latencies
     print(
         f"{sc.id}: first error after {first_error_s:.2f}s, {len(attempts)} attempts in "
-        f"{WINDOW_S:.1f}s, peak RSS +{peak_mib:.1f} MiB, healthy push "
+        f"{elapsed:.1f}s, peak RSS +{peak_mib:.1f} MiB, healthy push "
         f"max {max(latencies):.3f}s over {len(latencies)}"
     )
 
