@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -316,7 +317,11 @@ def test_sigkill_mid_batch_leaves_no_duplicate_and_no_gap(
     worker = WorkerProcess(r.settings, str(tmp_dir / "worker.log"))
     worker.start()
     try:
-        wait_until(lambda: connected(r, pid), timeout_s=20)
+        try:
+            wait_until(lambda: connected(r, pid), timeout_s=60)
+        except AssertionError:
+            print(Path(worker.log_path).read_text()[-6000:])  # the pool's own account
+            raise
         worker.stop()
         sent = [f"<kill{i}@example.com>" for i in range(3000)]
         dovecot.append_many(user, "INBOX", [make_mail(message_id=m) for m in sent])

@@ -123,7 +123,7 @@ class Cycle:
             metrics.timed_imap("logout", slot.session.close, logout=True)
             out.kind = "stopped"
             return out
-        sync = FolderSync(self._context(slot.provider), slot.session)
+        sync = FolderSync(self._context(slot.provider), slot.session, slot.mark_progress)
         assert out.cursor is not None
         if slot.jobs:
             out.cursor, job_state = run_jobs(
@@ -182,7 +182,7 @@ class Cycle:
         if slot.resolving:
             self._adopt_folder(slot, out)
         out.status = metrics.timed_imap("examine", slot.session.examine)
-        sync = FolderSync(self._context(slot.provider), slot.session)
+        sync = FolderSync(self._context(slot.provider), slot.session, slot.mark_progress)
         known = (
             slot.cursor
             if slot.cursor is not None

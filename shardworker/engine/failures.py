@@ -34,6 +34,15 @@ from shardworker.logs import get_logger
 log = get_logger("shardworker.engine.loop")
 
 
+def scrub_secret(text: str, rt: ProviderRuntime) -> str:
+    """A hostile server may echo the password back in a garbled reply after login: the
+    message goes to logs and to the provider row, so the secret is blanked first."""
+    creds = rt.credentials
+    if creds is not None and len(creds.secret) >= 4 and creds.secret in text:
+        return text.replace(creds.secret, "***")
+    return text
+
+
 class FailurePolicy:
     """Mixed into Engine; the attributes and methods below are the Engine's."""
 
@@ -67,13 +76,14 @@ class FailurePolicy:
         self.stats.errors[str(reason)] += 1
         metrics.session_error(err)
         was_connected = slot.connected
-        slot.last_error = f"{type(err).__name__}: {err}"
+        text = scrub_secret(str(err), rt)
+        slot.last_error = f"{type(err).__name__}: {text}"
         log.warning(
             "session_error",
             **slot.log_fields(),
             error_type=type(err).__name__,
             reason=str(reason),
-            error=str(err),
+            error=text,
         )
         if isinstance(err, FencedError | LeaseLostError):
             self._stop_provider(rt, immediate=True)

@@ -7,6 +7,7 @@ Touched only by the loop thread, except a slot's ``session`` while a job owns it
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +47,10 @@ class Slot:
     # Admin resyncs waiting for (or part-way through) this slot's next cycle.  The loop
     # thread appends, the cycle owning the slot pops: list operations are atomic.
     jobs: list[FolderJob] = field(default_factory=list)
+
+    def mark_progress(self) -> None:
+        """Called from the sync thread after each checkpoint (a float store is atomic)."""
+        self.job_progress_at = time.monotonic()
 
     @property
     def folder(self) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -94,9 +94,14 @@ def _fetch_groups(infos: Sequence[MessageInfo], cap: int) -> Iterator[list[int]]
 class FolderSync:
     """Drains one folder above its cursor; the engine owns the session and the cursor."""
 
-    def __init__(self, ctx: SyncContext, session: FolderSession) -> None:
+    def __init__(
+        self, ctx: SyncContext, session: FolderSession, progress: Callable[[], None] | None = None
+    ) -> None:
         self.ctx = ctx
         self.session = session
+        # Called after every checkpoint: the engine's watchdog only aborts a job that has
+        # stopped making progress, not a long drain that keeps committing.
+        self.progress = progress
         p = ctx.provider
         self.log_fields = {
             "provider_id": p.provider_id,
@@ -157,6 +162,8 @@ class FolderSync:
         self.ctx.store.commit_batch(
             p.tenant, p.provider_id, folder, cursor.uid_validity, entries, last_uid, self.ctx.epoch
         )
+        if self.progress is not None:
+            self.progress()
         if entries:
             log.info(
                 "published", **self.log_fields, count=len(entries), first_uid=batch[0].uid,
