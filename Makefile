@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CODE := $(wildcard shardworker tests bench)
+CODE := $(wildcard shardworker tests bench scripts)
 DEV_KEYS := .dev/secret-keys
 PYTEST_ARGS ?=
 
