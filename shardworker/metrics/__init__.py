@@ -74,6 +74,12 @@ DEAD_LETTER_REASONS = ("parse_error", "parser_crash", "fetch_returned_nothing")
 IMAP_COMMANDS = ("connect", "examine", "fetch_meta", "fetch_body", "fetch_large", "idle_enter",
                  "idle_done", "noop", "logout")  # fmt: skip
 MOVE_REASONS = ("new", "orphaned", "rebalance")
+# Rejected logins (by response code) and secret trouble exist from the start, so increase()
+# sees the first failure: a counter series born at 1 hides it.
+AUTH_FAILURE_REASONS = (
+    "auth_failed", "authenticationfailed", "authorizationfailed", "expired", "privacyrequired",
+    "contactadmin", "secret_missing", "secret_unreadable",
+)  # fmt: skip
 PAUSE_REASONS = ("auth_failure", "manual", "tenant_cancelled", "other")
 _LABEL_VALUE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _ERROR_CLASSES = frozenset(
@@ -219,7 +225,8 @@ class _Families:
         for command in IMAP_COMMANDS:
             self.imap_duration.labels(command)
         self.connects.labels("ok")
-        self.auth_failures.labels("auth_failed")
+        for reason in AUTH_FAILURE_REASONS:
+            self.auth_failures.labels(reason)
 
 
 class _LeaderFamilies:
