@@ -37,6 +37,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
     values,
@@ -53,6 +54,9 @@ if TYPE_CHECKING:
     from shardworker.imap.session import State
 
 log = get_logger(__name__)
+# `_created` series only exist in single-process mode; they would make in-process (test)
+# expositions differ from the pod's, and dashboards never use them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 P = ParamSpec("P")
 T = TypeVar("T")
