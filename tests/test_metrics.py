@@ -124,7 +124,7 @@ def test_promtool_finds_no_problem_in_the_exposition() -> None:
 def test_every_gauge_names_its_multiprocess_mode() -> None:
     families = metrics._Families()
     gauges = [v for v in vars(families).values() if type(v).__name__ == "Gauge"]
-    assert len(gauges) == 9
+    assert len(gauges) == 10
     for gauge in gauges:
         assert gauge._multiprocess_mode in {"livesum", "livemax", "liveall"}, gauge._name
 

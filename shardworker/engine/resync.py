@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Literal
 
+from shardworker import metrics
 from shardworker.db.store import FolderCursor
 from shardworker.engine.sync import FolderSync, SyncResult
 from shardworker.imap.session import FolderSession, MessageInfo
@@ -133,6 +134,7 @@ class FolderJob:
             result = SyncResult()
             if infos:
                 sync.publish_below_cursor(cursor, infos, result)
+                metrics.record_sync(result, None)
             del self.pending[: len(chunk)]
             self._progress(sync, len(chunk), result)
         log.info("backfill_finished", **sync.log_fields)

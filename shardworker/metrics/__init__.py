@@ -190,7 +190,12 @@ class _Families:
         )  # fmt: skip
         self.backlog = Gauge(
             "shardworker_sync_backlog_messages",
-            "Messages found above folder cursors and not yet processed (drains, backfills).",
+            "Messages found above folder cursors and not yet processed (draining a backlog).",
+            multiprocess_mode="livesum", registry=r,
+        )  # fmt: skip
+        self.backfill = Gauge(
+            "shardworker_backfill_pending_messages",
+            "Messages an admin backfill has still to go through.",
             multiprocess_mode="livesum", registry=r,
         )  # fmt: skip
         self.messages = Counter(
@@ -489,7 +494,7 @@ _engine_view = _EngineView()
 def observe_engine(engine: Engine, now: float) -> None:
     """Sample the engine's folder slots (on its loop thread, every watchdog turn)."""
     states: Tally[str] = Tally()
-    busy = in_error = 0
+    busy = in_error = backfill = 0
     lag = age = 0.0
     seen: set[int] = set()
     view = _engine_view
@@ -499,6 +504,7 @@ def observe_engine(engine: Engine, now: float) -> None:
             state = slot.state.value
             states[state] += 1
             busy += slot.busy
+            backfill += sum(len(job.pending or ()) for job in slot.jobs)
             if slot.exists_seen_at is not None:
                 lag = max(lag, now - slot.exists_seen_at)
             if state in _HEALTHY_STATES or state in _IGNORED_STATES:
@@ -514,6 +520,7 @@ def observe_engine(engine: Engine, now: float) -> None:
     m.sync_threads.set(engine.settings.sync_threads)
     m.sync_lag.set(lag)
     m.oldest_sync_age.set(age)
+    m.backfill.set(backfill)
     _log_connect_progress(states, len(engine.providers), now)
 
 
