@@ -6,10 +6,12 @@ PostgreSQL and DB 15 of the local Redis, so it touches nothing else.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -28,6 +30,9 @@ from tests.support import make_mail, worker_env
 ADMIN_DSN = "postgresql://127.0.0.1:5432/postgres"
 DSN = "postgresql://127.0.0.1:5432/shardworker_demo"
 REDIS_URL = "redis://127.0.0.1:6379/15"
+# The pool's /metrics, /healthz and /readyz while the demo runs (DEMO_METRICS_PORT overrides).
+METRICS_PORT = int(os.environ.get("DEMO_METRICS_PORT", "9464"))
+METRICS_URL = f"http://127.0.0.1:{METRICS_PORT}"
 TENANT = "11111111-2222-4333-8444-555555555555"
 SUBJECTS = [
     "Printer on fire",
@@ -110,6 +115,18 @@ def deliver(dovecot: Dovecot, mailboxes: list[tuple[str, str]], r: redis.Redis, 
         time.sleep(0.5)
 
 
+def show_metrics() -> None:
+    """A few lines of the pool's own /metrics, as Prometheus would scrape them."""
+    with urllib.request.urlopen(f"{METRICS_URL}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    wanted = ('shardworker_messages_total{result="published"}', "shardworker_push_latency_seconds_",
+              'shardworker_connections{state="idle"}', "shardworker_is_leader ")  # fmt: skip
+    print(f"\ndemo: from {METRICS_URL}/metrics:")
+    for line in text.splitlines():
+        if line.startswith(wanted) and "_bucket" not in line:
+            print(f"  {line}")
+
+
 def main() -> int:
     print("demo: starting a private Dovecot, a fresh database and Redis DB 15 ...")
     fresh_database()
@@ -124,7 +141,7 @@ def main() -> int:
             "SHARDWORKER_SECRET_KEYS": generate_key_setting("demo1"),
             "SHARDWORKER_TLS_CA_FILE": str(dovecot.cafile),
             "SHARDWORKER_WORKERS": "1",
-            "SHARDWORKER_METRICS_ADDR": "127.0.0.1:0",
+            "SHARDWORKER_METRICS_ADDR": f"127.0.0.1:{METRICS_PORT}",
         }
         mailboxes = register(dovecot, env)
         worker_settings = load_settings(env)
@@ -137,8 +154,10 @@ def main() -> int:
             )
         try:
             wait_connected(len(mailboxes))
+            print(f"demo: metrics at {METRICS_URL}/metrics (probes: /healthz, /readyz)")
             print("demo: all mailboxes are IDLE; delivering mail\n")
             deliver(dovecot, mailboxes, r, n=int(sys.argv[1]) if len(sys.argv) > 1 else 8)
+            show_metrics()
         finally:
             worker.terminate()
             worker.wait(30)
