@@ -297,9 +297,14 @@ def use_multiprocess_dir(configured: str) -> MultiprocessDir:
     """
     global _families, _leader_families
     if configured:
-        os.makedirs(configured, exist_ok=True)
-        for stale in glob.glob(os.path.join(configured, "*.db")):
-            os.remove(stale)
+        try:
+            os.makedirs(configured, exist_ok=True)
+            for stale in glob.glob(os.path.join(configured, "*.db")):
+                os.remove(stale)
+        except OSError as exc:
+            raise errors.ConfigError(
+                f"SHARDWORKER_METRICS_DIR: cannot use {configured!r}: {exc.strerror}"
+            ) from None
         target = MultiprocessDir(configured, private=False)
     else:
         target = MultiprocessDir(tempfile.mkdtemp(prefix="shardworker-metrics-"), private=True)
