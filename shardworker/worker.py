@@ -16,6 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from shardworker.config import Settings
+from shardworker.db.status import StatusWriter
 from shardworker.db.store import Store, open_pool
 from shardworker.engine.cycle import CycleDeps
 from shardworker.engine.loop import Engine
@@ -61,18 +62,22 @@ def build_worker(
     publisher = Publisher(client, settings)
     publisher.ensure_groups()
     secrets = SecretStore(settings, pool)
+    status = StatusWriter(pool)
+    status.start()
     deps = CycleDeps(
         settings=settings,
         store=store,
         secrets=secrets,
         publisher=publisher,
         caps=Caps.from_settings(settings),
+        status=status,
         ssl_context=tls_context(settings.tls_ca_file),
         oauth=TokenRefresher(settings, pool, store, secrets),
     )
     engine = Engine(deps, on_released=on_released)
 
     def close() -> None:
+        status.close()
         pool.close()
         client.close()
 

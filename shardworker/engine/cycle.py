@@ -14,6 +14,7 @@ from typing import Literal
 
 from shardworker import metrics
 from shardworker.config import Settings
+from shardworker.db.status import StatusWriter
 from shardworker.db.store import FolderCursor, Store
 from shardworker.engine.resync import run_jobs
 from shardworker.engine.state import ProviderRuntime, Slot
@@ -58,6 +59,7 @@ class CycleDeps:
     secrets: SecretStore
     publisher: Publisher
     caps: Caps
+    status: StatusWriter
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
     oauth: TokenRefresher | None = field(default=None, repr=False)
     # Shared by every sync thread of the process: at most two big fetch-and-parse groups.

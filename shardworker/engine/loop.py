@@ -465,11 +465,8 @@ class Engine(FailurePolicy):
         rt.auth_backoff.mark_healthy(self.clock())
         if not rt.auth_ok_seen:
             rt.auth_ok_seen = True
-            store, cfg = self.deps.store, rt.config
-            self._background(store.clear_auth_failures, cfg.tenant, cfg.provider_id)
-            self._background(
-                store.set_capabilities, cfg.tenant, cfg.provider_id, outcome.capabilities
-            )
+            cfg = rt.config
+            self.deps.status.connected(cfg.tenant, cfg.provider_id, outcome.capabilities)
         log.info("connected", **slot.log_fields(), idle=slot.session.has_idle)
         if slot.resolving:
             self._adopt(slot, outcome)
@@ -526,7 +523,7 @@ class Engine(FailurePolicy):
         if (rt.reported_status, rt.reported_error) == (status, error):
             return
         rt.reported_status, rt.reported_error = status, error
-        self._background(self.deps.store.set_status, rt.config.tenant, rt.key, status, error)
+        self.deps.status.status(rt.config.tenant, rt.key, status, error)
 
     def _background(self, fn: Callable[..., Any], *args: Any) -> None:
         def call() -> None:
