@@ -126,9 +126,15 @@ def scenario_cold_start(env: Env, providers: int) -> None:
     started = time.monotonic()
     c = env.cluster(providers, ("pod-a",), sync_threads="16")
     try:
-        time_until(lambda: len(c.leases()) == providers, 300, every_s=0.5)
-        leased = time.monotonic() - started
-        time_until(c.all_served, 300, every_s=1.0)
+        try:
+            time_until(lambda: len(c.leases()) == providers, 300, every_s=0.5)
+            leased = time.monotonic() - started
+            time_until(c.all_served, 300, every_s=1.0)
+        except SystemExit:
+            print(
+                f"cold start: {providers} providers NOT all IDLE within the limit; {c.diagnose()}"
+            )
+            raise
         print(
             f"cold start: {providers} providers on one pod (2 workers): all leased after "
             f"{leased:.1f}s, all IDLE after {time.monotonic() - started:.1f}s"
@@ -185,6 +191,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     ap.add_argument("--only", choices=["failover", "handoff", "cold", "join"])
+    ap.add_argument("--providers", type=int, help="override the scenario's provider count")
     args = ap.parse_args()
     sizes = {
         "failover": 300 if args.quick else 3000,
@@ -198,7 +205,7 @@ def main() -> int:
     try:
         for name, run in runs.items():
             if args.only in (None, name):
-                run(env, sizes[name])
+                run(env, args.providers or sizes[name])
     finally:
         env.close()
     return 0
