@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 
 from shardworker.mime.fixups import clean_filename, decode_bytes, part_charset, raw_header_text
+from shardworker.mime.message import wire_payload
 
 MAX_DEPTH = 40
 MAX_PARTS = 1000
@@ -159,10 +160,9 @@ def _lenient_base64(part: Message, defects: list[str]) -> bytes:
 
     compat32 hands back the undecoded text when the payload has a stray character.
     """
-    raw = part.get_payload()
-    if not isinstance(raw, str):
+    data = wire_payload(part)
+    if data is None:
         return b""
-    data = raw.encode("ascii", "surrogateescape")
     if not data.translate(None, _BASE64_TEXT):
         try:
             return binascii.a2b_base64(data)

@@ -39,6 +39,7 @@ from shardworker.mime.assemble import (
 )
 from shardworker.mime.attachments import AttachmentMeta, describe_attachments
 from shardworker.mime.fixups import clean_filename, decode_bytes
+from shardworker.mime.message import BoundedMessage
 from shardworker.mime.model import Caps, ParsedMail
 
 MAX_TEXT_PART_BYTES = 4 * 1024 * 1024
@@ -268,7 +269,7 @@ def _parse_large(
     caps: Caps,
 ) -> ParsedMail:
     defects = list(plan.defects)
-    msg = email.message_from_bytes(header)
+    msg = email.message_from_bytes(header, _class=BoundedMessage)
     index = headers.header_values(msg.raw_items())
     charset = first_charset(msg) or next((t.charset for t in plan.text_parts if t.charset), None)
     msg_id = headers.message_id(index.get("message-id", []), defects)

@@ -38,6 +38,7 @@ from shardworker.mime import headers
 from shardworker.mime.assemble import body, envelope, extras, finish, first_charset, raw_mime
 from shardworker.mime.attachments import build_attachments
 from shardworker.mime.body import walk_message
+from shardworker.mime.message import BoundedMessage, limit_nesting
 from shardworker.mime.model import Caps, ParsedMail
 
 
@@ -90,11 +91,12 @@ def _parse(
 
 
 def _structure(raw: bytes, defects: list[str]) -> Message:
+    raw = limit_nesting(raw, defects)
     try:
-        return email.message_from_bytes(raw)
+        return email.message_from_bytes(raw, _class=BoundedMessage)
     except RecursionError:
         # Nesting deep enough to exhaust the stack: keep the headers, drop the body.
         defects.append("mime_too_deep")
-        msg = BytesHeaderParser().parsebytes(raw)
+        msg = BytesHeaderParser(_class=BoundedMessage).parsebytes(raw)
         msg.set_payload("")
         return msg

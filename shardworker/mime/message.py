@@ -1,0 +1,156 @@
+"""The stdlib's compat32 ``Message``, hardened against hostile input.
+
+Bounded parameter parsing: ``email.message._parseparam`` is quadratic in the number of
+``;`` in a header: for each separator it counts the quotes from the start of the value
+again.  A 560 KB Content-Type made of repeated ``; filename=`` took 9 s per lookup, and
+the feed parser (``get_boundary``), ``get_filename``, ``get_content_charset`` and the
+charset fallbacks each look once per part (found by bench/fuzz_mime.py).  Parameters are
+only ever read from Content-Type and Content-Disposition, so those two are cut, for every
+lookup made through ``get`` (which all parameter methods use), at the last ``;`` within
+``MAX_PARAM_HEADER_CHARS``.  The headers map is built from ``raw_items`` and keeps the
+original text.
+
+Bounded nesting: the feed parser checks every line against the boundary of every
+enclosing multipart, so its cost is lines x nesting depth (350 KB nested 900 deep took
+17 s; 25 MB would take tens of minutes, on every fetch).  ``limit_nesting`` follows the
+boundary declarations and delimiter lines in the raw bytes and cuts the message where a
+multipart would open deeper than ``MAX_NESTING`` (the walker drops what lies deeper
+anyway) or where those checks would pass a budget linear in the message's lines.
+
+Wire payloads: ``get_payload()`` decodes 8-bit bytes in a leaf's payload with the part's
+declared charset, errors replaced, which gives neither the bytes that arrived nor ASCII;
+``wire_payload`` returns those bytes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import re
+from email import errors
+from email.message import Message
+from itertools import islice
+from typing import Any
+
+MAX_PARAM_HEADER_CHARS = 8 * 1024
+MAX_NESTING = 40  # the walker's MAX_DEPTH: content below it is dropped either way
+# Line checks (lines x enclosing multiparts) the feed parser may make: this many, or four
+# per line of the message if that is more.  So the parse stays linear in the input, and a
+# message nested four deep or less is never cut (~0.5 us per check on a busy core).
+MIN_LINE_CHECKS = 1_000_000
+CHECKS_PER_LINE = 4
+# The boundary parameter is read within MAX_PARAM_HEADER_CHARS of its header line.
+_LINE_START_WINDOW = MAX_PARAM_HEADER_CHARS + 1024
+# A boundary parameter (RFC 2231 pieces included) with its value, quoted or not, possibly
+# folded onto the next line.  Values are bounded (RFC 2046 allows 70 characters), so an
+# unterminated quote cannot make every match scan to the end of the message.
+_DECLARATION = re.compile(
+    rb'boundary(\*[0-9]*\*?)?\s*=\s*(?:"([^"\r\n]{0,200})"|([^;\s]{0,200}))', re.IGNORECASE
+)
+_DELIMITER = re.compile(rb"^--[^\r\n]*", re.MULTILINE)
+_BOUNDARY_WORD = re.compile(rb"boundary", re.IGNORECASE)
+_PARAM_HEADERS = frozenset({"content-type", "content-disposition"})
+
+
+class ParamHeaderTruncated(errors.MessageDefect):
+    """A Content-Type or Content-Disposition too long to parse was cut for parsing."""
+
+
+class BoundedMessage(Message):
+    def get(self, name: str, failobj: Any = None) -> Any:
+        value = super().get(name, failobj)
+        if (
+            isinstance(value, str)
+            and len(value) > MAX_PARAM_HEADER_CHARS
+            and name.lower() in _PARAM_HEADERS
+        ):
+            if not any(isinstance(d, ParamHeaderTruncated) for d in self.defects):
+                self.defects.append(ParamHeaderTruncated())
+            cut = value.rfind(";", 0, MAX_PARAM_HEADER_CHARS)
+            return value[: cut if cut > 0 else MAX_PARAM_HEADER_CHARS]
+        return value
+
+
+def wire_payload(part: Message) -> bytes | None:
+    """A leaf's payload as the bytes that arrived; None when it is not text (a container).
+
+    One 8-bit byte in a base64 attachment used to make the whole message a dead letter:
+    the charset-decoded text was not ASCII (UnicodeEncodeError, found by the fuzzer).
+    """
+    # The stdlib has no accessor for the undecoded text; the attribute is as old as compat32.
+    payload = getattr(part, "_payload", None)
+    return payload.encode("ascii", "surrogateescape") if isinstance(payload, str) else None
+
+
+def limit_nesting(raw: bytes, defects: list[str]) -> bytes:
+    """``raw`` cut where its multipart nesting would cost the feed parser too much."""
+    if next(islice(_BOUNDARY_WORD.finditer(raw), 2, None), None) is None:
+        return raw  # at most one multipart: nothing can nest (the common case)
+    cut = _NestingScan(raw).cut_at()
+    if cut is None:
+        return raw
+    defects.append("mime_too_deep")
+    return raw[:cut]
+
+
+class _NestingScan:
+    """Follows boundary declarations and delimiter lines in the raw bytes.
+
+    Two limits: no multipart opens deeper than ``MAX_NESTING``, and the feed parser's
+    work (each line checked once per enclosing multipart) stays within the budget.
+    Only declarations on a Content-Type line or a continuation line count (a body that
+    merely mentions ``boundary=`` is not cut); an RFC 2231 piece cannot be matched to
+    its delimiter and stays open: the count errs high, never low.
+    """
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self.open: list[bytes | None] = []
+        self.checks = 0
+        self.last = 0  # where line checks were last charged up to
+        self.budget = max(MIN_LINE_CHECKS, CHECKS_PER_LINE * raw.count(b"\n"))
+
+    def cut_at(self) -> int | None:
+        raw = self.raw
+        declarations = ((m.start(), 0, m) for m in _DECLARATION.finditer(raw))
+        delimiters = ((m.start(), 1, m) for m in _DELIMITER.finditer(raw))
+        for pos, kind, match in heapq.merge(declarations, delimiters, key=lambda e: e[:2]):
+            over = self._charge(pos)
+            if over is not None:
+                return over
+            if kind == 1:
+                self._close(match.group(0).rstrip())
+            elif self._in_header(pos):
+                self.open.append(None if match.group(1) else (match.group(2) or match.group(3)))
+                if len(self.open) > MAX_NESTING:
+                    return raw.rfind(b"\n", 0, pos) + 1
+        return self._charge(len(raw))
+
+    def _charge(self, pos: int) -> int | None:
+        """Count the line checks up to ``pos``; where to cut once over the budget."""
+        lines = self.raw.count(b"\n", self.last, pos)
+        cost = lines * len(self.open)
+        if self.checks + cost > self.budget:
+            share = (self.budget - self.checks) / cost
+            return self.raw.rfind(b"\n", 0, self.last + int((pos - self.last) * share)) + 1
+        self.checks += cost
+        self.last = pos
+        return None
+
+    def _in_header(self, pos: int) -> bool:
+        # The search is bounded, or a long line of declarations would be quadratic; a
+        # declaration that far into a line counts (errs high).
+        start = self.raw.rfind(b"\n", max(0, pos - _LINE_START_WINDOW), pos)
+        if start < 0 and pos >= _LINE_START_WINDOW:
+            return True
+        head = self.raw[start + 1 : start + 14]
+        return head[:1] in (b" ", b"\t") or head.lower() == b"content-type:"
+
+    def _close(self, line: bytes) -> None:
+        """A delimiter of an open boundary ends every multipart inside it (and itself when
+        it is the close delimiter ``--b--``), as the feed parser does."""
+        for closing, name in ((True, line[2:-2]), (False, line[2:])):
+            if (closing and not line.endswith(b"--")) or name not in self.open:
+                continue
+            at = len(self.open) - 1 - self.open[::-1].index(name)
+            del self.open[at if closing else at + 1 :]
+            return
