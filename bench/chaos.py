@@ -73,7 +73,9 @@ def main() -> int:
         print()
         print(format_report(report), flush=True)
         a = report.accounting
-        ok = a.lost == 0 and a.duplicated == 0 and not any(e.error for e in report.faults.events)
+        complete = a.delivered == plan.per_mailbox * plan.mailboxes
+        faults_ok = not any(e.error for e in report.faults.events)
+        ok = complete and faults_ok and a.lost == 0 and a.duplicated == 0
     if ok and not args.keep_logs:
         shutil.rmtree(log_dir, ignore_errors=True)
     elif not ok:

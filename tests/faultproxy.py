@@ -8,6 +8,10 @@
     proxy.blackhole(8)            # for 8 s: accept, forward nothing (bytes are held)
     proxy.close()
 
+``ProxyProcess`` has the same methods and runs the proxy in a child process
+(``python -m tests.faultproxy HOST PORT``, commands as lines on its stdin), so the proxy
+never waits for the GIL of a busy test or benchmark process.
+
 One selector thread forwards both directions of every connection; commands are handed to
 that thread and return once applied, so a test knows the fault is in force.  A cut sends
 RST (SO_LINGER 0), as a crashed middlebox or a NAT that forgot the flow would, not FIN.
@@ -18,15 +22,19 @@ across: a client that times out first sees silence, one that does not sees its b
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import selectors
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 CHUNK = 65536
 # A side that has this much waiting for its peer is not read until the peer catches up.
@@ -393,4 +401,100 @@ def _reset(sock: socket.socket) -> None:
         sock.close()
 
 
-__all__ = ["FaultProxy", "ProxyStats"]
+class ProxyProcess:
+    """A FaultProxy in a child process; the same commands, answered over a pipe."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.faultproxy", target_host, str(target_port)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+        )  # fmt: skip
+        self._lock = threading.Lock()
+        self.port = int(self._reply())
+        self.host = "127.0.0.1"
+
+    def _reply(self) -> str:
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"fault proxy process exited ({self._proc.poll()})")
+        return line.strip()
+
+    def _ask(self, *words: object) -> str:
+        assert self._proc.stdin is not None
+        with self._lock:
+            self._proc.stdin.write(" ".join(str(w) for w in words) + "\n")
+            return self._reply()
+
+    def cut(self) -> int:
+        return int(self._ask("cut"))
+
+    def drop(self, for_s: float) -> int:
+        return int(self._ask("drop", for_s))
+
+    def delay(self, seconds: float, *, for_s: float) -> None:
+        self._ask("delay", seconds, for_s)
+
+    def blackhole(self, for_s: float) -> None:
+        self._ask("blackhole", for_s)
+
+    def heal(self) -> None:
+        self._ask("heal")
+
+    @property
+    def stats(self) -> ProxyStats:
+        return ProxyStats(**json.loads(self._ask("stats")))
+
+    @property
+    def open_connections(self) -> int:
+        return int(self._ask("open"))
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self._ask("quit")
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(10)
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    def __enter__(self) -> ProxyProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _serve(proxy: FaultProxy, commands: IO[str], out: IO[str]) -> None:
+    actions: dict[str, Callable[..., object]] = {
+        "cut": proxy.cut,
+        "drop": lambda s: proxy.drop(float(s)),
+        "delay": lambda s, f: proxy.delay(float(s), for_s=float(f)),
+        "blackhole": lambda s: proxy.blackhole(float(s)),
+        "heal": proxy.heal,
+        "stats": lambda: json.dumps(dataclasses.asdict(proxy.stats)),
+        "open": lambda: proxy.open_connections,
+    }
+    for line in commands:
+        name, *args = line.split() or [""]
+        if name == "quit":
+            break
+        result = actions[name](*args)
+        print("ok" if result is None else result, file=out, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    with FaultProxy(argv[0], int(argv[1])) as proxy:
+        print(proxy.port, flush=True)
+        _serve(proxy, sys.stdin, sys.stdout)
+    return 0
+
+
+__all__ = ["FaultProxy", "ProxyProcess", "ProxyStats"]
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

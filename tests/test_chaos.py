@@ -18,7 +18,7 @@ import pytest
 from bench.chaos_support.report import format_report
 from bench.chaos_support.run import ChaosPlan, ChaosServers, run_chaos
 from bench.chaos_support.servers import AofRedis
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, ProxyProcess
 from tests.harness.dovecot import Dovecot
 
 
@@ -97,6 +97,22 @@ def test_proxy_blackhole_holds_bytes_and_delay_adds_latency(proxy: FaultProxy) -
     assert data.startswith(b"* OK") and took >= 0.4
     proxy.heal()
     assert _greeting(proxy.port)[1] < 0.4
+
+
+def test_proxy_process_answers_the_same_commands(dovecot: Dovecot) -> None:
+    with ProxyProcess(dovecot.host, dovecot.plain_port) as proxy:
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        try:
+            assert sock.recv(200).startswith(b"* OK")
+            assert proxy.open_connections == 1
+            assert proxy.cut() == 1
+            with pytest.raises(ConnectionResetError):
+                sock.recv(100)
+        finally:
+            sock.close()
+        proxy.delay(0.3, for_s=5)
+        proxy.heal()
+        assert proxy.stats.cut == 1 and proxy.stats.accepted == 1
 
 
 @pytest.mark.e2e

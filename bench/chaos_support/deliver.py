@@ -45,6 +45,7 @@ class Deliverer:
         # Held by a fault that takes Dovecot down, so no APPEND is in flight across it.
         self.pause = threading.Lock()
         self._stop = threading.Event()
+        self._started = False
         self._thread = threading.Thread(target=self._run, name="deliverer", daemon=True)
 
     @property
@@ -52,10 +53,15 @@ class Deliverer:
         return len(self.plan)
 
     @property
+    def finished(self) -> bool:
+        return self._started and not self._thread.is_alive()
+
+    @property
     def delivered(self) -> int:
         return len(self.result.sent_ms)
 
     def start(self) -> None:
+        self._started = True
         self._thread.start()
 
     def join(self, timeout_s: float) -> bool:

@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 from bench.chaos_support.deliver import Deliverer
 from bench.chaos_support.pool import ChaosPool, signal_pid
 from bench.chaos_support.servers import AofRedis, PgCluster
-from tests.faultproxy import FaultProxy
-from tests.harness.dovecot import Dovecot
+from tests.faultproxy import ProxyProcess
+from tests.harness.dovecot import Dovecot, DovecotError
 
 ONE_OFFS = ("sigstop", "dovecot", "redis", "postgres", "proxy_cut", "proxy_blackhole",
             "proxy_delay", "proxy_drop")  # fmt: skip
 TICK_S = 0.1
 SELF_EXIT_RESTART_S = 1.0
+DOVECOT_START_ATTEMPTS = 5
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Targets:
     pool: ChaosPool
     dovecot: Dovecot
     redis: AofRedis
-    proxy: FaultProxy
+    proxy: ProxyProcess
     deliverer: Deliverer
     pg: PgCluster | None = None
 
@@ -113,7 +114,7 @@ class FaultInjector:
     # -- timeline ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Faults for ``duration_s``; after that only pods are kept alive, until stop()."""
+        """Faults while delivering (at least ``duration_s``); then pods are only kept alive."""
         next_kill = self._t0 + self.rng.uniform(*self.kill_every_s)
         try:
             while not self._stop.is_set():
@@ -122,7 +123,7 @@ class FaultInjector:
                 self._restore(now, force=False)
                 if self.pending and self._now() >= self.pending[0][0]:
                     self._one_off(self.pending.pop(0)[1])
-                if now >= next_kill and self._now() < self.duration_s:
+                if now >= next_kill and self._faulting():
                     self._periodic_kill()
                     next_kill = now + self.rng.uniform(*self.kill_every_s)
                 self._stop.wait(TICK_S)
@@ -145,6 +146,10 @@ class FaultInjector:
 
     def _now(self) -> float:
         return time.monotonic() - self._t0
+
+    def _faulting(self) -> bool:
+        """Kills go on for the planned duration, and longer while delivery lags behind."""
+        return self._now() < self.duration_s or not self.t.deliverer.finished
 
     def _record(self, kind: str, action: Callable[[], str]) -> None:
         event = FaultEvent(round(self._now(), 1), kind, "")
@@ -238,8 +243,23 @@ class FaultInjector:
 
     def _restart_dovecot(self) -> str:
         with self.t.deliverer.pause:  # no APPEND in flight across the crash
-            self.t.dovecot.restart(graceful=False)
+            try:
+                self.t.dovecot.restart(graceful=False)
+            except DovecotError as exc:
+                # A child of the killed instance can hold a socket a moment longer
+                # ("Dovecot is already running?"): start again, as an init system would.
+                return f"crash + start, retried: {self._start_dovecot(exc)}"
         return "crash + start"
+
+    def _start_dovecot(self, first: DovecotError) -> str:
+        for attempt in range(1, DOVECOT_START_ATTEMPTS + 1):
+            time.sleep(1.0)
+            try:
+                self.t.dovecot.start()
+            except DovecotError:
+                continue
+            return f"up after {attempt} more attempt(s)"
+        raise first
 
     def _restart_redis(self) -> str:
         self.t.redis.restart(down_s=2.0)

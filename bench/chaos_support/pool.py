@@ -35,7 +35,7 @@ def chaos_timings(stop_s: float) -> dict[str, str]:
         "leader_ttl_s": "4", "leader_round_s": "0.5", "assignment_poll_s": "0.25",
         "join_debounce_s": "0.5", "drain_deadline_s": "8", "provider_refresh_s": "2",
         "worker_ping_timeout_s": str(int(stop_s + 20)), "metrics_addr": "127.0.0.1:0",
-        "log_level": "INFO",
+        "log_level": "INFO", "sync_threads": "8",
     }  # fmt: skip
 
 

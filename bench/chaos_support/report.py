@@ -18,7 +18,7 @@ def format_report(report: ChaosReport) -> str:
         f"SIGKILLs (+ restart), {len(log.stopped)} SIGSTOP/SIGCONT, "
         f"{log.self_exits} pod exit(s) on its own (restarted)",
         "",
-        f"  delivered          {a.delivered}",
+        f"  delivered          {a.delivered} of {plan.per_mailbox * plan.mailboxes} planned",
         f"  published          {a.published} stream entries",
         f"  lost               {a.lost}",
         f"  duplicated         {a.duplicated}",
