@@ -123,8 +123,9 @@ def scenario_handoff(env: Env, providers: int) -> None:
 
 
 def scenario_cold_start(env: Env, providers: int) -> None:
+    c = env.cluster(providers, (), sync_threads="16")  # providers and users made first
     started = time.monotonic()
-    c = env.cluster(providers, ("pod-a",), sync_threads="16")
+    c.start_pod("pod-a")
     try:
         try:
             time_until(lambda: len(c.leases()) == providers, 300, every_s=0.5)
