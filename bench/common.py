@@ -656,19 +656,28 @@ class StageTracer:
         self._undo.append(lambda: setattr(cls, "run", original))
 
     def table(self) -> list[tuple[str, str]]:
-        """Median duration of each stage, and median end time relative to EXISTS."""
+        """Per stage: duration p50 / p99, and median end time relative to EXISTS."""
         durations: dict[str, list[float]] = {}
         ends: dict[str, list[float]] = {}
-        order: list[str] = []
         for rec in self.cycles:
             for name, start, end in rec:
-                if name not in durations:
-                    durations[name], ends[name] = [], []
-                    order.append(name)
-                durations[name].append(end - start)
-                ends[name].append(end)
+                durations.setdefault(name, []).append(end - start)
+                ends.setdefault(name, []).append(end)
         return [
-            (name, f"{ms(percentile(durations[name], 50))} (ends at "
+            (name, f"{ms(percentile(durations[name], 50))} / "
+                   f"{ms(percentile(durations[name], 99))} (ends at "
                    f"+{ms(percentile(ends[name], 50))}, {len(durations[name])} calls)")
-            for name in order
+            for name in durations
         ]  # fmt: skip
+
+    def slowest(self, count: int = 3) -> list[tuple[str, str]]:
+        """The slowest cycles to XADD, stage by stage (where a tail comes from)."""
+
+        def xadd_end(rec: list[tuple[str, float, float]]) -> float:
+            return max(end for name, _, end in rec if name.startswith("publish_batch"))
+
+        rows: list[tuple[str, str]] = []
+        for rank, rec in enumerate(sorted(self.cycles, key=xadd_end, reverse=True)[:count], 1):
+            stages = ", ".join(f"{name} {ms(end - start)}" for name, start, end in rec)
+            rows.append((f"#{rank}: XADD at +{ms(xadd_end(rec))}", stages))
+        return rows

@@ -222,6 +222,9 @@ def report(
         _pair(f"drain, 1 mailbox x {args.drain}", node_drained["rate"],
               None if ours_drain is None else ours_drain.phase.total / ours_drain.wall_s,
               lambda v: f"{v:,.0f} msg/s"),
+        _pair("drain CPU per message", node_drained["cpu_ms_per_msg"],
+              None if ours_drain is None else 1000 * ours_drain.cpu_s / ours_drain.phase.total,
+              lambda v: f"{v:.2f} ms"),
         ("machine", machine_note()),
     ]  # fmt: skip
     print_table("reference (imapflow + mailparser) vs shardworker", rows)

@@ -12,7 +12,8 @@
 //   {"event":"ready",...} is printed once every session idles; the process exits when
 //   stdin closes.
 // drain: fetch every message of INBOX (one UID FETCH 1:*, or ranges of --batch UIDs)
-//   and parse each; prints {"event":"drained","messages":..,"seconds":..,"bytes":..}.
+//   and parse each; prints {"event":"drained","messages":..,"seconds":..,"bytes":..,
+//   "rate":..,"cpu_ms_per_msg":..} (CPU of this process: robust on a busy machine).
 //
 // The bench/reference_compare.py driver starts the Dovecot, loads the mail and runs this.
 
@@ -107,6 +108,7 @@ async function drain() {
     let messages = 0;
     let bytes = 0;
     const started = now();
+    const cpu0 = process.cpuUsage();
     for (let low = 1; low <= top; low += batch) {
         const range = `${low}:${Math.min(top, low + batch - 1)}`;
         for await (const msg of client.fetch(range, { uid: true, source: true }, { uid: true })) {
@@ -116,7 +118,9 @@ async function drain() {
         }
     }
     const seconds = Number(now() - started) / 1e9;
-    emit({ event: 'drained', messages, seconds, bytes, rate: messages / seconds });
+    const cpu = process.cpuUsage(cpu0);
+    const cpuMsPerMsg = (cpu.user + cpu.system) / 1000 / messages;
+    emit({ event: 'drained', messages, seconds, bytes, rate: messages / seconds, cpu_ms_per_msg: cpuMsPerMsg });
     await client.logout();
 }
 
