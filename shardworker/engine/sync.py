@@ -152,43 +152,45 @@ class FolderSync:
     def _process_batch(
         self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult
     ) -> FolderCursor:
-        p, folder = self.ctx.provider, self.session.folder
-        known = self.ctx.store.known_uids(
-            p.tenant, p.provider_id, folder, cursor.uid_validity, [m.uid for m in batch]
-        )
-        todo = [m for m in batch if m.uid not in known]
-        entries = self._publish(cursor.uid_validity, todo, result) if todo else []
         last_uid = batch[-1].uid
-        self.ctx.store.commit_batch(
-            p.tenant, p.provider_id, folder, cursor.uid_validity, entries, last_uid, self.ctx.epoch
-        )
+        self._publish_and_commit(cursor, batch, result, checkpoint_uid=last_uid, always=True)
         if self.progress is not None:
             self.progress()
-        if entries:
-            log.info(
-                "published", **self.log_fields, count=len(entries), first_uid=batch[0].uid,
-                last_uid=last_uid, epoch=self.ctx.epoch,
-            )  # fmt: skip
         return FolderCursor(uid_validity=cursor.uid_validity, last_uid=last_uid)
 
     def publish_below_cursor(
         self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult
     ) -> None:
-        """A backfill batch (UIDs the cursor already passed), exactly once; the cursor stays."""
+        """A backfill batch (UIDs the cursor already passed), exactly once; the cursor stays.
+
+        The cursor never moves back within a UIDVALIDITY: this records the ledger only.
+        """
+        self._publish_and_commit(
+            cursor, batch, result, checkpoint_uid=cursor.last_uid, always=False, backfill=True
+        )
+
+    def _publish_and_commit(
+        self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult, *,
+        checkpoint_uid: int, always: bool, backfill: bool = False,
+    ) -> None:  # fmt: skip
+        """Publish what the ledger does not know yet, then commit ledger and cursor at once."""
         p, folder = self.ctx.provider, self.session.folder
         known = self.ctx.store.known_uids(
             p.tenant, p.provider_id, folder, cursor.uid_validity, [m.uid for m in batch]
         )
         todo = [m for m in batch if m.uid not in known]
         entries = self._publish(cursor.uid_validity, todo, result) if todo else []
+        if not entries and not always:
+            return
+        self.ctx.store.commit_batch(
+            p.tenant, p.provider_id, folder, cursor.uid_validity, entries, checkpoint_uid,
+            self.ctx.epoch,
+        )  # fmt: skip
         if entries:
-            # The cursor never moves back within a UIDVALIDITY: this records the ledger only.
-            self.ctx.store.commit_batch(
-                p.tenant, p.provider_id, folder, cursor.uid_validity, entries,
-                cursor.last_uid, self.ctx.epoch,
+            log.info(
+                "published", **self.log_fields, count=len(entries), first_uid=batch[0].uid,
+                last_uid=batch[-1].uid, epoch=self.ctx.epoch, backfill=backfill,
             )  # fmt: skip
-            log.info("published", **self.log_fields, count=len(entries), backfill=True,
-                     first_uid=batch[0].uid, last_uid=batch[-1].uid)  # fmt: skip
 
     def _publish(
         self, uid_validity: int, todo: list[MessageInfo], result: SyncResult
