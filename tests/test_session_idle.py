@@ -10,8 +10,10 @@ announcement in the answer of a NOOP instead, which is the same thing to the ses
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+from shardworker.engine.loop import idle_refresh_delay
 from shardworker.imap.session import FolderSession
 from tests.support import make_mail
 
@@ -47,3 +49,14 @@ def test_nothing_announced_means_nothing_buffered(dovecot: Any) -> None:
         assert session.enter_idle() is False
     finally:
         session.close(logout=True)
+
+
+def test_idle_refreshes_of_slots_that_connected_together_spread_out() -> None:
+    """The soak's 10,000 folders connected within 70 s and then refreshed IDLE in the same
+    70 s every 240 s; pushes queued behind those waves (up to 47 s late)."""
+    rng = random.Random(1)
+    first = [idle_refresh_delay(240.0, True, rng) for _ in range(10_000)]
+    later = [idle_refresh_delay(240.0, False, rng) for _ in range(10_000)]
+    assert max(first) <= 240.0 and max(later) <= 240.0  # never past the interval
+    assert min(first) >= 120.0 and max(first) - min(first) > 110.0
+    assert min(later) >= 192.0
