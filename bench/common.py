@@ -591,6 +591,8 @@ class StageTracer:
 
     def __init__(self) -> None:
         self.cycles: list[list[tuple[str, float, float]]] = []
+        self.cycle_seen: list[float] = []  # when the loop saw each push cycle's EXISTS
+        self.other_cycles: list[tuple[str, float]] = []  # (cause, start) of the others
         self._local = threading.local()
         self._undo: list[Callable[[], None]] = []
 
@@ -641,9 +643,11 @@ class StageTracer:
 
         def run(cycle: Any, slot: Any) -> Any:
             seen = slot.exists_seen_at
-            if seen is None:
+            started = time.monotonic()
+            if seen is None:  # a timer: IDLE refresh, reconnect, poll
+                self.other_cycles.append(("timer", started))
                 return original(cycle, slot)
-            rec: list[tuple[str, float, float]] = [("queued", 0.0, time.monotonic() - seen)]
+            rec: list[tuple[str, float, float]] = [("queued", 0.0, started - seen)]
             self._local.rec, self._local.t0 = rec, seen
             try:
                 return original(cycle, slot)
@@ -651,9 +655,21 @@ class StageTracer:
                 self._local.rec = None
                 if any(name.startswith("publish_batch") for name, _, _ in rec):
                     self.cycles.append(rec)
+                    self.cycle_seen.append(seen)
+                else:  # readable, nothing new: a keepalive ("* OK Still here") or the like
+                    self.other_cycles.append(("readable, nothing published", started))
 
         cls.run = run
         self._undo.append(lambda: setattr(cls, "run", original))
+
+    def background(self) -> list[tuple[str, str]]:
+        """Cycles that published nothing, by cause: how many, and the busiest second."""
+        rows: list[tuple[str, str]] = []
+        for kind in sorted({k for k, _ in self.other_cycles}):
+            times = [t for k, t in self.other_cycles if k == kind]
+            per_second = Counter(int(t) for t in times)
+            rows.append((kind, f"{len(times)} cycles, peak {max(per_second.values())}/s"))
+        return rows or [("none", "")]
 
     def table(self) -> list[tuple[str, str]]:
         """Per stage: duration p50 / p99, and median end time relative to EXISTS."""
@@ -677,7 +693,10 @@ class StageTracer:
             return max(end for name, _, end in rec if name.startswith("publish_batch"))
 
         rows: list[tuple[str, str]] = []
-        for rank, rec in enumerate(sorted(self.cycles, key=xadd_end, reverse=True)[:count], 1):
+        origin = min(self.cycle_seen, default=0.0)
+        ranked = sorted(zip(self.cycles, self.cycle_seen, strict=True),
+                        key=lambda pair: xadd_end(pair[0]), reverse=True)  # fmt: skip
+        for rank, (rec, seen) in enumerate(ranked[:count], 1):
             stages = ", ".join(f"{name} {ms(end - start)}" for name, start, end in rec)
-            rows.append((f"#{rank}: XADD at +{ms(xadd_end(rec))}", stages))
+            rows.append((f"#{rank} at {seen - origin:.0f}s: XADD +{ms(xadd_end(rec))}", stages))
         return rows
