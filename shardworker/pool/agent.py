@@ -51,6 +51,7 @@ class PoolAgent:
         self.draining = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._heartbeat_lock = threading.Lock()
         self._configs: dict[str, ProviderConfig] = {}
         self._configs_for: frozenset[str] = frozenset()
         self._configs_at = float("-inf")
@@ -71,10 +72,13 @@ class PoolAgent:
     def begin_drain(self) -> None:
         if self.draining.is_set():
             return
-        self.draining.set()
         log.info("member_leaving", member=self.member, leases=len(self.leases.held))
         try:
-            self.registry.leave(self.member)
+            # Under the heartbeat lock: a heartbeat already in flight would otherwise land
+            # after the goodbye and keep us "live" for a whole grace period.
+            with self._heartbeat_lock:
+                self.draining.set()
+                self.registry.leave(self.member)
         except Exception:
             log.warning("member_leave_failed", member=self.member)
         self.engine.request_stop()
@@ -96,8 +100,9 @@ class PoolAgent:
     def _keep(self) -> None:
         while not self._stop.wait(self.settings.lease_renew_s):
             try:
-                if not self.draining.is_set():
-                    self.registry.heartbeat(self.member)
+                with self._heartbeat_lock:
+                    if not self.draining.is_set():
+                        self.registry.heartbeat(self.member)
             except Exception:
                 log.warning("heartbeat_failed", member=self.member)
             with self._lock:
