@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 
 from shardworker.mime.fixups import clean_filename, decode_bytes, part_charset, raw_header_text
-from shardworker.mime.message import wire_payload
+from shardworker.mime.message import BoundedMessage, wire_payload
 
 MAX_DEPTH = 40
 MAX_PARTS = 1000
@@ -197,7 +197,7 @@ def _raw_filename(part: Message) -> str:
     source = part
     if any(_has_8bit(v) for k, v in part.raw_items() if k.lower() in _PARAM_HEADERS):
         # The stdlib turns 8-bit parameter bytes into U+FFFD; decode them first instead.
-        source = Message()
+        source = BoundedMessage()  # its parameters are parsed too: bounded
         for key, value in part.raw_items():
             if key.lower() in _PARAM_HEADERS:
                 source[key] = raw_header_text(str(value), None, [])

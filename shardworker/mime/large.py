@@ -97,7 +97,7 @@ def _text(value: object) -> str:
 
 def _params(value: object, header: str = "Content-Type") -> Message:
     """BODYSTRUCTURE parameter pairs as a header, so the stdlib applies RFC 2231."""
-    holder = Message()
+    holder = BoundedMessage()  # a hostile server's parameter list: parsed bounded
     if not isinstance(value, Sequence) or isinstance(value, bytes | str):
         return holder
     pairs = [(_text(value[i]), _text(value[i + 1])) for i in range(0, len(value) - 1, 2)]

@@ -58,16 +58,17 @@ class ParamHeaderTruncated(errors.MessageDefect):
 class BoundedMessage(Message):
     def get(self, name: str, failobj: Any = None) -> Any:
         value = super().get(name, failobj)
-        if (
-            isinstance(value, str)
-            and len(value) > MAX_PARAM_HEADER_CHARS
-            and name.lower() in _PARAM_HEADERS
-        ):
-            if not any(isinstance(d, ParamHeaderTruncated) for d in self.defects):
-                self.defects.append(ParamHeaderTruncated())
-            cut = value.rfind(";", 0, MAX_PARAM_HEADER_CHARS)
-            return value[: cut if cut > 0 else MAX_PARAM_HEADER_CHARS]
-        return value
+        if value is failobj or name.lower() not in _PARAM_HEADERS:
+            return value
+        # A header with 8-bit bytes comes back as an email.header.Header; the parameter
+        # parser stringifies it, so its length counts the same way.
+        text = value if isinstance(value, str) else str(value)
+        if len(text) <= MAX_PARAM_HEADER_CHARS:
+            return value
+        if not any(isinstance(d, ParamHeaderTruncated) for d in self.defects):
+            self.defects.append(ParamHeaderTruncated())
+        cut = text.rfind(";", 0, MAX_PARAM_HEADER_CHARS)
+        return text[: cut if cut > 0 else MAX_PARAM_HEADER_CHARS]
 
 
 def wire_payload(part: Message) -> bytes | None:
