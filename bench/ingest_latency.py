@@ -226,7 +226,11 @@ def report(res: LatencyResult, args: argparse.Namespace) -> None:
         fail(f"{len(res.missed)} sample(s) saw no event within {SAMPLE_TIMEOUT_S:.0f} s: "
              + "; ".join(res.missed[:5]))  # fmt: skip
     if len(eng) != len(res.samples):
-        fail(f"the engine published {len(eng)} events for {len(res.samples)} samples")
+        # The engine times a push only when the cycle started from the readable socket; an
+        # EXISTS that lands while the folder's cycle is running is drained by a follow-up
+        # cycle that it does not time.  The probe's figures above still cover every sample.
+        print(f"note: the engine timed {len(eng)} of {len(res.samples)} pushes; the others "
+              "arrived while their folder's cycle was already running")  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:

@@ -3,6 +3,7 @@
 //
 //   node reference.mjs latency --host H --port P [--tls --ca FILE] --users FILE
 //   node reference.mjs drain   --host H --port P [--tls --ca FILE] --user U --pass P [--batch N]
+//                              [--no-parse]
 //
 // latency: one session per user (FILE: JSON array of [user, password]), each EXAMINEd on
 //   INBOX and IDLE.  On 'exists' the new messages are fetched by UID (source) and parsed
@@ -34,7 +35,8 @@ const { positionals, values: opts } = parseArgs({
         users: { type: 'string' },
         user: { type: 'string' },
         pass: { type: 'string' },
-        batch: { type: 'string', default: '0' }
+        batch: { type: 'string', default: '0' },
+        'no-parse': { type: 'boolean', default: false }
     }
 });
 
@@ -112,8 +114,12 @@ async function drain() {
     for (let low = 1; low <= top; low += batch) {
         const range = `${low}:${Math.min(top, low + batch - 1)}`;
         for await (const msg of client.fetch(range, { uid: true, source: true }, { uid: true })) {
-            const parsed = await simpleParser(msg.source);
-            if (parsed.messageId) messages += 1;
+            if (opts['no-parse']) {
+                messages += 1; // fetch only: splits the drain's cost into IMAP and parsing
+            } else {
+                const parsed = await simpleParser(msg.source);
+                if (parsed.messageId) messages += 1;
+            }
             bytes += msg.source.length;
         }
     }
