@@ -46,7 +46,8 @@ _LINE_START_WINDOW = MAX_PARAM_HEADER_CHARS + 1024
 _DECLARATION = re.compile(
     rb'boundary(\*[0-9]*\*?)?\s*=\s*(?:"([^"\r\n]{0,200})"|([^;\s]{0,200}))', re.IGNORECASE
 )
-_DELIMITER = re.compile(rb"^--[^\r\n]*", re.MULTILINE)
+# Lines end at CR, LF or CRLF, as in the feed parser (a CR-only message is still parsed).
+_DELIMITER = re.compile(rb"(?:\A|(?<=[\r\n]))--[^\r\n]*")
 _BOUNDARY_WORD = re.compile(rb"boundary", re.IGNORECASE)
 _PARAM_HEADERS = frozenset({"content-type", "content-disposition"})
 
@@ -93,6 +94,17 @@ def limit_nesting(raw: bytes, defects: list[str]) -> bytes:
     return raw[:cut]
 
 
+def _lines(raw: bytes, start: int, end: int) -> int:
+    """Line breaks in ``raw[start:end]``: CR, LF and CRLF each count once."""
+    crlf = raw.count(b"\r\n", start, end)
+    return raw.count(b"\n", start, end) + raw.count(b"\r", start, end) - crlf
+
+
+def _line_start(raw: bytes, pos: int) -> int:
+    """Where the line holding ``pos`` starts."""
+    return max(raw.rfind(b"\n", 0, pos), raw.rfind(b"\r", 0, pos)) + 1
+
+
 class _NestingScan:
     """Follows boundary declarations and delimiter lines in the raw bytes.
 
@@ -108,7 +120,7 @@ class _NestingScan:
         self.open: list[bytes | None] = []
         self.checks = 0
         self.last = 0  # where line checks were last charged up to
-        self.budget = max(MIN_LINE_CHECKS, CHECKS_PER_LINE * raw.count(b"\n"))
+        self.budget = max(MIN_LINE_CHECKS, CHECKS_PER_LINE * _lines(raw, 0, len(raw)))
 
     def cut_at(self) -> int | None:
         raw = self.raw
@@ -123,16 +135,16 @@ class _NestingScan:
             elif self._in_header(pos):
                 self.open.append(None if match.group(1) else (match.group(2) or match.group(3)))
                 if len(self.open) > MAX_NESTING:
-                    return raw.rfind(b"\n", 0, pos) + 1
+                    return _line_start(raw, pos)
         return self._charge(len(raw))
 
     def _charge(self, pos: int) -> int | None:
         """Count the line checks up to ``pos``; where to cut once over the budget."""
-        lines = self.raw.count(b"\n", self.last, pos)
+        lines = _lines(self.raw, self.last, pos)
         cost = lines * len(self.open)
         if self.checks + cost > self.budget:
             share = (self.budget - self.checks) / cost
-            return self.raw.rfind(b"\n", 0, self.last + int((pos - self.last) * share)) + 1
+            return _line_start(self.raw, self.last + int((pos - self.last) * share))
         self.checks += cost
         self.last = pos
         return None
@@ -140,10 +152,11 @@ class _NestingScan:
     def _in_header(self, pos: int) -> bool:
         # The search is bounded, or a long line of declarations would be quadratic; a
         # declaration that far into a line counts (errs high).
-        start = self.raw.rfind(b"\n", max(0, pos - _LINE_START_WINDOW), pos)
-        if start < 0 and pos >= _LINE_START_WINDOW:
+        low = max(0, pos - _LINE_START_WINDOW)
+        found = max(self.raw.rfind(b"\n", low, pos), self.raw.rfind(b"\r", low, pos))
+        if found < 0 and low > 0:
             return True
-        head = self.raw[start + 1 : start + 14]
+        head = self.raw[found + 1 : found + 14]
         return head[:1] in (b" ", b"\t") or head.lower() == b"content-type:"
 
     def _close(self, line: bytes) -> None:
