@@ -67,6 +67,15 @@ class ImapProtocolError(ImapTransientError):
         super().__init__(message, reason="protocol")
 
 
+class ImapThrottledError(ImapTransientError):
+    """The server asked us to slow down (Exchange's throttling, Gmail's bandwidth limit):
+    an honoured backoff of ``retry_after_s``, not a failure to count."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, reason="throttled")
+        self.retry_after_s = retry_after_s
+
+
 class FolderError(ImapError):
     """A folder is missing or cannot be selected; it is parked and re-probed."""
 

@@ -430,6 +430,9 @@ async def _driplit(conn: Connection, tag: bytes) -> bool:
 class HostileImap:
     """The server: ``start()``, then ``port`` / ``listen(mode)``, ``deliver()``, ``close()``."""
 
+    # tests/dialect_imap.py serves Gmail's and Exchange's dialects with a subclass.
+    connection_class: type[Connection] = Connection
+
     def __init__(self, *, kick_after_s: float = 0.7) -> None:
         self.kick_after_s = kick_after_s
         self.loop = asyncio.new_event_loop()
@@ -475,7 +478,7 @@ class HostileImap:
                 task = asyncio.current_task()
                 assert task is not None
                 self._tasks.add(task)
-                conn = Connection(self, r, w)
+                conn = self.connection_class(self, r, w)
                 self._conns.add(conn)
                 try:
                     await conn.serve(before_login)
