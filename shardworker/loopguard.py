@@ -10,8 +10,10 @@ is untouched.
 
 State lives in Redis, one small sorted set per (tenant, provider, sender), scored by
 arrival time, with the message's identity as member: a batch retried after a crash
-counts each message once and gets the same answer.  Memory is bounded: the set never
-holds more than ``limit + 1`` members and expires with the window.  Keys carry the
+counts each message once and gets the same answer.  Memory is bounded: held messages are
+not stored, so the set never holds more than ``limit`` members, and it expires with the
+window.  A sender that keeps sending gets ``limit`` messages through per window (Odoo's
+rule); a ping-pong stops for good, because a held message is never answered.  Keys carry the
 tenant and provider in a hash tag, and a SHA-1 of the address, never the address:
 ``sw:loop:{<tenant>:<provider_id>}:<sha1(sender)>``.
 
@@ -38,24 +40,27 @@ log = get_logger(__name__)
 
 # KEYS[1] the sender's sorted set, KEYS[2] its "tripped" marker (same hash slot).
 # ARGV[1] now (ms), ARGV[2] window (ms), ARGV[3] limit, ARGV[4] the message's identity.
-# Returns {rank of the message within the window (0 = oldest), first_trip (0/1)}.
+# Returns {rank, first_trip (0/1)}: the message's rank among the admitted ones (0 =
+# oldest), or the limit when it is held.  Only admitted messages are stored, so the set
+# never exceeds the limit, and a message seen before gets the answer it got then.
 HIT = """
 local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-if not redis.call('ZSCORE', KEYS[1], ARGV[4]) then
-  redis.call('ZADD', KEYS[1], now, ARGV[4])
-end
-redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(limit + 2))
-redis.call('PEXPIRE', KEYS[1], window)
 local rank = redis.call('ZRANK', KEYS[1], ARGV[4])
-if not rank then
-  rank = limit
+if rank then
+  return {rank, 0}
+end
+local count = redis.call('ZCARD', KEYS[1])
+if count < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return {count, 0}
 end
 local first = 0
-if rank >= limit and redis.call('SET', KEYS[2], '1', 'NX', 'PX', window) then
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', window) then
   first = 1
 end
-return {rank, first}
+return {limit, first}
 """
 
 
