@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardworker.errors import ConfigError
+from shardworker.loops import policy_book
 
 PREFIX = "SHARDWORKER_"
 REDACTED = "***"
@@ -154,6 +155,41 @@ class Settings:
     dlq_max_raw_bytes: int = _setting(
         1024 * 1024, "Raw bytes kept in a DLQ entry; larger messages keep a pointer only."
     )
+    # Providers and mail loops (docs/providers.md)
+    gmail_all_mail: bool = _setting(
+        False,
+        "Gmail: watch the `\\All` folder (All Mail, whatever its localised name) on one "
+        "connection instead of one connection per folder filter.",
+    )
+    gmail_daily_bytes: int = _setting(
+        2500 * 1024 * 1024,
+        "Gmail: IMAP download budget per account and UTC day (Workspace allows 2,500 MB); "
+        "0 disables it.",
+    )
+    gmail_live_reserve_bytes: int = _setting(
+        250 * 1024 * 1024,
+        "Gmail: part of the daily budget a backfill leaves for live mail.",
+    )
+    loop_policy: str = _setting(
+        "publish",
+        "What to do with auto-replies, bulk mail, bounces and complaints: `publish`, `flag` "
+        "or `skip`, or per class: `auto_reply=skip,bounce=flag,*=publish`.",
+    )
+    loop_policy_overrides: str = _setting(
+        "", 'Per-provider loop policies, JSON: `{"<provider id>": "<policy>"}`.'
+    )
+    loop_rate_limit: int = _setting(
+        20,
+        "Messages per sender and provider within the window before the rate guard holds "
+        "the next ones; 0 disables it.",
+    )
+    loop_rate_window_s: float = _setting(7200.0, "Window of the per-sender rate guard.")
+    loop_rate_action: str = _setting(
+        "skip", "What the rate guard does with a held message: `skip` or `flag`."
+    )
+    loop_rate_exempt: tuple[str, ...] = _setting(
+        (), "Senders the rate guard never holds: addresses, or domains as `@example.com`."
+    )
     # HTTP and logs
     metrics_addr: str = _setting("0.0.0.0:9464", "Address of /metrics, /healthz and /readyz.")
     admin_addr: str = _setting("", "Address of the admin API; empty disables it.")
@@ -244,6 +280,20 @@ def _validate(s: Settings) -> None:
         )
 
 
+def _validate_loops(s: Settings) -> None:
+    policy_book(
+        s.loop_policy,
+        s.loop_policy_overrides,
+        names=(env_name("loop_policy"), env_name("loop_policy_overrides")),
+    )
+    if s.loop_rate_action not in {"skip", "flag"}:
+        raise ConfigError(f"{env_name('loop_rate_action')}: expected skip or flag")
+    if s.gmail_live_reserve_bytes > s.gmail_daily_bytes:
+        raise ConfigError(
+            f"{env_name('gmail_live_reserve_bytes')}: must not exceed SHARDWORKER_GMAIL_DAILY_BYTES"
+        )
+
+
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Build settings from the environment; raise ConfigError naming the bad variable."""
     env = os.environ if environ is None else environ
@@ -254,6 +304,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     values = {f.name: _parse_value(f, env[name]) for name, f in fields.items() if name in env}
     settings = Settings(**values)
     _validate(settings)
+    _validate_loops(settings)
     return settings
 
 
