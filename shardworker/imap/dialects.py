@@ -217,6 +217,50 @@ def all_mail_folder(listing: Sequence[Sequence[Any]]) -> str | None:
     return None
 
 
+# Special-use flags (RFC 6154) and the system label Gmail shows in X-GM-LABELS for them.
+_SYSTEM_LABELS = {
+    "\\sent": "\\Sent",
+    "\\flagged": "\\Starred",
+    "\\important": "\\Important",
+    "\\drafts": "\\Draft",
+}
+
+
+def labels_for_folders(listing: Sequence[Sequence[Any]], folders: Iterable[str]) -> frozenset[str]:
+    """The X-GM-LABELS that stand for ``folders`` (resolved names) when All Mail is watched.
+
+    INBOX is ``\\Inbox``; a special-use folder is its system label (``\\Sent``,
+    ``\\Starred``...); any other folder is a user label of the same name.
+    """
+    flags_of = {
+        (str(decode_utf7(name)) if isinstance(name, bytes) else str(name)): {
+            _text(f).lower() for f in flags
+        }
+        for flags, _delimiter, name in listing
+    }
+    out = set()
+    for folder in folders:
+        if folder.upper() == "INBOX":
+            out.add("\\Inbox")
+            continue
+        system = [_SYSTEM_LABELS[f] for f in flags_of.get(folder, ()) if f in _SYSTEM_LABELS]
+        out.add(system[0] if system else folder)
+    return frozenset(out)
+
+
+def wanted_in_all_mail(attrs: GmailAttrs, labels: frozenset[str]) -> bool:
+    """Whether a message seen in All Mail carries one of the watched folders' labels.
+
+    All Mail holds sent and archived mail too: publishing it all would turn the helpdesk's
+    own replies into tickets.  Labels compare case-insensitively (Gmail answers ``\\Inbox``
+    or ``INBOX`` depending on the account's age).
+    """
+    wanted = {label.casefold() for label in labels}
+    return any(label.casefold() in wanted for label in attrs.labels) or (
+        "\\inbox" in wanted and "inbox" in {label.casefold() for label in attrs.labels}
+    )
+
+
 # ---------------------------------------------------------------- Gmail FETCH attributes
 
 
