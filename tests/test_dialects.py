@@ -81,13 +81,24 @@ def test_detect_dialect_from_shapes() -> None:
         ("alice@contoso.example", "pw", [], "login"),
         ("alice@contoso.example/support@contoso.example", "pw", [], "login"),
         ("CONTOSO\\alice\\support", "pw", [], "login"),
-        ("alice@contoso.example/support@contoso.example", "pässword", [], "login"),
         ("alice@contoso.example", "pässword", [], "plain"),
-        ("alice@contoso.example/support@contoso.example", "pw", ["LOGINDISABLED"], "plain"),
+        ("alice@contoso.example", "pw", ["LOGINDISABLED"], "plain"),
     ],
 )
 def test_password_mechanism(username: str, secret: str, caps: list[str], mech: str) -> None:
     assert dialects.password_mechanism(username, secret, caps) == mech
+
+
+@pytest.mark.parametrize(
+    ("secret", "caps", "why"),
+    [("pässword", [], "non-ASCII"), ("pw", ["LOGINDISABLED"], "disables")],
+)
+def test_shared_mailbox_without_login_is_a_clear_error(
+    secret: str, caps: list[str], why: str
+) -> None:
+    with pytest.raises(ImapAuthError, match=why) as caught:
+        dialects.password_mechanism("alice@contoso.example/support@contoso.example", secret, caps)
+    assert caught.value.code == "unsupported_mechanism" and secret not in str(caught.value)
 
 
 def test_not_connected_message_names_the_causes() -> None:

@@ -189,16 +189,26 @@ def password_mechanism(
     """LOGIN or AUTHENTICATE PLAIN for a password login.
 
     LOGIN by default; PLAIN when the server disables LOGIN or the credentials are not
-    ASCII (LOGIN cannot carry them).  A shared-mailbox name stays on LOGIN even then
-    unless LOGIN is disabled: Exchange refuses such names over PLAIN, and imaplib's
-    ASCII-only LOGIN fails with a clear error instead of a misleading rejection.
+    ASCII (imaplib sends LOGIN's arguments as ASCII).  A shared-mailbox name always uses
+    LOGIN: Exchange refuses such names over PLAIN.  A shared-mailbox name with non-ASCII
+    credentials fits neither, so it raises an ImapAuthError that says what to change.
     """
     caps = {_text(c).upper() for c in capabilities}
-    if "LOGINDISABLED" in caps:
-        return "plain"
-    if is_shared_mailbox_login(username):
+    ascii_only = (username + secret).isascii()
+    if not is_shared_mailbox_login(username):
+        return "plain" if "LOGINDISABLED" in caps or not ascii_only else "login"
+    if ascii_only and "LOGINDISABLED" not in caps:
         return "login"
-    return "login" if (username + secret).isascii() else "plain"
+    raise ImapAuthError(
+        "a shared-mailbox login (user/shared) needs LOGIN, which "
+        + (
+            "this server disables"
+            if "LOGINDISABLED" in caps
+            else "cannot carry non-ASCII credentials"
+        )
+        + ", and Exchange refuses it over AUTHENTICATE PLAIN: use an ASCII password or OAuth",
+        code="unsupported_mechanism",
+    )
 
 
 # ---------------------------------------------------------------- Gmail folders
