@@ -15,9 +15,10 @@ Gmail
 
 Exchange
     * the Microsoft Exchange greeting and capability list (``IMAP4 IMAP4rev1 ...``);
-    * throttling: the next ``throttle_commands`` commands after LOGIN answer
-      ``NO Request is throttled. Suggested Backoff Time: N milliseconds`` (or a bare
-      ``NO [THROTTLED]``);
+    * throttling: the next ``throttle_commands`` mailbox commands (or ``throttle_logins``
+      logins) answer ``NO Request is throttled. Suggested Backoff Time: N milliseconds``
+      (or a bare ``NO [THROTTLED]``); with ``throttle_bye`` it is ``BAD`` followed by
+      ``* BYE Connection closed. 14``, as Exchange Online does under heavy throttling;
     * ``AUTHENTICATE PLAIN`` refused for shared-mailbox names (``/`` or ``\\``), LOGIN works;
     * ``not_connected``: LOGIN succeeds, then every mailbox command answers
       ``NO User is authenticated but not connected.``
@@ -85,6 +86,8 @@ class Quirks:
 
     throttle_commands: int = 0  # Exchange: how many of the next mailbox commands to refuse
     throttle_ms: int | None = 2000  # None: a bare [THROTTLED] answer without a delay
+    throttle_bye: bool = False  # answer BAD and hang up with "* BYE Connection closed. 14"
+    throttle_logins: int = 0  # Exchange: how many of the next logins to throttle
     not_connected: bool = False  # Exchange: "User is authenticated but not connected"
     labels: dict[int, tuple[str, ...]] = field(default_factory=dict)  # Gmail, by index
     thread_of: dict[int, int] = field(default_factory=dict)  # Gmail: index -> root index
@@ -135,6 +138,9 @@ class DialectConnection(Connection):
             refusal = self.exchange_refusal(cmd)
             if refusal is not None:
                 await self.send(m.group("tag") + b" " + refusal + b"\r\n")
+                if self.quirks.throttle_bye:
+                    await self.send(b"* BYE Connection closed. 14\r\n")
+                    return False
                 return True
         return await super().command(line)
 
@@ -147,12 +153,17 @@ class DialectConnection(Connection):
         if q.throttle_commands > 0:
             q.throttle_commands -= 1
             q.throttled += 1
-            if q.throttle_ms is None:
-                return b"NO [THROTTLED] Request is throttled."
-            return b"NO Request is throttled. Suggested Backoff Time: %d milliseconds" % (
-                q.throttle_ms
-            )
+            return self.throttled_answer(q)
         return None
+
+    @staticmethod
+    def throttled_answer(q: Quirks) -> bytes:
+        verb = b"BAD" if q.throttle_bye else b"NO"
+        if q.throttle_ms is None:
+            return verb + b" [THROTTLED] Request is throttled."
+        return verb + b" Request is throttled. Suggested Backoff Time: %d milliseconds" % (
+            q.throttle_ms
+        )
 
     # -- commands ------------------------------------------------------------------------
 
@@ -174,6 +185,12 @@ class DialectConnection(Connection):
         return await self.log_in_as(tag, user, b"LOGIN completed.")
 
     async def log_in_as(self, tag: bytes, user: str, ok: bytes) -> bool:
+        q = self.server.quirks_of(user)
+        if self.dialect == "exchange" and q.throttle_logins > 0:
+            q.throttle_logins -= 1
+            q.throttled += 1
+            await self.send(tag + b" " + self.throttled_answer(q) + b"\r\n")
+            return True
         if self.dialect == "gmail" and self.server.logged_in[user] >= GMAIL_CONNECTION_LIMIT:
             self.server.refused[user] += 1
             await self.send(tag + b" " + GMAIL_CONN_CAP + b"\r\n")

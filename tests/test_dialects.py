@@ -259,6 +259,29 @@ def test_exchange_throttling_is_a_backoff(server: Any, ms: int | None, expected:
     assert q.throttled == 1
 
 
+def test_exchange_throttle_with_bye_and_at_login(server: Any) -> None:
+    name = user("exchange")
+    q = server.quirks_of(name)
+    q.throttle_commands, q.throttle_ms, q.throttle_bye = 1, 299910, True
+    client = connect(server.exchange_port)
+    client.login(name, "pw")
+    with pytest.raises(IMAPClientError) as caught:
+        client.select_folder("INBOX", readonly=True)
+    client.shutdown()
+    error = dialects.classify_provider_answer(str(caught.value))
+    assert isinstance(error, ImapThrottledError) and error.retry_after_s == 299.91
+    # Throttled at login: today's rules call that rejected credentials (a pause after 5);
+    # the dialect rule must run first.
+    q.throttle_logins, q.throttle_bye = 1, False
+    client = connect(server.exchange_port)
+    with pytest.raises(LoginError) as refused:
+        client.login(name, "pw")
+    assert isinstance(classify_error(refused.value), ImapAuthError)
+    assert isinstance(dialects.classify_provider_answer(str(refused.value)), ImapThrottledError)
+    client.login(name, "pw")  # the next login goes through
+    client.logout()
+
+
 def test_exchange_shared_mailbox_login_not_plain(server: Any) -> None:
     name = user("exchange", "/support@contoso.example")
     mech = dialects.password_mechanism(name, "pw", [c.decode() for c in _caps(server)])
