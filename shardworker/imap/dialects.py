@@ -94,7 +94,8 @@ def throttle_delay_s(text: str, *, default_s: float = DEFAULT_THROTTLE_S) -> flo
 
     ``Request is throttled. Suggested Backoff Time: 2000 milliseconds`` gives 2.0;
     ``[THROTTLED]`` or a throttling text without a time gives ``default_s``.  The result is
-    capped at :data:`MAX_THROTTLE_S`.
+    capped at :data:`MAX_THROTTLE_S`.  Some servers put ``[THROTTLED]`` on a tagged OK
+    (the command worked, but slow down): callers may apply it to OK texts as a pacing hint.
     """
     found = _BACKOFF.search(text)
     if found is not None:
