@@ -14,7 +14,7 @@ UNDISCLOSED_RECIPIENTS = "undisclosed-recipients@invalid.invalid"
 
 @dataclass(frozen=True)
 class Caps:
-    """Alga's ingress caps plus what the event may carry."""
+    """Alga's ingress caps, what the event may carry, and how the sender is resolved."""
 
     max_raw_bytes: int = 25 * 1024 * 1024
     max_attachment_bytes: int = 10 * 1024 * 1024
@@ -22,6 +22,7 @@ class Caps:
     max_attachments: int = 25
     include_attachment_content: bool = True
     include_raw_mime: bool = False
+    resolve_list_sender: bool = True
 
     @classmethod
     def from_settings(cls, s: Settings) -> Caps:
@@ -32,6 +33,7 @@ class Caps:
             max_attachments=s.max_attachments,
             include_attachment_content=s.include_attachment_content,
             include_raw_mime=s.include_raw_mime,
+            resolve_list_sender=s.resolve_list_original_sender,
         )
 
 
