@@ -54,16 +54,14 @@ def normalize_email(value: str) -> str | None:
 
 
 def a_label_domain(domain: str) -> str:
-    """An IDN domain in its A-label (``xn--``) form: IDNA 2003, else label-wise punycode.
+    """An IDN domain in its A-label (``xn--``) form, label by label, as IDNA 2008 does.
 
-    Python's codec implements IDNA 2003, which refuses some IDNA 2008 names (and labels
-    with characters it cannot map); those are encoded label by label after NFKC.
+    Python's ``idna`` codec implements IDNA 2003, which maps ``ß`` to ``ss``: it names
+    another domain (``fußball.de`` is ``xn--fuball-cta.de``, not ``fussball.de``).
+    Labels are NFKC-normalised and lower-cased (full stops of other scripts included).
     """
-    try:
-        return domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        pass
-    labels = unicodedata.normalize("NFKC", domain).lower().replace("\u3002", ".").split(".")
+    text = unicodedata.normalize("NFKC", domain).lower()
+    labels = text.replace("\u3002", ".").replace("\uff61", ".").split(".")
     return ".".join(
         label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
         for label in labels

@@ -41,10 +41,18 @@ _DELIMITER = re.compile(rb"--([^\r\n]{1,70}?)(?:--)?[ \t]*(?:\r\n|\r|\n)")
 _PART_HEADER = re.compile(rb"content-[a-z-]+[ \t]*:", re.IGNORECASE)
 
 
+_REPAIRABLE = frozenset({"MissingHeaderBodySeparatorDefect", "MisplacedEnvelopeHeaderDefect"})
+_OBSOLETE_FROM = re.compile(r"From[ \t]+:")
+
+
 def needs_header_repair(msg: Message, raw: bytes) -> bool:
+    """Whether the parse shows a broken header block (``From :`` reads as an mbox line)."""
     if raw.startswith(BOM):
         return True
-    return any(type(d).__name__ == "MissingHeaderBodySeparatorDefect" for d in msg.defects)
+    unixfrom = msg.get_unixfrom()
+    if unixfrom and _OBSOLETE_FROM.match(unixfrom):
+        return True
+    return any(type(d).__name__ in _REPAIRABLE for d in msg.defects)
 
 
 def repair_header_block(raw: bytes) -> bytes | None:
@@ -56,10 +64,12 @@ def repair_header_block(raw: bytes) -> bytes | None:
     for i, line in enumerate(lines):
         if line in (b"\r\n", b"\n", b"\r") or not line:
             break
-        if line[:1] in (b" ", b"\t") or _HEADER.match(line) or (i == 0 and line[:5] == b"From "):
+        obsolete = _OBSOLETE.match(line)
+        if not obsolete and (
+            line[:1] in (b" ", b"\t") or _HEADER.match(line) or (i == 0 and line[:5] == b"From ")
+        ):
             out.append(line)
             continue
-        obsolete = _OBSOLETE.match(line)
         if obsolete:
             out.append(obsolete.group(1).rstrip() + b":" + line[obsolete.end() :])
         elif _continues(out, lines, i):
