@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import time
 from typing import Any
 
 import pytest
 
 from tests.corpus.generate_issue13 import MANIFEST, OUT, manifest_bytes, render
+from tests.mime_support import ISSUE13_ENTRIES as ENTRIES
+from tests.mime_support import issue13_raw as _raw
 from tests.mime_support import parse, payload
 from tests.zodcheck import validate_payloads
 
-ENTRIES: list[dict[str, Any]] = json.loads(MANIFEST.read_text())
 MAX_PARSE_S = 0.100
-
-
-def _raw(entry: dict[str, Any]) -> bytes:
-    return (OUT / entry["file"]).read_bytes()
 
 
 def test_corpus_is_what_the_generator_writes() -> None:

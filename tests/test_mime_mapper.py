@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from shardworker.mime import Caps
-from tests.test_mime_corpus import ENTRIES, _raw
+from tests.mime_support import ISSUE13_ENTRIES as ENTRIES
+from tests.mime_support import issue13_raw as _raw
 from tests.mime_support import parse
 
 EXCEPTIONS = {
@@ -184,7 +185,5 @@ def test_the_rules_here_are_not_a_rubber_stamp() -> None:
     [entry] = [e for e in ENTRIES if e["file"].endswith("related-no-disposition.eml")]
     [mapped] = mapper_attachments(entry, "<x>")
     assert mapped["id"] == "<logo-1@example.com>" and mapped["isInline"] is False
-    assert (
-        list_rewrite(_raw([e for e in ENTRIES if e["file"].endswith("list-untrusted.eml")][0]))
-        is None
-    )
+    untrusted = next(e for e in ENTRIES if e["file"].endswith("list-untrusted.eml"))
+    assert list_rewrite(_raw(untrusted)) is None
