@@ -131,6 +131,7 @@ def _visit_leaf(
         if text:
             (walked.html if ctype == "text/html" else walked.text).append(text)
         if not raw_name:
+            part.set_payload("")  # decoded: the wire text is not needed again (memory)
             return
     name = clean_filename(raw_name, defects) if raw_name else ""
     walked.attachments.append(

@@ -40,7 +40,6 @@ import re
 from email import errors
 from email.feedparser import FeedParser
 from email.message import Message
-from itertools import islice
 from typing import Any
 
 MAX_PARAM_HEADER_CHARS = 8 * 1024
@@ -62,7 +61,9 @@ _DECLARATION = re.compile(
 _LINE_BREAK = re.compile(rb"\r?\n")
 # Lines end at CR, LF or CRLF, as in the feed parser (a CR-only message is still parsed).
 _DELIMITER = re.compile(rb"(?:\A|(?<=[\r\n]))--[^\r\n]*")
-_BOUNDARY_WORD = re.compile(rb"boundary", re.IGNORECASE)
+# A case-insensitive regex scans 2 MB of base64 in 12 ms; lower-casing a window and
+# counting with ``bytes.count`` (memchr-fast) takes under 1 ms.
+_COUNT_WINDOW = 1024 * 1024
 _PARAM_HEADERS = frozenset({"content-type", "content-disposition"})
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 # What the feed parser is told a message/* part is, so that it keeps the part as text.
@@ -105,12 +106,52 @@ def content_type(part: Message) -> str:
 
 
 def parse_bytes(raw: bytes) -> Message:
-    """``email.message_from_bytes(raw, _class=BoundedMessage)`` without the text copies."""
+    """``email.message_from_bytes(raw, _class=BoundedMessage)`` without the text copies.
+
+    Fast path: a message that is one part (most mail) has only its header block parsed;
+    the body is the rest of the text, which is exactly what the feed parser would have
+    joined from its lines (at 50-90 bytes of line objects per line: a 2 MB body of short
+    lines peaked at 7 times its size).
+    """
+    single = _single_part(raw)
+    if single is not None:
+        return single
+    return _feed(raw)
+
+
+def _feed(raw: bytes) -> Message:
     parser = FeedParser(_factory=BoundedMessage)
     view = memoryview(raw)
     for start in range(0, len(raw), FEED_CHUNK_BYTES):
         parser.feed(str(view[start : start + FEED_CHUNK_BYTES], "ascii", "surrogateescape"))
     return parser.close()
+
+
+def _single_part(raw: bytes) -> Message | None:
+    """The message with only its headers parsed, when it is one clean part; else None."""
+    end = _header_end(raw)
+    if end is None or end > _LINE_START_WINDOW * 8:
+        return None
+    msg = _feed(raw[:end])
+    if msg.defects or msg.get_payload() or msg.get_content_maintype() == "multipart":
+        return None
+    if content_type(msg).startswith("message/"):
+        return None
+    msg.set_payload(str(memoryview(raw)[end:], "ascii", "surrogateescape"))
+    return msg
+
+
+def _header_end(raw: bytes) -> int | None:
+    """Where the body starts: after the first empty line (CRLF, LF or CR line ends)."""
+    found = [
+        (pos, len(sep))
+        for sep in (b"\r\n\r\n", b"\n\n", b"\r\r")
+        if (pos := raw.find(sep, 0, _LINE_START_WINDOW * 8)) >= 0
+    ]
+    if not found:
+        return None
+    pos, size = min(found)
+    return pos + size
 
 
 def wire_payload(part: Message) -> bytes | None:
@@ -126,7 +167,7 @@ def wire_payload(part: Message) -> bytes | None:
 
 def limit_nesting(raw: bytes, defects: list[str]) -> bytes:
     """``raw`` cut where its multipart nesting would cost the feed parser too much."""
-    if next(islice(_BOUNDARY_WORD.finditer(raw), 2, None), None) is None:
+    if _declarations_below_two(raw):
         return raw  # at most one multipart: nothing can nest (the common case)
     cut = _NestingScan(raw).cut_at()
     if cut is None:
@@ -140,6 +181,18 @@ def _boundary_name(match: re.Match[bytes]) -> bytes:
     if quoted is None:
         return bytes(match.group(3))
     return _LINE_BREAK.sub(b"", quoted) if b"\n" in quoted else bytes(quoted)
+
+
+def _declarations_below_two(raw: bytes) -> bool:
+    """At most one ``boundary`` (any case) in ``raw``, counted window by window."""
+    found = 0
+    overlap = len(b"boundary") - 1
+    for start in range(0, len(raw), _COUNT_WINDOW):
+        window = raw[max(0, start - overlap) : start + _COUNT_WINDOW].lower()
+        found += window.count(b"boundary")
+        if found >= 2:
+            return False
+    return True
 
 
 def _lines(raw: bytes, start: int, end: int) -> int:

@@ -8,6 +8,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from shardworker.config import Settings
 
+# Peak memory of one parse_message call, as a multiple of the message size, on top of the
+# raw bytes the caller holds (tracemalloc; bench/parse_bench.py and the shapes pinned in
+# tests/test_mime_caps.py): 3.7x with a big attachment, 4.7x for an attached message,
+# 5.0x for 8-bit CJK text, 5.5x for multi-megabyte HTML (was 7.7x for a 2.2 MB message
+# with an attachment).  engine/sync.py sizes its fetch groups by it.
+PARSE_PEAK_FACTOR = 6
+
 UNKNOWN_SENDER = "unknown-sender@invalid.invalid"
 UNDISCLOSED_RECIPIENTS = "undisclosed-recipients@invalid.invalid"
 

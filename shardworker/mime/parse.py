@@ -47,7 +47,7 @@ def parse_message(
     raw: bytes, *, uid: int, mailbox: str, internal_date: datetime | None, caps: Caps
 ) -> ParsedMail:
     """Parse one fetched message; see the module docstring for every fallback."""
-    if not raw or not raw.strip():
+    if not raw or raw.isspace():
         raise ParseError(f"uid {uid}: empty message")
     try:
         return _parse(raw, uid, mailbox, internal_date, caps)
