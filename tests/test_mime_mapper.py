@@ -29,6 +29,9 @@ EXCEPTIONS = {
     "empty-attachment-dropped",  # Shape B refuses size 0
     "zod-refuses-address",  # zod's email() accepts no form of the sender: placeholder
     "placeholder-sender",  # no From at all: placeholder (Alga's mapper leaves it empty)
+    "filename-base-name",  # a path in a filename is cut to its base name
+    "uuencode-decoded",  # mail-parser leaves x-uuencode undecoded
+    "structure-recovered",  # parts mail-parser does not see (the boundary never appears)
 }
 
 
@@ -133,17 +136,28 @@ def _ours(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e["file"])
 def test_same_ids_and_attachments_as_alga_mapper(entry: dict[str, Any]) -> None:
-    assert entry.get("exception") in EXCEPTIONS | {None}, "document the exception in docs/mime.md"
+    exception = entry.get("exception")
+    assert exception in EXCEPTIONS | {None}, "document the exception in docs/mime.md"
     raw = _raw(entry)
     parsed = parse(raw)
     data = parsed.email_data
     ids = entry["mailparser"]["messageIds"]
     if ids:
-        assert data["id"] == ids[-1]  # mailparser reports the last Message-ID header
+        assert data["id"] == ids[-1]  # Alga's mail-parser reports the last Message-ID header
     else:
-        assert entry["exception"] == "synthetic-id"
+        assert exception == "synthetic-id"
         assert data["id"].startswith("imap-hash-")
-    assert _ours(data) == mapper_attachments(entry, data["id"])
+    ours, theirs = _ours(data), mapper_attachments(entry, data["id"])
+    if exception == "filename-base-name":
+        theirs = [{**a, "name": re.split(r"[/\\]", a["name"])[-1]} for a in theirs]
+    elif exception == "uuencode-decoded":
+        # Same attachment, decoded here: its bytes (so its checksum id) and type differ.
+        keys = ("name", "isInline")
+        ours, theirs = [[{k: a[k] for k in keys} for a in x] for x in (ours, theirs)]
+    elif exception == "structure-recovered":
+        assert theirs == [] and ours, "recovered parts mail-parser does not see"
+        return
+    assert ours == theirs
 
 
 @pytest.mark.parametrize(

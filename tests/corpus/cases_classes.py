@@ -238,6 +238,11 @@ def attachments() -> Iterator[Case]:
                 extra=f"Content-Disposition: attachment; {param}\n",
             )
         att = Att(content, "application/pdf", shown, disposition="attachment" if param else None)
+        exception = None
+        if slug == "att-path":
+            # mail-parser hands Alga the path; a consumer may write the file to disk.
+            att.filename, att.expect_name = "C:\\Users\\a\\secret.pdf", shown
+            exception = "filename-base-name"
         raw = crlf(
             head("files").replace("{slug}", slug)
             + multipart("mixed", "m", [leaf("text/plain", "See attached."), part])
@@ -252,6 +257,7 @@ def attachments() -> Iterator[Case]:
             text="See attached.",
             attachments=[att],
             message_ids=[f"<{slug}@example.com>"],
+            exception=exception,
         )
     many = [
         Att(pdf(30 + i), "application/pdf", f"doc{i}.pdf", disposition="attachment")
@@ -359,6 +365,9 @@ def attachments() -> Iterator[Case]:
             Att(b"hello", "application/octet-stream", "hello.txt", disposition="attachment")
         ],
         message_ids=["<att-uuencode@example.com>"],
+        # mail-parser leaves x-uuencode encoded (and calls it text/plain).
+        exception="uuencode-decoded",
+        mailparser_attachments=[Att(crlf(uu), "text/plain", "hello.txt", disposition="attachment")],
     )
 
 

@@ -50,7 +50,7 @@ class Att:
             "md5": hashlib.md5(self.content).hexdigest(),
         }
         for key, value in (
-            ("filename", self.expect_name or self.filename),
+            ("filename", self.filename),
             ("contentId", self.content_id),
             ("disposition", self.disposition),
         ):
@@ -74,6 +74,8 @@ class Case:
     not_in_text: list[str] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
     exception: str | None = None  # a documented difference from Alga's mapper (docs/mime.md)
+    # What mailparser lists when it differs from what a reader sees (the exceptions).
+    mailparser_attachments: list[Att] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def manifest(self, name: str) -> dict[str, Any]:
@@ -96,7 +98,14 @@ class Case:
             entry["defects"] = self.defects
         entry["mailparser"] = {
             "messageIds": self.message_ids,
-            "attachments": [a.mailparser() for a in self.attachments],
+            "attachments": [
+                a.mailparser()
+                for a in (
+                    self.attachments
+                    if self.mailparser_attachments is None
+                    else self.mailparser_attachments
+                )
+            ],
         }
         if self.exception:
             entry["exception"] = self.exception
