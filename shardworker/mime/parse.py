@@ -20,6 +20,11 @@ Fallbacks, so that malformed mail still becomes an event:
 * an empty attachment is left out of the list (Alga requires ``size > 0``);
 * lone surrogates become U+FFFD and NULs are dropped in every string.
 
+A From that a mailing list rewrote to the list address is replaced by the real author when
+the receiving server's authentication results vouch for it (``listsender``, on unless
+``Caps.resolve_list_sender`` is off).  What differs from Alga's own mapper on purpose is
+listed in docs/mime.md.
+
 The original headers are always kept in ``headers``.  Each repair adds a defect name to
 ``ParsedMail.defects``.  Only input with nothing to salvage (empty bytes) raises
 :class:`~shardworker.errors.ParseError`; any unexpected failure is converted to it, so no
