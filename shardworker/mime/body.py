@@ -20,7 +20,7 @@ from email.message import Message
 
 from shardworker.mime.fixups import clean_filename, decode_bytes, part_charset, raw_header_text
 from shardworker.mime.message import BoundedMessage, content_type, wire_payload
-from shardworker.mime.recover import opaque_base64, recover_epilogue, recover_parts
+from shardworker.mime.recover import opaque_base64, recover_epilogue, recover_parts, repair_part
 
 MAX_DEPTH = 40
 MAX_PARTS = 1000
@@ -58,6 +58,12 @@ def walk_message(msg: Message, fallback_charset: str | None, defects: list[str])
             defects.append("mime_too_many_parts")
             break
         _note_defects(part, defects)
+        if depth and part.defects and walked.recoveries < MAX_RECOVERIES:
+            repaired = repair_part(part)
+            if repaired is not None:
+                walked.recoveries += 1
+                defects.append("part_header_repaired")
+                part = repaired
         children = _children(part, walked, defects)
         if children is not None:
             if depth >= MAX_DEPTH:

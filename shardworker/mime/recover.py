@@ -10,6 +10,7 @@ pays nothing for it:
   before the colon) and turns a line that breaks the block, but is followed by more
   headers or ends a header that expects more (``;`` or ``,``), into a continuation line.
   A line followed by no further header is where the body starts, as before.
+  The same repair applies to the header block of a body part.
 * **a multipart whose boundary never appears** (no parts): when its body holds delimiter
   lines of another boundary followed by part headers, the parts are read with that
   boundary; when it starts with part headers, it is read as one part.
@@ -109,6 +110,18 @@ def _continues(out: list[bytes], lines: list[bytes], i: int) -> bool:
         if _KNOWN.match(later):
             return True
     return False
+
+
+def repair_part(part: Message) -> Message | None:
+    """A body part whose header block broke (as above), re-read repaired; else None."""
+    if not any(type(d).__name__ == "MissingHeaderBodySeparatorDefect" for d in part.defects):
+        return None
+    body = wire_payload(part)
+    if body is None:
+        return None
+    items = "".join(f"{name}: {value}\r\n" for name, value in part.raw_items())
+    repaired = repair_header_block(items.encode("ascii", "surrogateescape") + body)
+    return parse_bytes(repaired) if repaired is not None else None
 
 
 def recover_parts(part: Message) -> list[Message] | None:

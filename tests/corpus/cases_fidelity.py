@@ -148,6 +148,46 @@ def header_block() -> Iterator[Case]:
     )
 
 
+def part_header_block() -> Iterator[Case]:
+    """Item 1 inside a body part: its header block broken the same way."""
+    report = Att(pdf(3), "application/pdf", "a.pdf", disposition="attachment")
+    broken = att_part(report).replace(
+        'attachment; filename="a.pdf"', 'attachment;\nfilename="a.pdf"'
+    )
+    body = multipart("mixed", "pb", [leaf("text/plain", "see the file"), broken])
+    yield Case(
+        "part-broken-continuation",
+        "1-broken-continuation",
+        crlf(head("part").replace("{slug}", "part-broken-continuation") + body),
+        "part",
+        ALICE,
+        [ME],
+        text="see the file",
+        attachments=[report],
+        message_ids=["<part-broken-continuation@example.com>"],
+        defects=["part_header_repaired"],
+    )
+    alt = multipart(
+        "alternative",
+        "inner_000_",
+        [leaf("text/plain", "inner plain text"), leaf("text/html", "<p>inner html text</p>")],
+    ).replace('; boundary="inner_000_"', ';\nboundary="inner_000_"', 1)
+    body = multipart("mixed", "outer_000_", [alt, att_part(report)])
+    yield Case(
+        "part-unindented-boundary",
+        "1-broken-continuation",
+        crlf(head("part 2").replace("{slug}", "part-unindented-boundary") + body),
+        "part 2",
+        ALICE,
+        [ME],
+        text="inner plain text",
+        html="inner html text",
+        attachments=[report],
+        message_ids=["<part-unindented-boundary@example.com>"],
+        not_in_text=["--inner_000_"],
+    )
+
+
 def iso2022jp() -> Iterator[Case]:
     """Item 2: ISO-2022-JP with NEC row 13 and NEC-selected IBM characters."""
     subject = "請求書①について ㈱サンプル №12"
@@ -701,6 +741,7 @@ def broken_structure() -> Iterator[Case]:
 
 FAMILIES = [
     header_block,
+    part_header_block,
     iso2022jp,
     folded_boundary,
     attached_messages,
