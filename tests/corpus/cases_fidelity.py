@@ -166,6 +166,9 @@ def part_header_block() -> Iterator[Case]:
         attachments=[report],
         message_ids=["<part-broken-continuation@example.com>"],
         defects=["part_header_repaired"],
+        # mail-parser ends the part's header block at the broken line: no filename.
+        exception="header-block-recovered",
+        mailparser_attachments=[Att(report.content, "application/pdf", disposition="attachment")],
     )
     alt = multipart(
         "alternative",
