@@ -364,6 +364,9 @@ def test_iso_utc_converts_and_truncates() -> None:
         ("alice@example.c", False),
         ("alice@-example.com", False),
         ("jü@example.de", False),
+        ("info@xn--bcher-kva.de", True),  # an IDN domain in A-label form passes
+        ("ivan@xn--80aswg.xn--p1ai", False),  # zod's top-level domain is letters only
+        ("ivan@сайт.рф", False),
         ("alice@example.com\n", False),
         ("\u017f@example.com", False),  # Python's Unicode case folding must not widen [A-Z]
     ],
