@@ -27,6 +27,7 @@ from shardworker.mime.message import BoundedMessage, content_type, parse_bytes, 
 
 BOM = b"\xef\xbb\xbf"
 MAX_REPAIR_LINES = 2000
+MAX_EPILOGUES = 8
 _LOOKAHEAD_LINES = 5
 # The stdlib's header line (headerRE in email.feedparser), less the From_ and WSP cases.
 _HEADER = re.compile(rb"[\x21-\x39\x3b-\x7e]*:")
@@ -138,17 +139,27 @@ def recover_parts(part: Message) -> list[Message] | None:
 
 
 def recover_epilogue(part: Message) -> list[Message]:
-    """Parts after an early close delimiter of ``part``'s own boundary (reused by a child)."""
-    epilogue = part.epilogue
-    boundary = part.get_boundary()
-    if not epilogue or not boundary or f"--{boundary}" not in epilogue:
-        return []
-    data = epilogue.encode("ascii", "surrogateescape")
-    found = _inferred_boundary(data)
-    if found is None or found.decode("ascii", "surrogateescape") != boundary:
-        return []
-    part.epilogue = None
-    return _read_parts(content_type(part), found, data) or []
+    """Parts after an early close delimiter of ``part``'s own boundary (reused by a child).
+
+    Each child that reuses the boundary closes it once more, so the parts read from the
+    epilogue may leave an epilogue of their own: followed up to ``MAX_EPILOGUES`` times.
+    """
+    boundary = part.get_boundary() if part.epilogue else None
+    found: list[Message] = []
+    holder = part
+    for _ in range(MAX_EPILOGUES):
+        epilogue = holder.epilogue
+        if not epilogue or not boundary or f"--{boundary}" not in epilogue:
+            break
+        data = epilogue.encode("ascii", "surrogateescape")
+        inferred = _inferred_boundary(data)
+        if inferred is None or inferred.decode("ascii", "surrogateescape") != boundary:
+            break
+        holder.epilogue = None
+        container = _container(content_type(part), inferred, data)
+        found.extend(_parts_of(container))
+        holder = container
+    return found
 
 
 def _inferred_boundary(body: bytes) -> bytes | None:
@@ -162,13 +173,18 @@ def _inferred_boundary(body: bytes) -> bytes | None:
     return None
 
 
-def _read_parts(ctype: str, boundary: bytes, body: bytes) -> list[Message] | None:
+def _container(ctype: str, boundary: bytes, body: bytes) -> Message:
     head = f'Content-Type: {ctype}; boundary="'.encode() + boundary + b'"\r\n\r\n'
-    parsed = parse_bytes(head + body)
-    payload = parsed.get_payload()
-    if not isinstance(payload, list) or not payload:
-        return None
-    return [p for p in payload if isinstance(p, Message)]
+    return parse_bytes(head + body)
+
+
+def _parts_of(container: Message) -> list[Message]:
+    payload = container.get_payload()
+    return [p for p in payload if isinstance(p, Message)] if isinstance(payload, list) else []
+
+
+def _read_parts(ctype: str, boundary: bytes, body: bytes) -> list[Message] | None:
+    return _parts_of(_container(ctype, boundary, body)) or None
 
 
 def opaque_base64(part: Message) -> Message:

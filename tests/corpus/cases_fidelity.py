@@ -659,6 +659,33 @@ def broken_structure() -> Iterator[Case]:
         message_ids=["<reused-boundary-html-after@example.com>"],
         not_in_text=["UEsDB"],
     )
+    patches = [
+        Att(f"patch {n}\n".encode(), "text/x-diff", f"patch{n}.diff", disposition="attachment")
+        for n in range(1, 7)
+    ]
+    groups = "".join(
+        '--R\nContent-Type: multipart/alternative; boundary="R"\n\n'
+        + "".join(f"--R\n{att_part(a)}\n" for a in pair)
+        + "--R--\n\n"
+        for pair in (patches[0:2], patches[2:4], patches[4:6])
+    )
+    repeated = (
+        'Content-Type: multipart/mixed; boundary="O"\n\n--O\n'
+        'Content-Type: multipart/mixed; boundary="R"\n\n' + groups + "--R--\n\n"
+        "--O\nContent-Type: text/plain\n\nsix patches attached\n--O--\n"
+    )
+    yield Case(
+        "reused-boundary-repeated",
+        "9-reused-boundary",
+        crlf(head("patches").replace("{slug}", "reused-boundary-repeated") + repeated),
+        "patches",
+        ALICE,
+        [ME],
+        text="six patches attached",
+        attachments=patches,
+        message_ids=["<reused-boundary-repeated@example.com>"],
+        not_in_text=["--R"],
+    )
     report = Att(pdf(2), "application/pdf", "invoice.pdf", disposition="attachment")
     other = multipart(
         "mixed",
