@@ -2,8 +2,8 @@
 // a corpus directory with a manifest.json (tests/corpus/issue13), one JSON array on stdout.
 //
 //   npm ci --prefix bench/reference
-//   node bench/reference/corpus_dump.mjs tests/corpus/issue13 > /tmp/mailparser.json
-//   .venv/bin/python bench/corpus_compare.py /tmp/mailparser.json
+//   node bench/reference/corpus_dump.mjs tests/corpus/issue13 > mailparser.json
+//   .venv/bin/python bench/corpus_compare.py mailparser.json
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
