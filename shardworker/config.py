@@ -152,6 +152,11 @@ class Settings:
         True, "Put attachment content (base64) in events, within the caps."
     )
     include_raw_mime: bool = _setting(False, "Put `rawMimeBase64` in events, within the cap.")
+    resolve_list_original_sender: bool = _setting(
+        True,
+        "Recover the author of a list-rewritten From when authentication results vouch for "
+        "it, as Alga's `INBOUND_RESOLVE_LIST_ORIGINAL_SENDER` does.",
+    )
     dlq_max_raw_bytes: int = _setting(
         1024 * 1024, "Raw bytes kept in a DLQ entry; larger messages keep a pointer only."
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ from shardworker.mime import Caps, ParsedMail, build_payload, parse_message
 CORPUS = Path(__file__).resolve().parent / "corpus"
 GOOD = sorted((CORPUS / "good").glob("*.eml"))
 MALFORMED = sorted((CORPUS / "malformed").glob("*.eml"))
+# The issue-13 corpus: messages and a manifest written by tests/corpus/generate_issue13.py.
+ISSUE13 = CORPUS / "issue13"
+ISSUE13_ENTRIES: list[dict[str, Any]] = json.loads((ISSUE13 / "manifest.json").read_text())
 MAILBOX = "support@example.org"
 TENANT = "3f0e6a52-7a43-4d55-9a7e-6c1f1f5f0b11"
 PROVIDER = "9b1c2d3e-4f50-4a6b-8c7d-0e1f2a3b4c5d"
@@ -23,6 +27,10 @@ def corpus(name: str) -> bytes:
         if path.exists():
             return path.read_bytes()
     raise FileNotFoundError(name)
+
+
+def issue13_raw(entry: dict[str, Any]) -> bytes:
+    return (ISSUE13 / entry["file"]).read_bytes()
 
 
 def parse(raw: bytes, caps: Caps | None = None, **overrides: Any) -> ParsedMail:

@@ -83,9 +83,9 @@ def test_large_message_from_a_real_dovecot(dovecot: Dovecot, imap_user: ImapUser
     assert data["messageSize"] == len(raw)
     listed = [(a["name"], a["contentType"], a.get("contentId")) for a in data["attachments"]]
     assert listed == [
-        ("attachment-1.png", "image/png", "logo@x"),
+        ("attachment-1", "image/png", "<logo@x>"),
         ("€-invoice.pdf", "application/pdf", None),
-        ("Printer on floor 3 is jammed.eml", "message/rfc822", None),
+        ("attachment-3", "message/rfc822", None),
         ("notes.txt", "text/plain", None),
     ]
     assert all("content" not in a for a in data["attachments"])

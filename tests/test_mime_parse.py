@@ -59,8 +59,8 @@ def test_attachments_metadata_content_and_ids() -> None:
     ]
     pdf = base64.b64decode(data["attachments"][0]["content"])
     assert pdf.startswith(b"%PDF-1.4\n") and len(pdf) == 2057
-    # No Content-ID: the id is the sha256 of the content (Alga's checksum fallback).
-    assert data["attachments"][0]["id"] == hashlib.sha256(pdf).hexdigest()
+    # No Content-ID: the id is mail-parser's checksum, the md5 hex of the content (Alga).
+    assert data["attachments"][0]["id"] == hashlib.md5(pdf).hexdigest()
     assert base64.b64decode(data["attachments"][1]["content"]) == "line 1 ✓\r\nline 2".encode()
     assert data["body"]["text"] == "See attached."
     assert all(a["isInline"] is False for a in data["attachments"])
@@ -69,11 +69,12 @@ def test_attachments_metadata_content_and_ids() -> None:
 def test_inline_image_uses_content_id() -> None:
     data = parse(corpus("inline-image.eml")).email_data
     [image] = data["attachments"]
-    assert image["id"] == "logo-123@example.com"
-    assert image["contentId"] == "logo-123@example.com"
-    assert image["isInline"] is True
+    # Alga's mapper: the Content-ID with its angle brackets; inline only by disposition.
+    assert image["id"] == "<logo-123@example.com>"
+    assert image["contentId"] == "<logo-123@example.com>"
+    assert image["isInline"] is False  # a Content-ID but no Content-Disposition
     assert image["contentType"] == "image/png"
-    assert image["name"] == "attachment-1.png"
+    assert image["name"] == "attachment-1"
     assert 'src="cid:logo-123@example.com"' in data["body"]["html"]
 
 
@@ -125,9 +126,10 @@ def test_attached_message_is_not_merged_into_the_body() -> None:
     assert data["body"] == {"text": "Please look at the attached message."}
     [attached] = data["attachments"]
     assert attached["contentType"] == "message/rfc822"
-    assert attached["name"] == "You won.eml"
+    assert attached["name"] == "attachment-1"
     inner = base64.b64decode(attached["content"])
     assert b"INNER MESSAGE TEXT" in inner and b"Subject: You won" in inner
+    assert b"\r\n" in inner and b"\n" not in inner.replace(b"\r\n", b"")
 
 
 def test_unterminated_quoted_filename_loses_its_quote() -> None:
@@ -147,9 +149,10 @@ def test_missing_message_id_gives_stable_synthetic_id() -> None:
     assert "message_id_synthetic" in first.defects
 
 
-def test_duplicated_message_id_takes_the_first() -> None:
+def test_duplicated_message_id_takes_the_last() -> None:
+    """mail-parser (under Alga's mapper) reports the last Message-ID header."""
     parsed = parse(corpus("duplicated-message-id.eml"))
-    assert parsed.message_id == "<first-id@example.com>"
+    assert parsed.message_id == "<second-id@example.com>"
     assert parsed.email_data["headers"]["message-id"] == (
         "<first-id@example.com>, <second-id@example.com>"
     )
@@ -361,6 +364,9 @@ def test_iso_utc_converts_and_truncates() -> None:
         ("alice@example.c", False),
         ("alice@-example.com", False),
         ("jü@example.de", False),
+        ("info@xn--bcher-kva.de", True),  # an IDN domain in A-label form passes
+        ("ivan@xn--80aswg.xn--p1ai", False),  # zod's top-level domain is letters only
+        ("ivan@сайт.рф", False),
         ("alice@example.com\n", False),
         ("\u017f@example.com", False),  # Python's Unicode case folding must not widen [A-Z]
     ],

@@ -35,7 +35,7 @@ log = get_logger(__name__)
 
 # Raw bytes fetched in one UID FETCH at most, so a batch of big messages stays bounded.
 FETCH_BUDGET_BYTES = 32 * 1024 * 1024
-BIG_GROUP_BYTES = 4 * 1024 * 1024
+BIG_GROUP_BYTES = 24 * 1024 * 1024 // 7  # 24 MiB a thread / (raw + mime.PARSE_PEAK_FACTOR)
 
 
 @dataclass
@@ -255,7 +255,7 @@ class FolderSync:
         small = [m for m in todo if m.size <= caps.max_raw_bytes]
         for group in _fetch_groups(small, FETCH_BUDGET_BYTES):
             size = sum(by_uid[uid].size for uid in group)
-            # Parsing holds about six times a message's size: big groups take turns, so a
+            # A group costs up to 7x its size (raw + parse peak): big groups take turns, so a
             # burst of large mail across all sync threads cannot multiply that by the pool.
             gate = self.ctx.big_gate if size > BIG_GROUP_BYTES else contextlib.nullcontext()
             with gate:

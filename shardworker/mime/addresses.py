@@ -7,12 +7,17 @@ reject is dropped (with a defect), because one bad recipient must not make Alga 
 the whole event.  IDN domains are converted to their ASCII (punycode) form first.
 
 The regex is the intersection of zod 3.22.4's (pinned by Alga's workflow worker) and
-zod 3.23+'s: 3.22 has no apostrophe in the local part, 3.23+ has no comma.
+zod 3.23+'s: 3.22 has no apostrophe in the local part, 3.23+ has no comma.  Both accept
+only ASCII, and only a top-level domain of letters: ``…@xn--bcher-kva.de`` passes, but a
+UTF-8 local part (RFC 6531) and an IDN top-level domain (``.рф`` = ``.xn--p1ai``) have no
+form zod accepts; such a sender falls back to the placeholder address, with the original
+address kept in ``name`` and in the headers map.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from mailparser.utils import get_addresses
@@ -42,14 +47,25 @@ def normalize_email(value: str) -> str | None:
     if is_zod_email(value):
         return value
     local, at, domain = value.rpartition("@")
-    if not at or domain.isascii():
-        return None
-    try:
-        ascii_domain = domain.encode("idna").decode("ascii")
-    except UnicodeError:
-        return None
-    candidate = f"{local}@{ascii_domain}"
+    if not at or domain.isascii() or not local.isascii():
+        return None  # an RFC 6531 UTF-8 local part has no form zod accepts
+    candidate = f"{local}@{a_label_domain(domain)}"
     return candidate if is_zod_email(candidate) else None
+
+
+def a_label_domain(domain: str) -> str:
+    """An IDN domain in its A-label (``xn--``) form, label by label, as IDNA 2008 does.
+
+    Python's ``idna`` codec implements IDNA 2003, which maps ``ß`` to ``ss``: it names
+    another domain (``fußball.de`` is ``xn--fuball-cta.de``, not ``fussball.de``).
+    Labels are NFKC-normalised and lower-cased (full stops of other scripts included).
+    """
+    text = unicodedata.normalize("NFKC", domain).lower()
+    labels = text.replace("\u3002", ".").replace("\uff61", ".").split(".")
+    return ".".join(
+        label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+        for label in labels
+    )
 
 
 def _entry(email: str, name: str) -> dict[str, Any]:
@@ -99,10 +115,9 @@ def _simple_pairs(text: str) -> list[tuple[str, str]] | None:
             continue
         name = name.strip()
         if name.startswith('"'):
-            if "=?" in name:
-                return None  # a quoted encoded word stays literal: mail-parser decides
             name = name[1:-1]
-        elif "=?" in name:
+        if "=?" in name:
+            # Quoted or not, as mail clients (and mail-parser for Alga) read it.
             name = decode_encoded_words(name, [])
         pairs.append((name, angle))
     return pairs
@@ -138,7 +153,7 @@ def _collect(
         if email is None:
             defects.append(f"address_invalid: {header}")
             continue
-        out.append(_entry(email, name))
+        out.append(_entry(email, decode_encoded_words(name, []) if "=?" in name else name))
     if not out and text.strip():
         out = _recover_single(text, fallback_charset, defects, header)
     return out

@@ -7,9 +7,10 @@ Caps are applied in message order, and the first one that applies wins: the coun
 (``attachment_over_max_bytes``), then the running total of included content
 (``attachment_total_bytes_exceeded``).
 
-Ids follow Alga's mapper: the Content-ID (angle brackets dropped, as ``cid:`` URLs name
-it), else the sha256 of the content, else ``<msgId>-att-<i>``; a repeated id gets
-``-<i>`` appended so ids stay unique within the message.
+Ids follow Alga's mapper (``contentId || checksum || "<msgId>-att-<i>"``): the Content-ID
+as written (angle brackets kept), else mail-parser's checksum, the md5 hex of the decoded
+content, else ``<msgId>-att-<i>`` (only on the large-message path, where the content is
+never fetched).  Like the mapper, two identical attachments share one id.
 """
 
 from __future__ import annotations
@@ -69,20 +70,12 @@ def _skip(reason: str, cap: int, att_id: str, meta: AttachmentMeta) -> dict[str,
     }
 
 
-def _unique(att_id: str, seen: set[str], index: int) -> str:
-    if att_id in seen:
-        att_id = f"{att_id}-{index}"
-    seen.add(att_id)
-    return att_id
-
-
 def build_attachments(
     parts: list[AttachmentPart], caps: Caps, defects: list[str]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Attachment entries (content within caps) and the skip reasons, from full MIME."""
     entries: list[dict[str, Any]] = []
     skips: list[dict[str, Any]] = []
-    seen: set[str] = set()
     total = 0
     for ap in parts:
         data = part_bytes(ap.part, defects)
@@ -91,7 +84,7 @@ def build_attachments(
             defects.append("attachment_empty")
             continue
         meta = AttachmentMeta(ap.name, ap.content_type, len(data), ap.content_id, ap.inline)
-        att_id = _unique(ap.content_id or hashlib.sha256(data).hexdigest(), seen, len(entries))
+        att_id = ap.content_id or hashlib.md5(data, usedforsecurity=False).hexdigest()
         entry = _entry(meta, att_id)
         if caps.include_attachment_content:
             blocked = cap_reason(len(entries), meta.size, total, caps)
@@ -111,11 +104,10 @@ def describe_attachments(
     """Entries without content (the content was never fetched), and the caps that apply."""
     entries: list[dict[str, Any]] = []
     skips: list[dict[str, Any]] = []
-    seen: set[str] = set()
     total = 0
     for meta in metas:
         index = len(entries)
-        att_id = _unique(meta.content_id or f"{message_id}-att-{index}", seen, index)
+        att_id = meta.content_id or f"{message_id}-att-{index}"
         if caps.include_attachment_content:
             blocked = cap_reason(index, meta.size, total, caps)
             if blocked:

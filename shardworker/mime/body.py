@@ -1,23 +1,30 @@
 """Walk a parsed message: text and HTML bodies, and the parts that are attachments.
 
 The walk is iterative with a depth and a part-count cap, so hostile nesting costs a
-bounded amount of work.  An attached message (``message/*``) is one attachment: its own
-text never leaks into the body (mail-parser 4.8 merges it into ``text_plain``).
+bounded amount of work.  An attached message (``message/*``) is one attachment whose
+content is the bytes that arrived, transfer encoding undone: its own text never leaks into
+the body (mail-parser 4.8 merges it into ``text_plain``).  A multipart without parts is
+recovered where a reader would still see parts (:mod:`shardworker.mime.recover`); what is
+left is its text, or an attachment when it is bare base64, never base64 in the body.
+
+Transfer encodings are read from the stripped, lower-cased value (Python 3.11 compares
+``quoted-printable`` unstripped and left a ``quoted-printable `` body encoded).
 """
 
 from __future__ import annotations
 
 import binascii
-import mimetypes
 import re
 from dataclasses import dataclass, field
 from email.message import Message
 
 from shardworker.mime.fixups import clean_filename, decode_bytes, part_charset, raw_header_text
-from shardworker.mime.message import BoundedMessage, wire_payload
+from shardworker.mime.message import BoundedMessage, content_type, wire_payload
+from shardworker.mime.recover import opaque_base64, recover_epilogue, recover_parts, repair_part
 
 MAX_DEPTH = 40
 MAX_PARTS = 1000
+MAX_RECOVERIES = 8  # each re-reads a part's body: bounded work on hostile input
 _BODY_TYPES = ("text/plain", "text/html")
 
 
@@ -37,6 +44,7 @@ class Walked:
     text: list[str] = field(default_factory=list)
     html: list[str] = field(default_factory=list)
     attachments: list[AttachmentPart] = field(default_factory=list)
+    recoveries: int = 0
 
 
 def walk_message(msg: Message, fallback_charset: str | None, defects: list[str]) -> Walked:
@@ -50,7 +58,13 @@ def walk_message(msg: Message, fallback_charset: str | None, defects: list[str])
             defects.append("mime_too_many_parts")
             break
         _note_defects(part, defects)
-        children = _children(part)
+        if depth and part.defects and walked.recoveries < MAX_RECOVERIES:
+            repaired = repair_part(part)
+            if repaired is not None:
+                walked.recoveries += 1
+                defects.append("part_header_repaired")
+                part = repaired
+        children = _children(part, walked, defects)
         if children is not None:
             if depth >= MAX_DEPTH:
                 defects.append("mime_too_deep")
@@ -62,13 +76,26 @@ def walk_message(msg: Message, fallback_charset: str | None, defects: list[str])
     return walked
 
 
-def _children(part: Message) -> list[Message] | None:
+def _children(part: Message, walked: Walked, defects: list[str]) -> list[Message] | None:
     """Sub-parts of a multipart container; None for leaves (attached messages included)."""
-    if part.get_content_maintype() != "multipart":
+    if not content_type(part).startswith("multipart/"):
         return None
     payload = part.get_payload()
     if isinstance(payload, list):
-        return [p for p in payload if isinstance(p, Message)]
+        children = [p for p in payload if isinstance(p, Message)]
+        if part.epilogue and walked.recoveries < MAX_RECOVERIES:
+            extra = recover_epilogue(part)
+            if extra:
+                walked.recoveries += 1
+                defects.append("mime_parts_after_close")
+                children.extend(extra)
+        return children
+    if walked.recoveries < MAX_RECOVERIES:
+        walked.recoveries += 1
+        recovered = recover_parts(part)
+        if recovered:
+            defects.append("mime_boundary_recovered")
+            return recovered
     return None
 
 
@@ -94,33 +121,45 @@ def _visit_leaf(
     fallback_charset: str | None,
     defects: list[str],
 ) -> None:
-    ctype = part.get_content_type()
+    ctype = content_type(part)
     disposition = _disposition(part)
     raw_name = _raw_filename(part)
     if ctype.startswith("multipart/"):
         # A multipart whose boundary never appears: its body is all we have.
         defects.append("multipart_without_parts")
-        ctype = "text/plain"
+        if _looks_base64(wire_payload(part) or b""):
+            part, ctype = opaque_base64(part), "application/octet-stream"
+        else:
+            ctype = "text/plain"
     is_body_type = ctype in _BODY_TYPES and not in_attachment and disposition != "attachment"
     if is_body_type and (not raw_name or disposition == "inline"):
         text = decode_text_part(part, fallback_charset, defects)
         if text:
             (walked.html if ctype == "text/html" else walked.text).append(text)
         if not raw_name:
+            part.set_payload("")  # decoded: the wire text is not needed again (memory)
             return
     name = clean_filename(raw_name, defects) if raw_name else ""
-    if not name:
-        name = _default_name(part, ctype, len(walked.attachments) + 1, defects)
     walked.attachments.append(
         AttachmentPart(
             part=part,
-            name=name,
+            # Alga's mapper: the filename, else attachment-<index+1>.
+            name=name or f"attachment-{len(walked.attachments) + 1}",
             content_type=ctype,
             content_id=_content_id(part),
-            inline=disposition == "inline"
-            or (disposition is None and _content_id(part) is not None),
+            # Alga's mapper: inline only when the Content-Disposition says so.
+            inline=disposition == "inline",
         )
     )
+
+
+_BASE64_ONLY = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
+
+
+def _looks_base64(data: bytes) -> bool:
+    """Bare base64 text: base64 characters and line breaks only, a line's worth at least."""
+    stripped = data.strip()
+    return len(stripped) >= 40 and not stripped.translate(None, _BASE64_ONLY)
 
 
 def decode_text_part(part: Message, fallback_charset: str | None, defects: list[str]) -> str:
@@ -130,11 +169,15 @@ def decode_text_part(part: Message, fallback_charset: str | None, defects: list[
 
 
 def part_bytes(part: Message, defects: list[str]) -> bytes:
-    """The decoded content of a leaf part; a flattened message for ``message/*``."""
-    if part.get_content_maintype() == "message":
-        return _flatten(part, defects)
-    if _transfer_encoding(part) == "base64":
+    """The decoded content of a leaf part; the bytes that arrived for ``message/*``."""
+    encoding = transfer_encoding(part)
+    if encoding == "base64":
         return _lenient_base64(part, defects)
+    if encoding == "quoted-printable":
+        wire = wire_payload(part)
+        return binascii.a2b_qp(wire) if wire else b""
+    if content_type(part).startswith("message/"):
+        return wire_payload(part) or b""
     try:
         payload = part.get_payload(decode=True)
     except Exception:  # compat32 decoders on hostile transfer encodings
@@ -146,9 +189,13 @@ def part_bytes(part: Message, defects: list[str]) -> bytes:
     return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
 
 
-def _transfer_encoding(part: Message) -> str:
+def transfer_encoding(part: Message) -> str:
+    """The Content-Transfer-Encoding token: stripped, unquoted, lower case."""
     value = part.get("content-transfer-encoding")
-    return str(value).strip().lower() if value is not None else ""
+    if value is None:
+        return ""
+    words = str(value).strip().strip("\"'").lower().split(None, 1)
+    return words[0].split(";", 1)[0].split("(", 1)[0] if words else ""
 
 
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
@@ -179,20 +226,6 @@ def _lenient_base64(part: Message, defects: list[str]) -> bytes:
         return b""
 
 
-def _flatten(part: Message, defects: list[str]) -> bytes:
-    payload = part.get_payload()
-    if isinstance(payload, str):
-        return payload.encode("ascii", "surrogateescape")
-    inner = payload[0] if isinstance(payload, list) and payload else None
-    if not isinstance(inner, Message):
-        return b""
-    try:
-        return inner.as_bytes()
-    except Exception:  # the generator re-encodes with declared charsets; some refuse
-        defects.append("attached_message_unflattenable")
-        return inner.as_string().encode("utf-8", "surrogateescape")
-
-
 def _raw_filename(part: Message) -> str:
     source = part
     if any(_has_8bit(v) for k, v in part.raw_items() if k.lower() in _PARAM_HEADERS):
@@ -218,21 +251,9 @@ def _has_8bit(value: object) -> bool:
 
 
 def _content_id(part: Message) -> str | None:
+    """The Content-ID as written (angle brackets kept, as mail-parser gives it to Alga)."""
     value = part.get("content-id")
     if value is None:
         return None
-    text = raw_header_text(str(value), None, []).strip().strip("<>").strip()
+    text = " ".join(raw_header_text(str(value), None, []).split())
     return text[:998] or None
-
-
-def _default_name(part: Message, ctype: str, n: int, defects: list[str]) -> str:
-    if ctype.startswith("message/"):
-        inner = part.get_payload()
-        if isinstance(inner, list) and inner and isinstance(inner[0], Message):
-            subject = inner[0].get("subject")
-            title = clean_filename(str(subject), defects) if subject else ""
-            if title:
-                return f"{title[:120]}.eml"
-        return f"attached-message-{n}.eml"
-    ext = mimetypes.guess_extension(ctype, strict=False) or ".bin"
-    return f"attachment-{n}{ext}"

@@ -74,12 +74,13 @@ def _unfold(value: str) -> str:
 
 
 def message_id(values: list[str], defects: list[str]) -> str | None:
-    """The first Message-ID, angle brackets kept (added when the sender left them out)."""
+    """The last Message-ID (as mail-parser reports it to Alga), angle brackets kept (added
+    when the sender left them out)."""
     if not values:
         return None
     if len(values) > 1:
         defects.append("message_id_duplicated")
-    text = _unfold(values[0])
+    text = _unfold(values[-1])
     match = _MSG_ID.search(text)
     if match:
         found = match.group(0)

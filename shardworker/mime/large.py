@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import binascii
 import email
-import mimetypes
 import quopri
 import re
 from collections.abc import Mapping, Sequence
@@ -39,6 +38,7 @@ from shardworker.mime.assemble import (
 )
 from shardworker.mime.attachments import AttachmentMeta, describe_attachments
 from shardworker.mime.fixups import clean_filename, decode_bytes
+from shardworker.mime.listsender import resolve_list_sender
 from shardworker.mime.message import BoundedMessage
 from shardworker.mime.model import Caps, ParsedMail
 
@@ -165,14 +165,16 @@ class _Walker:
         if is_body and not in_attachment and disposition != "attachment" and not name:
             self._add_text(section, subtype, params, encoding, size)
             return
-        content_id = _text(node[3] if len(node) > 3 else None).strip().strip("<>").strip()
+        content_id = " ".join(_text(node[3] if len(node) > 3 else None).split())
         self.attachments.append(
             AttachmentMeta(
-                name=clean_filename(str(name), self.defects) or self._default(ctype, node),
+                # Alga's mapper: the filename, else attachment-<index+1>.
+                name=clean_filename(str(name), self.defects)
+                or f"attachment-{len(self.attachments) + 1}",
                 content_type=ctype,
                 size=max(1, _decoded_size(size, encoding)),
                 content_id=content_id or None,
-                inline=disposition == "inline" or (disposition is None and bool(content_id)),
+                inline=disposition == "inline",
             )
         )
 
@@ -183,16 +185,6 @@ class _Walker:
         charset = params.get_param("charset")
         charset = charset[2] if isinstance(charset, tuple) else charset
         self.texts.append(TextPart(section, subtype, str(charset) if charset else None, enc, size))
-
-    def _default(self, ctype: str, node: Sequence[Any]) -> str:
-        n = len(self.attachments) + 1
-        if not ctype.startswith("message/"):
-            return f"attachment-{n}{mimetypes.guess_extension(ctype, strict=False) or '.bin'}"
-        envelope = node[7] if len(node) > 7 else None
-        subject = envelope[1] if isinstance(envelope, Sequence) and len(envelope) > 1 else None
-        title = clean_filename(_text(subject), self.defects) if subject else ""
-        # Same naming as the full parse: the attached message's subject.
-        return f"{title[:120]}.eml" if title else f"attached-message-{n}.eml"
 
 
 def _decoded_size(size: int, encoding: str) -> int:
@@ -290,6 +282,8 @@ def _parse_large(
     if attachments:
         data["attachments"] = attachments
     data.update(extras(index, charset, defects))
+    if caps.resolve_list_sender:
+        resolve_list_sender(index, data, charset, defects)
     data["messageSize"] = size
     skips.append(raw_mime_skip(size, caps))
     data["ingressSkipReasons"] = skips

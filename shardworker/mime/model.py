@@ -8,13 +8,20 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from shardworker.config import Settings
 
+# Peak memory of one parse_message call, as a multiple of the message size, on top of the
+# raw bytes the caller holds (tracemalloc; bench/parse_bench.py and the shapes pinned in
+# tests/test_mime_caps.py): 3.7x with a big attachment, 4.7x for an attached message,
+# 5.0x for 8-bit CJK text, 5.5x for multi-megabyte HTML (was 7.7x for a 2.2 MB message
+# with an attachment).  engine/sync.py sizes its fetch groups by it.
+PARSE_PEAK_FACTOR = 6
+
 UNKNOWN_SENDER = "unknown-sender@invalid.invalid"
 UNDISCLOSED_RECIPIENTS = "undisclosed-recipients@invalid.invalid"
 
 
 @dataclass(frozen=True)
 class Caps:
-    """Alga's ingress caps plus what the event may carry."""
+    """Alga's ingress caps, what the event may carry, and how the sender is resolved."""
 
     max_raw_bytes: int = 25 * 1024 * 1024
     max_attachment_bytes: int = 10 * 1024 * 1024
@@ -22,6 +29,7 @@ class Caps:
     max_attachments: int = 25
     include_attachment_content: bool = True
     include_raw_mime: bool = False
+    resolve_list_sender: bool = True
 
     @classmethod
     def from_settings(cls, s: Settings) -> Caps:
@@ -32,6 +40,7 @@ class Caps:
             max_attachments=s.max_attachments,
             include_attachment_content=s.include_attachment_content,
             include_raw_mime=s.include_raw_mime,
+            resolve_list_sender=s.resolve_list_original_sender,
         )
 
 

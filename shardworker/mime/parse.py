@@ -10,7 +10,7 @@ against a budget of about 1 ms for the whole parse.
 Fallbacks, so that malformed mail still becomes an event:
 
 * no usable Message-ID → ``imap-hash-<sha256 of the raw bytes>-<uid>`` (stable across
-  re-fetches); a duplicated Message-ID header → the first one;
+  re-fetches); a duplicated Message-ID header → the last one (mail-parser's answer to Alga);
 * From missing or invalid → ``{"email": "unknown-sender@invalid.invalid", "name": <the
   original header text, if any>}``;
 * To missing, invalid or empty (a Bcc delivery) → ``[{"email": <the provider's mailbox>}]``,
@@ -20,6 +20,11 @@ Fallbacks, so that malformed mail still becomes an event:
 * an empty attachment is left out of the list (Alga requires ``size > 0``);
 * lone surrogates become U+FFFD and NULs are dropped in every string.
 
+A From that a mailing list rewrote to the list address is replaced by the real author when
+the receiving server's authentication results vouch for it (``listsender``, on unless
+``Caps.resolve_list_sender`` is off).  What differs from Alga's own mapper on purpose is
+listed in docs/mime.md.
+
 The original headers are always kept in ``headers``.  Each repair adds a defect name to
 ``ParsedMail.defects``.  Only input with nothing to salvage (empty bytes) raises
 :class:`~shardworker.errors.ParseError`; any unexpected failure is converted to it, so no
@@ -28,7 +33,6 @@ other exception escapes.
 
 from __future__ import annotations
 
-import email
 from datetime import datetime
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -38,15 +42,17 @@ from shardworker.mime import headers
 from shardworker.mime.assemble import body, envelope, extras, finish, first_charset, raw_mime
 from shardworker.mime.attachments import build_attachments
 from shardworker.mime.body import walk_message
-from shardworker.mime.message import BoundedMessage, limit_nesting
+from shardworker.mime.listsender import resolve_list_sender
+from shardworker.mime.message import BoundedMessage, limit_nesting, parse_bytes
 from shardworker.mime.model import Caps, ParsedMail
+from shardworker.mime.recover import needs_header_repair, repair_header_block
 
 
 def parse_message(
     raw: bytes, *, uid: int, mailbox: str, internal_date: datetime | None, caps: Caps
 ) -> ParsedMail:
     """Parse one fetched message; see the module docstring for every fallback."""
-    if not raw or not raw.strip():
+    if not raw or raw.isspace():
         raise ParseError(f"uid {uid}: empty message")
     try:
         return _parse(raw, uid, mailbox, internal_date, caps)
@@ -83,6 +89,8 @@ def _parse(
     if attachments:
         data["attachments"] = attachments
     data.update(extras(index, charset, defects))
+    if caps.resolve_list_sender:
+        resolve_list_sender(index, data, charset, defects)
     data["messageSize"] = len(raw)
     skips.extend(raw_mime(data, raw, caps))
     if skips:
@@ -93,7 +101,13 @@ def _parse(
 def _structure(raw: bytes, defects: list[str]) -> Message:
     raw = limit_nesting(raw, defects)
     try:
-        return email.message_from_bytes(raw, _class=BoundedMessage)
+        msg = parse_bytes(raw)
+        if needs_header_repair(msg, raw):
+            repaired = repair_header_block(raw)
+            if repaired is not None:
+                defects.append("header_block_repaired")
+                msg = parse_bytes(repaired)
+        return msg
     except RecursionError:
         # Nesting deep enough to exhaust the stack: keep the headers, drop the body.
         defects.append("mime_too_deep")
