@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # shardworker: python:3.11-slim, non-root (uid 10001), tini as PID 1, ready for a read-only
 # root filesystem. Build: docker build -t shardworker:dev .
-# The build and install commands live in docker/wheels.sh, which tests/test_wheel_install.py
-# runs as well.
+# The build and install commands live in docker/wheels.sh. tests/test_image.py builds this
+# file with podman and runs the image as the Helm chart does.
 
 # Any Debian bookworm image with python3 (and its venv and pip modules); pin it by digest
 # for a reproducible build: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:...

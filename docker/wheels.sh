@@ -1,7 +1,5 @@
 #!/bin/sh
-# The image's build and install steps, in one place: the Dockerfile runs them, and
-# tests/test_wheel_install.py runs the very same commands, so the image's install path is
-# exercised even where no Docker engine is available.
+# The image's build and install steps, in one place (the Dockerfile runs them).
 #
 #   wheels.sh deps LOCKFILE OUTDIR    wheels of the runtime dependencies pinned in
 #                                     requirements.lock, every file checked against its

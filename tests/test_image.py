@@ -113,6 +113,30 @@ def test_image_is_built_from_the_pinned_base_and_keeps_its_contract(image: Built
     assert "shardworker==" in listing
 
 
+def test_image_holds_the_whole_package_and_redacts_secrets(image: Built) -> None:
+    """Package data (SQL, Lua) made it into the wheel; print-config hides the DSN's password.
+    (Replaces tests/test_wheel_install.py, which replayed the Dockerfile in a venv.)"""
+    probe = (
+        "import pathlib, shardworker; p = pathlib.Path(shardworker.__file__).parent; "
+        "print('\\n'.join(str(f.relative_to(p)) for f in p.rglob('*') if f.is_file()))"
+    )
+    listed = podman("run", "--rm", *RLIMITS, "--network", "none", image.tag, "python", "-c", probe)
+    installed = set(listed.stdout.split())
+    source = REPO / "shardworker"
+    data = {
+        str(f.relative_to(source)) for f in source.rglob("*")
+        if f.is_file() and f.suffix not in (".py", ".pyc") and "__pycache__" not in f.parts
+    }  # fmt: skip
+    assert data and data <= installed, f"missing from the image: {sorted(data - installed)}"
+    printed = podman(
+        "run", "--rm", *RLIMITS, "--network", "none", "--read-only",
+        "-e", "SHARDWORKER_DATABASE_URL=postgresql://sw:hunter2@db:5432/alga",
+        image.tag, "shardworker", "print-config",
+    )  # fmt: skip
+    assert json.loads(printed.stdout)["database_url"] == "***"
+    assert "hunter2" not in printed.stdout + printed.stderr
+
+
 # ---------------------------------------------------------------- the pod, as the chart runs it
 
 
@@ -234,7 +258,20 @@ def test_migrate_from_the_image_creates_the_schema(deployment: Deployment) -> No
     assert {"email_providers", "imap_email_provider_config", "shardworker_ledger"} <= tables
 
 
+def seeded(deployment: Deployment) -> bool:
+    """Every provider's INBOX has its first cursor: mail delivered from now on is new to it
+    (a provider's first sync starts from the present, not from its mailbox's history)."""
+    with psycopg.connect(deployment.dsn) as conn:
+        rows = conn.execute(
+            "SELECT count(*) FROM imap_email_provider_config "
+            "WHERE email_provider_id = ANY(%s) AND folder_state ? 'INBOX'",
+            (list(deployment.users),),
+        ).fetchone()
+    return rows is not None and rows[0] == len(deployment.users)
+
+
 def test_delivered_mail_becomes_an_event(deployment: Deployment, dovecot: Dovecot) -> None:
+    wait_until(lambda: seeded(deployment), 60.0, 0.1)
     sent = {}
     for pid, user in deployment.users.items():
         message_id = f"<image-{uuid.uuid4().hex}@example.com>"
