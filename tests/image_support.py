@@ -84,10 +84,12 @@ def build_image(tag: str, python_image: str) -> tuple[str, float]:
     layer cache. A cached stage mounts without the files of its later steps (buildah#4375),
     and a cached RUN step is not rebuilt when the stage it mounts changed (buildah#4522), so a
     cached build could test stale code. Without layers each build is complete (half a minute);
-    the cached base image is what makes it cheap."""
+    the cached base image is what makes it cheap. --pull=never: the base is local, and a
+    missing one fails at once instead of after retries against a registry."""
     started = time.monotonic()
     proc = podman(
-        "build", "--quiet", "--layers=false", "--format", "docker", "--network", "host", *RLIMITS,
+        "build", "--quiet", "--pull=never", "--layers=false", "--format", "docker",
+        "--network", "host", *RLIMITS,
         "--build-arg", f"PYTHON_IMAGE={python_image}", "--tag", tag, str(REPO),
         timeout_s=BUILD_TIMEOUT_S,
     )  # fmt: skip

@@ -41,6 +41,7 @@ from tests.harness.pg import PG_ADMIN_DSN, create_database, drop_database, dsn_f
 from tests.image_support import (
     REPO,
     RLIMITS,
+    PodmanError,
     PodRun,
     build_image,
     ensure_base_image,
@@ -101,9 +102,9 @@ def test_image_is_built_from_the_pinned_base_and_keeps_its_contract(image: Built
     assert healthcheck["Test"] == ["CMD", "shardworker", "check-health"]
     assert "/var/lib/shardworker/metrics" in config["Volumes"]
     assert int(image.config["Size"]) < IMAGE_SIZE_BUDGET, image.config["Size"]
-    # PYTHON_IMAGE pinned by digest: the build's parent is exactly that image.
-    name, digest = image.base.split("@")
-    assert podman("image", "inspect", "--format", "{{.Digest}}", name).stdout.strip() == digest
+    # PYTHON_IMAGE pinned by digest: the image's first layers are exactly the base's.
+    base_layers = image_config(image.base)["RootFS"]["Layers"]
+    assert image.config["RootFS"]["Layers"][: len(base_layers)] == base_layers
     # Nothing of the build stage (wheels, sources, compilers' leftovers) in the image.
     listing = podman(
         "run", "--rm", *RLIMITS, "--network", "none", "--entrypoint", "sh", image.tag, "-c",
@@ -111,6 +112,13 @@ def test_image_is_built_from_the_pinned_base_and_keeps_its_contract(image: Built
     ).stdout  # fmt: skip
     assert "/wheels" not in listing and "/src" not in listing
     assert "shardworker==" in listing
+
+
+def test_a_base_digest_that_does_not_match_fails_the_build(image: Built) -> None:
+    """The digest in PYTHON_IMAGE is honoured, not ignored: a wrong one stops the build at FROM."""
+    name = image.base.split("@")[0]
+    with pytest.raises(PodmanError, match="exited"):
+        build_image("localhost/shardworker:wrong-digest", f"{name}@sha256:{'0' * 64}")
 
 
 def test_image_holds_the_whole_package_and_redacts_secrets(image: Built) -> None:
