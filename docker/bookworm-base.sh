@@ -11,6 +11,7 @@
 #   what the host trusts.
 # Needs root, debootstrap and podman (scripts/install-deps.sh installs them).
 set -euo pipefail
+export PATH="$PATH:/usr/sbin:/sbin"  # debootstrap, chroot
 tag=${1:-localhost/shardworker-base:bookworm-python3.11}
 suite=bookworm
 podman_() { podman --runtime runc --cgroup-manager=cgroupfs "$@"; }
@@ -87,3 +88,8 @@ tar -C "$rootfs" --numeric-owner -c . | podman_ import --quiet \
     --change 'CMD ["python3"]' \
     - "$tag" >/dev/null
 log "imported $tag"
+# Bases of earlier recipes (same repository, other tag) are never used again.
+podman_ images --format '{{.Repository}}:{{.Tag}}' --filter "reference=${tag%:*}" |
+    while read -r old; do
+        [ "$old" = "$tag" ] || podman_ rmi "$old" >/dev/null 2>&1 || true
+    done
