@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -97,8 +98,6 @@ def build_image(tag: str, python_image: str) -> tuple[str, float]:
 
 
 def image_config(ref: str) -> dict[str, Any]:
-    import json
-
     data = json.loads(podman("image", "inspect", ref).stdout)
     return dict(data[0])
 
