@@ -1,21 +1,23 @@
 # syntax=docker/dockerfile:1
 # shardworker: python:3.11-slim, non-root (uid 10001), tini as PID 1, ready for a read-only
 # root filesystem. Build: docker build -t shardworker:dev .
-# The build and install commands live in docker/wheels.sh, which tests/test_wheel_install.py
-# runs as well.
+# The build and install commands live in docker/wheels.sh. tests/test_image.py builds this
+# file with podman and runs the image as the Helm chart does.
 
+# Any Debian bookworm image with python3 (and its venv and pip modules); pin it by digest
+# for a reproducible build: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:...
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: wheels only, nothing of this stage reaches the image ----
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY docker/wheels.sh /usr/local/bin/wheels.sh
-# Dependencies first, from pyproject.toml alone: this layer is rebuilt when the dependency
-# list changes, not on every source edit.
-COPY pyproject.toml ./
-RUN wheels.sh deps pyproject.toml /wheels/deps
+# Dependencies first, from the lock file alone (exact versions, every file checked against
+# its hash): this layer is rebuilt when requirements.lock changes, not on every source edit.
+COPY requirements.lock ./
+RUN wheels.sh deps requirements.lock /wheels/deps
 # Then the source.
-COPY README.md ./
+COPY pyproject.toml README.md ./
 COPY shardworker ./shardworker
 RUN wheels.sh app /src /wheels/app
 
@@ -35,7 +37,7 @@ RUN groupadd --gid 10001 shardworker \
        --shell /usr/sbin/nologin shardworker
 
 # The wheels are bind-mounted, never copied into a layer. Dependencies get their own layer,
-# cached until pyproject.toml's dependency list changes.
+# cached until requirements.lock changes.
 RUN --mount=type=bind,from=build,source=/wheels/deps,target=/wheels/deps \
     --mount=type=bind,source=docker/wheels.sh,target=/usr/local/bin/wheels.sh \
     wheels.sh install /wheels/deps /opt/shardworker

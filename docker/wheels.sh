@@ -1,12 +1,12 @@
 #!/bin/sh
-# The image's build and install steps, in one place: the Dockerfile runs them, and
-# tests/test_wheel_install.py runs the very same commands, so the image's install path is
-# exercised even where no Docker engine is available.
+# The image's build and install steps, in one place (the Dockerfile runs them).
 #
-#   wheels.sh deps PYPROJECT OUTDIR   wheels of the runtime dependencies, read from
-#                                     pyproject.toml alone (no source needed: cacheable)
+#   wheels.sh deps LOCKFILE OUTDIR    wheels of the runtime dependencies pinned in
+#                                     requirements.lock, every file checked against its
+#                                     hash (no source needed: cacheable)
 #   wheels.sh app SRCDIR OUTDIR       the shardworker wheel itself, without dependencies
-#   wheels.sh install DEPSDIR VENV    a fresh venv with only the dependencies, offline
+#   wheels.sh install DEPSDIR VENV    a fresh venv with only the dependencies, offline,
+#                                     hashes required again
 #   wheels.sh install DEPSDIR VENV APPDIR
 #                                     shardworker into that venv, offline; pip resolves
 #                                     it against DEPSDIR, so a dependency missing from
@@ -27,14 +27,10 @@ command=$1
 case "$command" in
 deps)
     mkdir -p "$3"
-    "$PYTHON" - "$2" >"$3/requirements.txt" <<'PY'
-import sys
-import tomllib
-
-with open(sys.argv[1], "rb") as f:
-    print("\n".join(tomllib.load(f)["project"]["dependencies"]))
-PY
-    "$PYTHON" -m pip wheel --quiet --wheel-dir "$3" --requirement "$3/requirements.txt"
+    cp "$2" "$3/requirements.txt"
+    # --only-binary: a wheel built here from an sdist would not match the lock's hashes.
+    "$PYTHON" -m pip wheel --quiet --require-hashes --only-binary :all: --wheel-dir "$3" \
+        --requirement "$3/requirements.txt"
     ;;
 app)
     mkdir -p "$3"
@@ -44,7 +40,7 @@ app)
 install)
     if [ $# -eq 3 ]; then
         "$PYTHON" -m venv "$3"
-        "$3/bin/python" -m pip install --quiet --no-index --find-links "$2" \
+        "$3/bin/python" -m pip install --quiet --no-index --require-hashes --find-links "$2" \
             --requirement "$2/requirements.txt"
     else
         "$3/bin/python" -m pip install --quiet --no-index --find-links "$2" \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install and start what the test suite and `make run` need on Debian 12:
-#   Dovecot (dovecot-imapd), Prometheus + promtool, redis-server; PostgreSQL and Redis up on
+#   Dovecot (dovecot-imapd), Prometheus + promtool, redis-server; podman + runc + debootstrap
+#   (tests/test_image.py builds and runs the container image); PostgreSQL and Redis up on
 #   127.0.0.1:5432 / :6379; the zod validator's node_modules.
 # Idempotent and quiet: when everything is present it only probes and exits (~50 ms).
 set -euo pipefail
@@ -28,6 +29,12 @@ missing_packages() {
     command -v dovecot >/dev/null && command -v doveadm >/dev/null || missing+=(dovecot-imapd)
     command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
     command -v redis-server >/dev/null || missing+=(redis-server)
+    # The image test: podman with runc (crun cannot run on hybrid cgroups) and debootstrap for
+    # its base image, since no container image registry is reachable.
+    command -v podman >/dev/null || missing+=(podman)
+    command -v runc >/dev/null || missing+=(runc)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
     echo "${missing[@]}"
 }
 
