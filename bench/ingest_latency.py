@@ -246,7 +246,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", action="append", metavar="NAME=VALUE",
                         help="a service setting, e.g. idle_refresh_s=600 (repeatable)")  # fmt: skip
     parser.add_argument("--no-keepalive", action="store_true",
-                        help="Dovecot keepalive every 30 min instead of 2 (diagnostic)")  # fmt: skip
+                        help="Dovecot keepalive every 30 min, not 2 (diagnostic)")  # fmt: skip
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each stage of the push cycles (diagnostic)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 folders, 30 samples")

@@ -130,6 +130,9 @@ class Settings:
         "How long a backlog reading is reused; the lag bound can overshoot by what "
         "one process publishes in this time.",
     )
+    sink: str = _setting(
+        "redis-streams", "Where events go: `redis-streams` (Alga's workflow stream)."
+    )
     publish_event_bus: bool = _setting(
         False, "Also write `alga-psa:event-stream:global:INBOUND_EMAIL_RECEIVED`."
     )

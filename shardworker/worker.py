@@ -7,7 +7,7 @@ pool agent (shardworker.pool.agent).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
@@ -24,8 +24,9 @@ from shardworker.imap.connect import tls_context
 from shardworker.logs import get_logger
 from shardworker.mime import Caps
 from shardworker.oauth import TokenRefresher
-from shardworker.publish import Publisher
 from shardworker.secrets.store import SecretStore
+from shardworker.sink import SINKS, SinkFactory, open_sink
+from shardworker.sink.base import Sink
 
 log = get_logger(__name__)
 
@@ -34,7 +35,7 @@ log = get_logger(__name__)
 class WorkerContext:
     settings: Settings
     store: Store
-    publisher: Publisher
+    sink: Sink
     engine: Engine
     redis: redis.Redis
     pool: ConnectionPool
@@ -54,13 +55,16 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 def build_worker(
-    settings: Settings, *, on_released: Callable[[str], None] | None = None
+    settings: Settings,
+    *,
+    on_released: Callable[[str], None] | None = None,
+    sinks: Mapping[str, SinkFactory] = SINKS,
 ) -> WorkerContext:
     pool = open_pool(settings.database_url, max_size=settings.db_pool_max)
     store = Store(pool)
     client = redis_client(settings)
-    publisher = Publisher(client, settings)
-    publisher.ensure_groups()
+    sink = open_sink(settings, client, sinks)
+    sink.prepare()
     secrets = SecretStore(settings, pool)
     status = StatusWriter(pool)
     status.start()
@@ -68,7 +72,7 @@ def build_worker(
         settings=settings,
         store=store,
         secrets=secrets,
-        publisher=publisher,
+        sink=sink,
         caps=Caps.from_settings(settings),
         status=status,
         ssl_context=tls_context(settings.tls_ca_file),
@@ -81,4 +85,4 @@ def build_worker(
         pool.close()
         client.close()
 
-    return WorkerContext(settings, store, publisher, engine, client, pool, close)
+    return WorkerContext(settings, store, sink, engine, client, pool, close)

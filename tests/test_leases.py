@@ -17,7 +17,8 @@ from shardworker.db.store import LedgerEntry, Store, open_pool
 from shardworker.errors import FencedError, LeaseLostError
 from shardworker.pool.leases import LeaseManager, lease_key
 from shardworker.pool.registry import Assignment, Registry
-from shardworker.publish import Outbound, Publisher
+from shardworker.sink.base import Outbound
+from shardworker.sink.redis_streams import RedisStreamsSink
 from tests.support import rig_settings
 
 
@@ -69,7 +70,7 @@ def test_a_stale_owner_can_neither_publish_nor_checkpoint(env: dict[str, Any]) -
     time.sleep(0.45)  # a is paused past its TTL (as under SIGSTOP)
     [new] = b.acquire([(tenant, pid)])
     assert new.epoch == old.epoch + 1
-    publisher = Publisher(env["redis"], env["settings"])
+    publisher = RedisStreamsSink(env["redis"], env["settings"])
     out = Outbound(tenant=tenant, provider_id=pid, mailbox="m0@example.com", folder="INBOX",
                    uid_validity=1, uid=7, message_id="<stale@example.com>",
                    payload={"tenantId": tenant}, event_time=datetime.now(UTC))  # fmt: skip

@@ -34,7 +34,7 @@ from shardworker.engine.resync import FolderJob, ResyncRequest
 from shardworker.engine.state import ProviderRuntime, Slot, make_backoff
 from shardworker.imap.session import FolderSession, State
 from shardworker.logs import get_logger
-from shardworker.publish import Fence
+from shardworker.sink.base import Fence
 
 log = get_logger(__name__)
 
@@ -129,7 +129,7 @@ class Engine(FailurePolicy):
     def update_providers(
         self,
         configs: Sequence[ProviderConfig],
-        fences: Mapping[str, tuple[Fence | None, int | None]] | None = None,
+        fences: Mapping[str, Fence] | None = None,
     ) -> None:
         """Serve exactly these providers; stop the others gracefully."""
         snapshot = list(configs)
@@ -227,9 +227,7 @@ class Engine(FailurePolicy):
 
     # -- providers ---------------------------------------------------------------------
 
-    def _apply_desired(
-        self, configs: list[ProviderConfig], fences: dict[str, tuple[Fence | None, int | None]]
-    ) -> None:
+    def _apply_desired(self, configs: list[ProviderConfig], fences: dict[str, Fence]) -> None:
         if self._stopping:
             return
         desired = {c.provider_id: c for c in configs}
@@ -246,11 +244,10 @@ class Engine(FailurePolicy):
                 rt.replacement = cfg
         for pid, cfg in desired.items():
             if pid not in self.providers:
-                fence, epoch = fences.get(pid, (None, None))
-                self._start_provider(cfg, fence, epoch)
+                self._start_provider(cfg, fences.get(pid))
 
-    def _start_provider(self, cfg: ProviderConfig, fence: Fence | None, epoch: int | None) -> None:
-        rt = ProviderRuntime(cfg, fence, epoch, make_backoff(self.settings, auth=True))
+    def _start_provider(self, cfg: ProviderConfig, fence: Fence | None) -> None:
+        rt = ProviderRuntime(cfg, fence, make_backoff(self.settings, auth=True))
         self.providers[cfg.provider_id] = rt
         if cfg.folder_filters:
             slot = self._new_slot(rt, "", resolving=True)
@@ -346,7 +343,7 @@ class Engine(FailurePolicy):
         restarted, rt.after_restart = rt.after_restart, []
         if rt.replacement is not None and not self._stopping:
             # A config change: the same owner serves it on, so the lease stays.
-            self._start_provider(rt.replacement, rt.fence, rt.epoch)
+            self._start_provider(rt.replacement, rt.fence)
             for callback in restarted:
                 self._background(callback, True)
             return

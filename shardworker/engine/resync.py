@@ -125,7 +125,7 @@ class FolderJob:
         started = time.monotonic()
         batch_size = max(1, sync.ctx.provider.max_emails_per_sync or 50)
         while self.pending:
-            if sync.ctx.publisher.backpressured():
+            if sync.ctx.sink.backpressured():
                 return "backpressure"
             if time.monotonic() - started > budget_s:
                 return "more"  # give the watchdog and the other work a turn

@@ -18,7 +18,7 @@ from shardworker.engine.resync import FolderJob
 from shardworker.imap.connect import Credentials
 from shardworker.imap.session import FolderSession, FolderStatus, State
 from shardworker.oauth import AccessToken
-from shardworker.publish import Fence
+from shardworker.sink.base import Fence
 
 
 @dataclass(eq=False)
@@ -68,7 +68,6 @@ class Slot:
 class ProviderRuntime:
     config: ProviderConfig
     fence: Fence | None
-    epoch: int | None
     auth_backoff: Backoff
     credentials: Credentials | None = None
     slots: dict[str, Slot] = field(default_factory=dict)

@@ -162,7 +162,7 @@ class PoolAgent:
             held_now = dict(self.leases.held)
         metrics.set_leases_held(len(held_now))
         serve = [c for p, c in configs.items() if p in held_now]
-        fences = {p: (held_now[p].fence, held_now[p].epoch) for p in held_now}
+        fences = {p: lease.fence for p, lease in held_now.items()}
         self.engine.update_providers(serve, fences)
 
     def _load_configs(self, desired: frozenset[str]) -> dict[str, ProviderConfig]:

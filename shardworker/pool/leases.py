@@ -29,7 +29,7 @@ import redis
 
 from shardworker.db.ownership import OwnershipStore
 from shardworker.errors import LeaseError
-from shardworker.publish import Fence
+from shardworker.sink.base import Fence
 
 # KEYS: lease keys.  ARGV[1]: ttl in ms; ARGV[2..]: one provisional token per key.
 # Returns one 1/0 per key: 1 when the key was free and is now ours.
@@ -106,7 +106,7 @@ class Lease:
 
     @property
     def fence(self) -> Fence:
-        return Fence(self.key, self.token)
+        return Fence(self.key, self.token, self.epoch)
 
 
 class LeaseManager:
