@@ -21,12 +21,12 @@ import threading
 from collections.abc import Callable
 
 from shardworker import metrics
-from shardworker.admin.commands import CommandInbox
 from shardworker.config import Settings
 from shardworker.db.store import ProviderConfig, Store
 from shardworker.engine.loop import Engine
 from shardworker.errors import ShardworkerError
 from shardworker.logs import get_logger
+from shardworker.pool.inbox import CommandInbox
 from shardworker.pool.leases import Lease, LeaseManager
 from shardworker.pool.registry import Registry
 
