@@ -1,4 +1,4 @@
-"""One provider + folder IMAP connection, as a small state machine.
+"""One provider + folder IMAP connection (the slot's life is ``engine.state.SlotState``).
 
 The engine drives it: blocking methods (``examine``, ``fetch_*``, ``enter_idle``,
 ``leave_idle``, ``close``) run on sync threads, one at a time per session; the loop thread
@@ -10,7 +10,6 @@ EXAMINE and bodies are fetched with ``BODY.PEEK[]``.
 from __future__ import annotations
 
 import contextlib
-import enum
 import imaplib
 import socket
 from collections.abc import Iterable, Sequence
@@ -23,19 +22,6 @@ from imapclient.response_parser import parse_fetch_response
 
 from shardworker.errors import FolderError, ImapProtocolError
 from shardworker.imap.connect import classify_error
-
-
-class State(enum.Enum):
-    NEW = "new"
-    CONNECTING = "connecting"
-    SYNCING = "syncing"
-    IDLE = "idle"
-    POLL_WAIT = "poll_wait"
-    BACKOFF = "backoff"
-    PARKED = "parked"
-    PAUSED = "paused"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
