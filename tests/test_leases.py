@@ -108,7 +108,7 @@ def test_leases_count_as_lost_when_renewals_fail_past_the_ttl(env: dict[str, Any
     assert a.renew() == []  # still within the TTL: keep serving
     now[0] += 1.5
     assert sorted(x.provider_id for x in a.renew()) == sorted(env["pids"])
-    assert a.held == {}
+    assert a.held() == {}
 
 
 def test_one_leader_at_a_time_and_a_deposed_one_cannot_publish(env: dict[str, Any]) -> None:

@@ -23,7 +23,6 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any
 
 import orjson
@@ -34,6 +33,7 @@ from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.logs import get_logger
+from shardworker.luasource import lua_source
 from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult
 
 log = get_logger(__name__)
@@ -156,7 +156,7 @@ class _Script:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.body = resources.files("shardworker").joinpath("lua", name).read_text("utf-8")
+        self.body = lua_source(name)
         self.sha = hashlib.sha1(self.body.encode()).hexdigest()
 
     def load(self, client: redis.Redis) -> None:
