@@ -73,7 +73,7 @@ def build_worker(
         caps=Caps.from_settings(settings),
         status=status,
         ssl_context=tls_context(settings.tls_ca_file),
-        oauth=TokenRefresher(settings, pool, store, secrets),
+        oauth=TokenRefresher(settings, pool, status, secrets),
     )
     engine = Engine(deps, on_released=on_released)
 
