@@ -149,7 +149,6 @@ class ProviderRuntime:
     replacement: ProviderConfig | None = None
     reported_status: str | None = None
     reported_error: str | None = None
-    last_sync_write: float = 0.0
     auth_ok_seen: bool = False
     auth_blocked_until: float = 0.0
     # OAuth2: the cached access token (with its expiry); a failed XOAUTH2 login forces a
