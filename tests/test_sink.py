@@ -143,3 +143,12 @@ def test_the_engine_publishes_through_a_second_sink(
         assert events(rig.redis) == []  # nothing went to Alga's stream
     finally:
         rig.close()
+
+
+def test_an_unknown_sink_stops_run_before_anything_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shardworker.cli import main
+    from shardworker.exitcodes import ExitCode
+
+    monkeypatch.setenv("SHARDWORKER_SINK", "kafka")
+    monkeypatch.setenv("SHARDWORKER_DATABASE_URL", "postgresql://127.0.0.1:1/never")
+    assert main(["run"]) == ExitCode.CONFIG
