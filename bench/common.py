@@ -586,7 +586,7 @@ class StageTracer:
         ("shardworker.db.store", "Store", "known_uids"),
         ("shardworker.db.store", "Store", "known_message_ids"),
         ("shardworker.db.store", "Store", "commit_batch"),
-        ("shardworker.publish", "Publisher", "publish_batch"),
+        ("shardworker.sink.redis_streams", "RedisStreamsSink", "publish_batch"),
     )
 
     def __init__(self) -> None:

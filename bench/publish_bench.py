@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 import redis
 
 from shardworker.config import Settings
-from shardworker.publish import Fence, Outbound, Publisher
+from shardworker.sink.base import Fence, Outbound
+from shardworker.sink.redis_streams import RedisStreamsSink
 
 TENANT = "0b7c4d1e-8f0a-4c6b-9d2e-3f4a5b6c7d8e"
 PROVIDER = "5d6e7f80-1a2b-4c3d-8e9f-a0b1c2d3e4f5"
@@ -80,8 +81,8 @@ def run(client: redis.Redis, settings: Settings, label: str, count: int, batch: 
     client.flushdb()
     lease = f"sw:lease:{TENANT}:{PROVIDER}"
     client.set(lease, "bench-token")
-    fence = Fence(lease, "bench-token")
-    publisher = Publisher(client, settings)
+    fence = Fence(lease, "bench-token", 1)
+    publisher = RedisStreamsSink(client, settings)
     batches = [
         [message(u) for u in range(s, min(s + batch, count))] for s in range(0, count, batch)
     ]

@@ -8,7 +8,6 @@ that need them, so ``--help`` and ``print-config`` stay fast.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import urllib.error
 import urllib.request
@@ -17,6 +16,7 @@ from collections.abc import Callable, Sequence
 import orjson
 
 from shardworker import __version__
+from shardworker.admin.cli import add_provider_commands
 from shardworker.config import Settings, load_settings, settings_table
 from shardworker.errors import ConfigError, ShardworkerError
 from shardworker.exitcodes import ExitCode
@@ -111,17 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout", type=float, default=3.0)
     health.set_defaults(func=cmd_check_health)
 
-    _add_provider_commands(sub)
+    # Imported at the top: a missing dependency of the provider commands fails loudly.
+    add_provider_commands(sub)
     return parser
-
-
-def _add_provider_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    # The provider commands live with the admin API; absent until that module exists.
-    try:
-        module = importlib.import_module("shardworker.admin.cli")
-    except ModuleNotFoundError:
-        return
-    module.add_provider_commands(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

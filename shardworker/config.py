@@ -131,6 +131,9 @@ class Settings:
         "How long a backlog reading is reused; the lag bound can overshoot by what "
         "one process publishes in this time.",
     )
+    sink: str = _setting(
+        "redis-streams", "Where events go: `redis-streams` (Alga's workflow stream)."
+    )
     publish_event_bus: bool = _setting(
         False, "Also write `alga-psa:event-stream:global:INBOUND_EMAIL_RECEIVED`."
     )
@@ -234,23 +237,40 @@ def _parse_bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name}: expected true or false, got {raw!r}")
 
 
+def _parse_tuple(name: str, raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+# Every annotation a setting may have, and how its variable is parsed.  A setting with
+# any other annotation is a programming error, refused at import (not parsed as a string).
+_PARSERS: dict[str, Any] = {
+    "str": lambda name, raw: raw,
+    "bool": _parse_bool,
+    "int": lambda name, raw: int(raw.replace("_", "")),
+    "float": lambda name, raw: float(raw),
+    "tuple[str, ...]": _parse_tuple,
+}
+
+
+def _check_annotations() -> None:
+    unknown = {f.name: f.type for f in dataclasses.fields(Settings) if f.type not in _PARSERS}
+    if unknown:
+        raise TypeError(f"Settings fields with no parser for their type: {unknown}")
+
+
 def _parse_value(f: dataclasses.Field[Any], raw: str) -> Any:
     name = env_name(f.name)
     shown = REDACTED if f.metadata["secret"] else repr(raw)
-    kind = f.type
+    parser = _PARSERS.get(str(f.type))
+    if parser is None:
+        raise ConfigError(f"{name}: setting type {f.type} has no parser")
     try:
-        if kind == "bool":
-            return _parse_bool(name, raw)
-        if kind == "int":
-            return int(raw.replace("_", ""))
-        if kind == "float":
-            return float(raw)
-        if kind == "tuple[str, ...]":
-            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return parser(name, raw)
     except ValueError:
-        raise ConfigError(f"{name}: expected {kind}, got {shown}") from None
-    return raw
+        raise ConfigError(f"{name}: expected {f.type}, got {shown}") from None
 
+
+_check_annotations()
 
 _CHAIN_SOURCES = {"db", "env", "filesystem"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}

@@ -15,4 +15,7 @@ class ExitCode(IntEnum):
     WORKER_BOOT_ERROR = 4
     # The coordinator halted because a worker failed at boot.
     HALTED = 5
+    # A worker's background thread (lease keeper, assigner, status writer...) died of an
+    # unexpected error: the process ends so that the supervisor restarts it whole.
+    THREAD_DIED = 6
     INTERRUPTED = 130

@@ -37,7 +37,8 @@ from urllib.parse import urlencode, urlsplit
 import orjson
 
 from shardworker.config import Settings
-from shardworker.db.store import Pool, ProviderConfig, Store
+from shardworker.db.status import StatusWriter
+from shardworker.db.store import Pool, ProviderConfig
 from shardworker.errors import (
     SecretNotFoundError,
     StoreError,
@@ -80,14 +81,14 @@ class TokenRefresher:
         self,
         settings: Settings,
         pool: Pool,
-        store: Store,
+        status: StatusWriter,
         secrets: SecretStore,
         *,
         now: Callable[[], datetime] = _utcnow,
     ) -> None:
         self._settings = settings
         self._pool = pool
-        self._store = store
+        self._status = status
         self._secrets = secrets
         self._now = now
 
@@ -188,8 +189,7 @@ class TokenRefresher:
         )
         log.warning("oauth_refresh_token_rejected", provider_id=cfg.provider_id,
                     tenant=cfg.tenant, code=exc.code)  # fmt: skip
-        self._store.pause(cfg.tenant, cfg.provider_id, "auth_failure")
-        self._store.set_status(cfg.tenant, cfg.provider_id, "error", message)
+        self._status.paused(cfg.tenant, cfg.provider_id, "auth_failure", message)
 
 
 # -- the token endpoint --------------------------------------------------------------------

@@ -1,31 +1,41 @@
-"""What a worker process builds for itself: clients, stores and the engine.
+"""One worker process: what it builds for itself, and its main function.
 
 Nothing live crosses a process boundary: the Redis client, the PostgreSQL pool and the
 IMAP sockets are all made here, from settings.  What the engine serves is decided by the
-pool agent (shardworker.pool.agent).
+pool agent (shardworker.pool.agent); the coordinator spawns :func:`worker_main`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import redis
 from psycopg_pool import ConnectionPool
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from shardworker.config import Settings
+from shardworker import logs
+from shardworker.config import Settings, load_settings
+from shardworker.db.ownership import OwnershipStore
 from shardworker.db.status import StatusWriter
 from shardworker.db.store import Store, open_pool
 from shardworker.engine.cycle import CycleDeps
 from shardworker.engine.loop import Engine
+from shardworker.exitcodes import ExitCode
 from shardworker.imap.connect import tls_context
 from shardworker.logs import get_logger
 from shardworker.mime import Caps
 from shardworker.oauth import TokenRefresher
-from shardworker.publish import Publisher
+from shardworker.pool.agent import PoolAgent
+from shardworker.pool.childproc import ChildChannel
+from shardworker.pool.leases import LeaseManager
+from shardworker.pool.registry import Registry
+from shardworker.redisconn import redis_client
 from shardworker.secrets.store import SecretStore
+from shardworker.sink import SINKS, SinkFactory, open_sink
+from shardworker.sink.base import Sink
 
 log = get_logger(__name__)
 
@@ -34,33 +44,24 @@ log = get_logger(__name__)
 class WorkerContext:
     settings: Settings
     store: Store
-    publisher: Publisher
+    sink: Sink
     engine: Engine
     redis: redis.Redis
     pool: ConnectionPool
     close: Callable[[], None]
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.net_timeout_s,
-        socket_connect_timeout=settings.connect_timeout_s,
-        health_check_interval=30,
-        # redis-py retries 10 times by default; an outage must surface quickly as a
-        # PublishError so the engine backs off instead of blocking a sync thread.
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
-    )
-
-
 def build_worker(
-    settings: Settings, *, on_released: Callable[[str], None] | None = None
+    settings: Settings,
+    *,
+    on_released: Callable[[str], None] | None = None,
+    sinks: Mapping[str, SinkFactory] = SINKS,
 ) -> WorkerContext:
     pool = open_pool(settings.database_url, max_size=settings.db_pool_max)
     store = Store(pool)
     client = redis_client(settings)
-    publisher = Publisher(client, settings)
-    publisher.ensure_groups()
+    sink = open_sink(settings, client, sinks)
+    sink.prepare()
     secrets = SecretStore(settings, pool)
     status = StatusWriter(pool)
     status.start()
@@ -68,11 +69,11 @@ def build_worker(
         settings=settings,
         store=store,
         secrets=secrets,
-        publisher=publisher,
+        sink=sink,
         caps=Caps.from_settings(settings),
         status=status,
         ssl_context=tls_context(settings.tls_ca_file),
-        oauth=TokenRefresher(settings, pool, store, secrets),
+        oauth=TokenRefresher(settings, pool, status, secrets),
     )
     engine = Engine(deps, on_released=on_released)
 
@@ -81,4 +82,59 @@ def build_worker(
         pool.close()
         client.close()
 
-    return WorkerContext(settings, store, publisher, engine, client, pool, close)
+    return WorkerContext(settings, store, sink, engine, client, pool, close)
+
+
+def member_id(settings: Settings, index: int) -> str:
+    return f"{settings.identity}/{index}"
+
+
+def engine_drain_deadline(settings: Settings) -> float:
+    return max(0.5, min(settings.drain_deadline_s * 0.75, settings.drain_deadline_s - 2.0))
+
+
+def _boot(settings: Settings, member: str) -> tuple[WorkerContext, PoolAgent]:
+    released: queue.SimpleQueue[str] = queue.SimpleQueue()
+    ctx = build_worker(settings, on_released=released.put)
+    leases = LeaseManager(ctx.redis, OwnershipStore(ctx.pool), member, settings.lease_ttl_s)
+    agent = PoolAgent(
+        settings, member, registry=Registry(ctx.redis), leases=leases, store=ctx.store,
+        engine=ctx.engine, released=released,
+    )  # fmt: skip
+    return ctx, agent
+
+
+def _watch_drain(channel: ChildChannel, agent: PoolAgent, stop: threading.Event) -> None:
+    while not stop.wait(0.1):
+        if channel.draining:
+            agent.begin_drain()
+            return
+
+
+def worker_main(index: int, channel: ChildChannel) -> int:
+    """One worker process (spawned): boot, report ready, serve until drained."""
+    try:
+        settings = load_settings()
+        logs.configure(settings.log_level)
+        logs.set_process_context(pid=os.getpid())
+        member = member_id(settings, index)
+        ctx, agent = _boot(settings, member)
+    except Exception as exc:
+        log.error("worker_boot_failed", worker=index, error_type=type(exc).__name__, error=str(exc))
+        return ExitCode.WORKER_BOOT_ERROR
+    channel.ready()
+    agent.start()
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_drain, args=(channel, agent, stop), daemon=True)
+    watcher.start()
+    log.info("worker_started", member=member)
+    try:
+        # The engine must finish (and release its leases) before the supervisor's own
+        # deadline SIGKILLs the process, or successors wait for the lease TTLs.
+        ctx.engine.run(drain_deadline_s=engine_drain_deadline(settings))
+    finally:
+        stop.set()
+        agent.stop()
+        ctx.close()
+    log.info("worker_stopped", member=member, published=ctx.engine.stats.published)
+    return ExitCode.OK

@@ -15,6 +15,7 @@ import importlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,22 @@ def ready_then_exit(index: int, channel: ChildChannel) -> int:
     _record_start(index)
     _ready(index, channel)
     return ExitCode.WORKER_BOOT_ERROR
+
+
+def thread_dies_once(index: int, channel: ChildChannel) -> int:
+    """Ready, then (first start only) a background thread dies of an unexpected error."""
+    from shardworker import logs
+
+    logs.configure("INFO")  # a spawned child configures its own logging, as worker_main does
+    _record_start(index)
+    _ready(index, channel)
+    if len((_dir() / f"slot{index}.pids").read_text().splitlines()) == 1:
+
+        def keeper() -> None:
+            raise RuntimeError("renewal bug in redis://:hunter2@redis:6379/0")
+
+        threading.Thread(target=keeper, name="keeper", daemon=True).start()
+    return serve_until_drained(index, channel)
 
 
 def never_ready(index: int, channel: ChildChannel) -> int:

@@ -31,6 +31,7 @@ from shardworker.db.providers import create_provider
 from shardworker.db.store import ProviderConfig, open_pool
 from shardworker.secrets.crypto import generate_key_setting
 from shardworker.secrets.store import SecretStore, secret_name
+from shardworker.sink import SINKS, SinkFactory
 from shardworker.worker import WorkerContext, build_worker
 
 STREAM = "workflow:events:global"
@@ -105,9 +106,12 @@ def message_ids(client: redis.Redis) -> list[str]:
 class Rig:
     """An in-process worker engine against the session's real servers."""
 
-    def __init__(self, settings: Settings, dovecot: Any) -> None:
+    def __init__(
+        self, settings: Settings, dovecot: Any, sinks: Mapping[str, SinkFactory] = SINKS
+    ) -> None:
         self.settings = settings
         self.dovecot = dovecot
+        self.sinks = sinks
         self.pool = open_pool(settings.database_url, max_size=2)
         self.secrets = SecretStore(settings, self.pool)
         self.redis = redis.Redis.from_url(settings.redis_url)
@@ -150,7 +154,7 @@ class Rig:
         ]
 
     def start(self) -> WorkerContext:
-        self.ctx = build_worker(self.settings)
+        self.ctx = build_worker(self.settings, sinks=self.sinks)
         self.thread = threading.Thread(
             target=self.ctx.engine.run, kwargs={"drain_deadline_s": 10}, daemon=True
         )

@@ -16,11 +16,11 @@ import pytest
 import redis
 
 from shardworker.admin.api import MAX_BODY_BYTES, AdminApi
-from shardworker.admin.commands import CommandInbox, status_key
 from shardworker.admin.service import AdminService
 from shardworker.cli import main
 from shardworker.config import Settings
 from shardworker.db.store import open_pool
+from shardworker.pool.inbox import CommandInbox, status_key
 from tests.admin_support import (
     TOKEN,
     ApiClient,

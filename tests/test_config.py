@@ -84,3 +84,18 @@ def test_readme_settings_table_matches_settings() -> None:
     assert settings_table() in readme, (
         "regenerate with: .venv/bin/python scripts/readme_settings.py"
     )
+
+
+def test_a_setting_of_an_unknown_type_is_an_error_not_a_string() -> None:
+    import dataclasses
+
+    from shardworker import config
+
+    @dataclasses.dataclass(frozen=True)
+    class Odd:
+        ratio: complex = config._setting(1j, "not a type settings know")
+
+    [field] = dataclasses.fields(Odd)
+    with pytest.raises(ConfigError, match="SHARDWORKER_RATIO: setting type complex has no parser"):
+        config._parse_value(field, "2j")
+    assert {f.type for f in dataclasses.fields(Settings)} <= set(config._PARSERS)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from shardworker.publish import uid_key
+from shardworker.sink.redis_streams import uid_key
 from tests.support import (
     Rig,
     WorkerProcess,

@@ -17,7 +17,8 @@ from shardworker.db.store import LedgerEntry, Store, open_pool
 from shardworker.errors import FencedError, LeaseLostError
 from shardworker.pool.leases import LeaseManager, lease_key
 from shardworker.pool.registry import Assignment, Registry
-from shardworker.publish import Outbound, Publisher
+from shardworker.sink.base import Outbound
+from shardworker.sink.redis_streams import RedisStreamsSink
 from tests.support import rig_settings
 
 
@@ -69,7 +70,7 @@ def test_a_stale_owner_can_neither_publish_nor_checkpoint(env: dict[str, Any]) -
     time.sleep(0.45)  # a is paused past its TTL (as under SIGSTOP)
     [new] = b.acquire([(tenant, pid)])
     assert new.epoch == old.epoch + 1
-    publisher = Publisher(env["redis"], env["settings"])
+    publisher = RedisStreamsSink(env["redis"], env["settings"])
     out = Outbound(tenant=tenant, provider_id=pid, mailbox="m0@example.com", folder="INBOX",
                    uid_validity=1, uid=7, message_id="<stale@example.com>",
                    payload={"tenantId": tenant}, event_time=datetime.now(UTC))  # fmt: skip
@@ -107,7 +108,7 @@ def test_leases_count_as_lost_when_renewals_fail_past_the_ttl(env: dict[str, Any
     assert a.renew() == []  # still within the TTL: keep serving
     now[0] += 1.5
     assert sorted(x.provider_id for x in a.renew()) == sorted(env["pids"])
-    assert a.held == {}
+    assert a.held() == {}
 
 
 def test_one_leader_at_a_time_and_a_deposed_one_cannot_publish(env: dict[str, Any]) -> None:

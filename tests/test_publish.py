@@ -1,4 +1,6 @@
-"""The publisher against a real (private) Redis: layout, exactly-once, fencing, DLQ, lag."""
+"""The Redis Streams sink against a real (private) Redis: layout, DLQ entries, lag, errors.
+
+The exactly-once and fencing rules every sink keeps are tested in test_sink.py."""
 
 from __future__ import annotations
 
@@ -18,14 +20,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from shardworker.config import Settings
-from shardworker.errors import ConfigError, FencedError, PublishError
-from shardworker.publish import (
+from shardworker.errors import ConfigError, PublishError
+from shardworker.sink.base import DeadLetter, Outbound
+from shardworker.sink.redis_streams import (
     POINTER_QUEUE,
     WORKFLOW_GROUP,
     WORKFLOW_STREAM,
-    Fence,
-    Outbound,
-    Publisher,
+    RedisStreamsSink,
     iso_ms,
     message_id_key,
     uid_key,
@@ -111,7 +112,7 @@ def test_dedupe_keys_share_the_provider_hash_tag() -> None:
 
 def test_zero_dedupe_ttl_is_refused(redis_client: redis.Redis) -> None:
     with pytest.raises(ConfigError, match="DEDUPE_TTL_S"):
-        Publisher(redis_client, make_settings(dedupe_ttl_s=0))
+        RedisStreamsSink(redis_client, make_settings(dedupe_ttl_s=0))
 
 
 # Stream layout
@@ -119,7 +120,7 @@ def test_zero_dedupe_ttl_is_refused(redis_client: redis.Redis) -> None:
 
 def test_workflow_entry_matches_alga_field_order_and_values(redis_client: redis.Redis) -> None:
     out = outbound()
-    [result] = Publisher(redis_client, make_settings()).publish_batch([out], None)
+    [result] = RedisStreamsSink(redis_client, make_settings()).publish_batch([out], None)
     assert result.uid == 1 and not result.duplicate
     [(stream_id, flat)] = entries(redis_client)
     assert stream_id == result.stream_id
@@ -138,7 +139,7 @@ def test_workflow_entry_matches_alga_field_order_and_values(redis_client: redis.
 
 
 def test_event_bus_entry_format(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings(publish_event_bus=True))
+    publisher = RedisStreamsSink(redis_client, make_settings(publish_event_bus=True))
     assert publisher.event_bus_stream == "alga-psa:event-stream:global:INBOUND_EMAIL_RECEIVED"
     out = outbound()
     publisher.publish_batch([out], None)
@@ -155,7 +156,7 @@ def test_event_bus_entry_format(redis_client: redis.Redis) -> None:
 
 
 def test_pointer_job_key_order_and_no_content(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings(publish_pointer_queue=True))
+    publisher = RedisStreamsSink(redis_client, make_settings(publish_pointer_queue=True))
     out = outbound(uid=77, folder="Support/Ünïcode")
     publisher.publish_batch([out], None)
     [raw] = redis_client.lrange(POINTER_QUEUE, 0, -1)
@@ -179,7 +180,7 @@ def test_pointer_job_key_order_and_no_content(redis_client: redis.Redis) -> None
 
 
 def test_maxlen_trims_approximately_to_the_setting(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings(stream_maxlen=200))
+    publisher = RedisStreamsSink(redis_client, make_settings(stream_maxlen=200))
     for start in range(0, 1000, 50):
         publisher.publish_batch([outbound(uid) for uid in range(start + 1, start + 51)], None)
     length = publisher.stream_length()
@@ -187,87 +188,38 @@ def test_maxlen_trims_approximately_to_the_setting(redis_client: redis.Redis) ->
     assert 200 <= length <= 300
 
 
-# Exactly once
+# Exactly once: the Redis side of it (the interface tests are in test_sink.py)
 
 
-def test_second_publish_of_a_uid_is_a_duplicate(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings(publish_pointer_queue=True))
-    first = publisher.publish_batch([outbound(1), outbound(2)], None)
-    before = snapshot(redis_client)
-    again = publisher.publish_batch([outbound(2), outbound(1), outbound(3)], None)
-    assert [r.duplicate for r in again] == [True, True, False]
-    assert again[0].stream_id == first[1].stream_id
-    assert again[1].stream_id == first[0].stream_id
-    assert redis_client.xlen(WORKFLOW_STREAM) == before["xlen"] + 1
+def test_duplicates_write_no_pointer_job_and_dedupe_keys_expire(redis_client: redis.Redis) -> None:
+    sink = RedisStreamsSink(redis_client, make_settings(publish_pointer_queue=True))
+    sink.publish_batch([outbound(1), outbound(2)], None)
+    sink.publish_batch([outbound(2), outbound(1), outbound(3)], None)
     assert redis_client.llen(POINTER_QUEUE) == 3
     ttl_ms = redis_client.pttl(uid_key(PROVIDER, "INBOX", 42, 1))
     assert 0 < ttl_ms <= 7 * 86400 * 1000
 
 
-def test_same_message_id_in_another_folder_is_a_duplicate(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings())
-    [first] = publisher.publish_batch([outbound(5, folder="INBOX")], None)
-    [copy] = publisher.publish_batch(
-        [outbound(900, folder="Archive", message_id="<msg-5@example.com>")], None
-    )
-    assert copy.duplicate and copy.stream_id == first.stream_id
-    assert redis_client.xlen(WORKFLOW_STREAM) == 1
-    # The copy's own UID is now known too.
+def test_a_copy_in_another_folder_records_its_own_uid_key(redis_client: redis.Redis) -> None:
+    sink = RedisStreamsSink(redis_client, make_settings())
+    [first] = sink.publish_batch([outbound(5, folder="INBOX")], None)
+    sink.publish_batch([outbound(900, folder="Archive", message_id="<msg-5@example.com>")], None)
     assert redis_client.get(uid_key(PROVIDER, "Archive", 42, 900)) == first.stream_id.encode()
-
-
-def test_messages_without_message_id_do_not_collide(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings())
-    results = publisher.publish_batch(
-        [outbound(1, message_id=""), outbound(2, message_id="")], None
-    )
-    assert [r.duplicate for r in results] == [False, False]
-    assert redis_client.xlen(WORKFLOW_STREAM) == 2
-
-
-# Fencing
-
-
-def test_matching_fence_publishes(redis_client: redis.Redis) -> None:
-    lease = f"sw:lease:{TENANT}:{PROVIDER}"
-    redis_client.set(lease, "token-a", px=10_000)
-    publisher = Publisher(redis_client, make_settings())
-    [result] = publisher.publish_batch([outbound()], Fence(lease, "token-a"))
-    assert not result.duplicate and redis_client.xlen(WORKFLOW_STREAM) == 1
-
-
-@pytest.mark.parametrize("holder", ["token-b", None])
-def test_fence_mismatch_writes_nothing(redis_client: redis.Redis, holder: str | None) -> None:
-    lease = f"sw:lease:{TENANT}:{PROVIDER}"
-    if holder is not None:
-        redis_client.set(lease, holder, px=10_000)
-    publisher = Publisher(redis_client, make_settings(publish_pointer_queue=True))
-    publisher.publish_batch([outbound(1)], None)
-    before = snapshot(redis_client)
-    with pytest.raises(FencedError, match="2 of 2"):
-        publisher.publish_batch([outbound(2), outbound(3)], Fence(lease, "token-a"))
-    assert snapshot(redis_client) == before
-    with pytest.raises(FencedError):
-        publisher.dead_letter(
-            tenant=TENANT, provider_id=PROVIDER, folder="INBOX", uid_validity=42, uid=9,
-            message_id=None, reason="parse_error", raw=b"x", fence=Fence(lease, "token-a"),
-        )  # fmt: skip
-    assert snapshot(redis_client) == before
-    assert redis_client.exists("shardworker:dlq") == 0
 
 
 # Dead letters
 
 
-def dead_letter(publisher: Publisher, uid: int, raw: bytes | None) -> str:
-    return publisher.dead_letter(
+def dead_letter(sink: RedisStreamsSink, uid: int, raw: bytes | None) -> str:
+    letter = DeadLetter(
         tenant=TENANT, provider_id=PROVIDER, folder="Spam Box", uid_validity=42, uid=uid,
-        message_id="<bad@x>", reason="parse_error", raw=raw, fence=None,
+        message_id="<bad@x>", reason="parse_error", raw=raw,
     )  # fmt: skip
+    return sink.dead_letter(letter, None)
 
 
 def test_dead_letter_keeps_small_raw_and_is_idempotent(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings(dlq_max_raw_bytes=16))
+    publisher = RedisStreamsSink(redis_client, make_settings(dlq_max_raw_bytes=16))
     first = dead_letter(publisher, 3, b"Subject: x\r\n\r\n")
     assert dead_letter(publisher, 3, b"Subject: x\r\n\r\n") == first
     [(entry_id, flat)] = entries(redis_client, "shardworker:dlq")
@@ -283,7 +235,7 @@ def test_dead_letter_keeps_small_raw_and_is_idempotent(redis_client: redis.Redis
 
 
 def test_dead_letter_keeps_a_pointer_for_large_raw(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings(dlq_max_raw_bytes=16))
+    publisher = RedisStreamsSink(redis_client, make_settings(dlq_max_raw_bytes=16))
     dead_letter(publisher, 4, b"x" * 17)
     dead_letter(publisher, 5, None)
     rows = [
@@ -295,19 +247,11 @@ def test_dead_letter_keeps_a_pointer_for_large_raw(redis_client: redis.Redis) ->
     assert (rows[0]["size"], rows[1]["size"]) == ("17", "")
 
 
-def test_dead_lettered_uid_is_never_published(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings())
-    entry = dead_letter(publisher, 6, b"raw")
-    [result] = publisher.publish_batch([outbound(6, folder="Spam Box")], None)
-    assert result.duplicate and result.dead_lettered and result.stream_id == entry
-    assert redis_client.xlen(WORKFLOW_STREAM) == 0
-
-
 # Script cache
 
 
 def test_noscript_is_recovered_after_script_flush(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings())
+    publisher = RedisStreamsSink(redis_client, make_settings())
     publisher.publish_batch([outbound(1)], None)
     redis_client.script_flush()
     results = publisher.publish_batch([outbound(1), outbound(2)], None)
@@ -328,10 +272,10 @@ class FakeClock:
         return self.now
 
 
-def test_ensure_groups_is_idempotent(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings(publish_event_bus=True))
-    publisher.ensure_groups()
-    publisher.ensure_groups()
+def test_prepare_is_idempotent(redis_client: redis.Redis) -> None:
+    publisher = RedisStreamsSink(redis_client, make_settings(publish_event_bus=True))
+    publisher.prepare()
+    publisher.prepare()
     [group] = redis_client.xinfo_groups(WORKFLOW_STREAM)
     assert group["name"] == WORKFLOW_GROUP.encode()
     assert group["last-delivered-id"] == b"0-0"
@@ -341,7 +285,7 @@ def test_ensure_groups_is_idempotent(redis_client: redis.Redis) -> None:
 
 def test_backlog_follows_the_runtime_group_lag(redis_client: redis.Redis) -> None:
     clock = FakeClock()
-    publisher = Publisher(redis_client, make_settings(backpressure_max_lag=5), clock=clock)
+    publisher = RedisStreamsSink(redis_client, make_settings(backpressure_max_lag=5), clock=clock)
     assert publisher.backlog() == 0  # no stream yet
     publisher.publish_batch([outbound(uid) for uid in range(1, 11)], None)
     assert publisher.backlog() == 10  # group absent: the whole stream counts
@@ -357,7 +301,7 @@ def test_backlog_follows_the_runtime_group_lag(redis_client: redis.Redis) -> Non
 
 
 def test_backlog_estimate_when_redis_reports_no_lag(redis_client: redis.Redis) -> None:
-    publisher = Publisher(redis_client, make_settings(stream_maxlen=100))
+    publisher = RedisStreamsSink(redis_client, make_settings(stream_maxlen=100))
     redis_client.xgroup_create(WORKFLOW_STREAM, "workflow-runtime-v2", id="0", mkstream=True)
     for start in range(0, 300, 50):
         publisher.publish_batch([outbound(uid) for uid in range(start + 1, start + 51)], None)
@@ -395,7 +339,7 @@ def doomed_redis() -> Any:
 def test_redis_down_raises_publish_error_without_secrets(doomed_redis: Any) -> None:
     proc, url = doomed_redis
     client = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), socket_connect_timeout=1)
-    publisher = Publisher(client, make_settings())
+    publisher = RedisStreamsSink(client, make_settings())
     assert not publisher.publish_batch([outbound(1)], None)[0].duplicate
     proc.terminate()
     proc.wait(10)
@@ -404,7 +348,7 @@ def test_redis_down_raises_publish_error_without_secrets(doomed_redis: Any) -> N
         lambda: dead_letter(publisher, 3, b"raw"),
         publisher.backlog,
         publisher.stream_length,
-        publisher.ensure_groups,
+        publisher.prepare,
     ):
         with pytest.raises(PublishError) as caught:
             call()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from shardworker.engine.loop import idle_refresh_delay
+from shardworker.engine.state import idle_refresh_delay
 from shardworker.imap.session import FolderSession
 from tests.support import make_mail
 

@@ -12,7 +12,9 @@ import psycopg
 import pytest
 
 from shardworker.db.migrate import migrate
+from shardworker.db.ownership import OwnershipStore
 from shardworker.db.providers import create_provider
+from shardworker.db.status import StatusWriter
 from shardworker.db.store import FolderCursor, LedgerEntry, Pool, Store, open_pool
 from shardworker.errors import FencedError, StoreError
 
@@ -71,6 +73,23 @@ def provider_row(pool: Pool, tenant: str, pid: str, columns: str) -> tuple[objec
         pool, f"SELECT {columns} FROM email_providers WHERE tenant = %s AND id = %s", tenant, pid
     )
     return rows[0]
+
+
+def acquire_epoch(pool: Pool, tenant: str, pid: str, owner: str) -> int:
+    """What a lease acquisition does in PostgreSQL (shardworker.pool.leases, step 2)."""
+    return OwnershipStore(pool).acquire_epochs([(tenant, pid)], owner)[pid]
+
+
+def current_epoch(pool: Pool, tenant: str, pid: str) -> int:
+    rows = sql(pool, "SELECT fencing_epoch FROM shardworker_provider_state WHERE tenant = %s "
+               "AND provider_id = %s", tenant, pid)  # fmt: skip
+    return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
+
+
+def write_status(pool: Pool, tenant: str, pid: str, status: str, error: str | None) -> None:
+    writer = StatusWriter(pool)
+    writer.status(tenant, pid, status, error)
+    writer.flush()
 
 
 def entries(*uids: int, status: str = "published") -> list[LedgerEntry]:
@@ -153,9 +172,10 @@ def test_version_changes_on_config_edits_only(pool: Pool, store: Store, tenant: 
     first = store.load_provider(tenant, pid)
     assert first is not None
     store.commit_batch(tenant, pid, "INBOX", 1, entries(1), 1, None)
-    store.set_status(tenant, pid, "connected", None)
-    store.touch_sync(tenant, pid)
-    store.set_capabilities(tenant, pid, ["IDLE"])
+    writer = StatusWriter(pool)
+    writer.status(tenant, pid, "connected", None)
+    writer.connected(tenant, pid, ["IDLE"])
+    writer.flush()
     unchanged = store.load_provider(tenant, pid)
     assert unchanged is not None and unchanged.version == first.version
     sql(pool, "UPDATE imap_email_provider_config SET host = 'other' WHERE tenant = %s", tenant)
@@ -265,10 +285,10 @@ def test_reseed_sets_the_cursor_unconditionally(pool: Pool, store: Store, tenant
 
 def test_epochs_increase_per_provider(pool: Pool, store: Store, tenant: str) -> None:
     pid = add(pool, tenant)
-    assert store.current_epoch(tenant, pid) == 0
-    assert store.acquire_epoch(tenant, pid, "pod-a") == 1
-    assert store.acquire_epoch(tenant, pid, "pod-b") == 2
-    assert store.current_epoch(tenant, pid) == 2
+    assert current_epoch(pool, tenant, pid) == 0
+    assert acquire_epoch(pool, tenant, pid, "pod-a") == 1
+    assert acquire_epoch(pool, tenant, pid, "pod-b") == 2
+    assert current_epoch(pool, tenant, pid) == 2
     assert sql(pool, "SELECT owner FROM shardworker_provider_state WHERE tenant = %s", tenant) == [
         ("pod-b",)
     ]
@@ -276,9 +296,9 @@ def test_epochs_increase_per_provider(pool: Pool, store: Store, tenant: str) -> 
 
 def test_stale_epoch_writes_nothing(pool: Pool, store: Store, tenant: str) -> None:
     pid = add(pool, tenant)
-    old = store.acquire_epoch(tenant, pid, "pod-a")
+    old = acquire_epoch(pool, tenant, pid, "pod-a")
     store.commit_batch(tenant, pid, "INBOX", 1, entries(1), 1, old)
-    new = store.acquire_epoch(tenant, pid, "pod-b")
+    new = acquire_epoch(pool, tenant, pid, "pod-b")
     before = config_row(pool, tenant, pid, "folder_state, last_uid, updated_at, last_sync_at")
     with pytest.raises(FencedError, match=f"epoch {old} is stale"):
         store.commit_batch(tenant, pid, "INBOX", 1, entries(2, 3), 3, old)
@@ -303,7 +323,7 @@ def test_a_takeover_in_flight_fences_the_waiting_writer(
     pg_dsn: str, pool: Pool, store: Store, tenant: str
 ) -> None:
     pid = add(pool, tenant)
-    old = store.acquire_epoch(tenant, pid, "pod-a")
+    old = acquire_epoch(pool, tenant, pid, "pod-a")
     outcome: list[BaseException | None] = []
     with psycopg.connect(pg_dsn) as takeover:
         takeover.execute(
@@ -333,26 +353,42 @@ def test_a_takeover_in_flight_fences_the_waiting_writer(
 # -- status, auth failures, pausing, leases ----------------------------------------------
 
 
-def test_status_sync_and_capabilities(pool: Pool, store: Store, tenant: str) -> None:
+def test_status_and_capabilities(pool: Pool, tenant: str) -> None:
     pid = add(pool, tenant)
-    store.set_status(tenant, pid, "error", "connection refused")
+    write_status(pool, tenant, pid, "error", "connection refused")
     assert provider_row(pool, tenant, pid, "status, error_message") == (
         "error",
         "connection refused",
     )
     assert config_row(pool, tenant, pid, "last_error") == ("connection refused",)
-    store.set_status(tenant, pid, "connected", None)
+    write_status(pool, tenant, pid, "connected", None)
     assert provider_row(pool, tenant, pid, "status, error_message") == ("connected", None)
     with pytest.raises(ValueError, match="status"):
-        store.set_status(tenant, pid, "sleeping", None)
-    store.touch_sync(tenant, pid)
-    (p_sync,) = provider_row(pool, tenant, pid, "last_sync_at")
-    (c_sync,) = config_row(pool, tenant, pid, "last_sync_at")
-    assert p_sync is not None and c_sync is not None
-    store.set_capabilities(tenant, pid, ["IMAP4rev1", "IDLE", "UIDPLUS"])
+        write_status(pool, tenant, pid, "sleeping", None)
+    writer = StatusWriter(pool)
+    writer.connected(tenant, pid, ["IMAP4rev1", "IDLE", "UIDPLUS"])
+    writer.flush()
     assert config_row(pool, tenant, pid, "server_capabilities") == (
         ["IMAP4rev1", "IDLE", "UIDPLUS"],
     )
+
+
+def test_a_pause_through_the_status_writer_drops_a_pending_status(
+    pool: Pool, store: Store, tenant: str
+) -> None:
+    pid = add(pool, tenant)
+    writer = StatusWriter(pool)
+    writer.status(tenant, pid, "connected", None)
+    writer.paused(tenant, pid, "auth_failure", "refresh token rejected")
+    writer.flush()
+    assert provider_row(pool, tenant, pid, "status, error_message, inbound_pause_reason") == (
+        "error", "refresh token rejected", "auth_failure",
+    )  # fmt: skip
+    assert config_row(pool, tenant, pid, "last_error") == ("refresh token rejected",)
+    config = store.load_provider(tenant, pid)
+    assert config is not None and config.paused
+    with pytest.raises(ValueError, match="pause reason"):
+        writer.paused(tenant, pid, "bored", "x")
 
 
 def test_auth_failures_pause_at_the_threshold(pool: Pool, store: Store, tenant: str) -> None:
@@ -374,7 +410,9 @@ def test_auth_failures_pause_at_the_threshold(pool: Pool, store: Store, tenant: 
 def test_clear_keeps_history(pool: Pool, store: Store, tenant: str) -> None:
     pid = add(pool, tenant)
     store.record_auth_failure(tenant, pid, "oauth:invalid_grant", 5)
-    store.clear_auth_failures(tenant, pid)
+    writer = StatusWriter(pool)
+    writer.connected(tenant, pid, ["IDLE"])  # a login succeeded: the count resets
+    writer.flush()
     count, code, last_at = provider_row(
         pool,
         tenant,
@@ -393,22 +431,29 @@ def test_a_manual_pause_is_not_relabelled(pool: Pool, store: Store, tenant: str)
         store.pause(tenant, pid, "bored")
 
 
-def test_alga_lease_columns(pool: Pool, store: Store, tenant: str) -> None:
+def test_alga_lease_columns(pool: Pool, tenant: str) -> None:
     pid = add(pool, tenant)
-    assert store.claim_lease(tenant, pid, "sw-pod-a", 30)
-    assert store.claim_lease(tenant, pid, "sw-pod-a", 30)
-    assert not store.claim_lease(tenant, pid, "alga-email-service", 30)
-    store.release_lease(tenant, pid, "alga-email-service")
-    assert config_row(pool, tenant, pid, "lease_owner") == ("sw-pod-a",)
-    store.release_lease(tenant, pid, "sw-pod-a")
+    ownership = OwnershipStore(pool)
+    assert ownership.mirror_leases([(tenant, pid, "pod-a/0")], 30) == 1
+    assert ownership.mirror_leases([(tenant, pid, "pod-a/0")], 30) == 1
+    assert config_row(pool, tenant, pid, "lease_owner") == ("shardworker:pod-a/0",)
+    assert ownership.clear_leases(keep=[]) >= 1
     assert config_row(pool, tenant, pid, "lease_owner, lease_expires_at") == (None, None)
     sql(
         pool,
         "UPDATE imap_email_provider_config SET lease_owner = 'alga', "
-        "lease_expires_at = now() - interval '1 second' WHERE tenant = %s",
+        "lease_expires_at = now() + interval '30 seconds' WHERE tenant = %s",
         tenant,
     )
-    assert store.claim_lease(tenant, pid, "sw-pod-b", 30)
+    assert ownership.mirror_leases([(tenant, pid, "pod-b/0")], 30) == 0  # never stolen
+    assert pid in ownership.alga_leased()
+    sql(
+        pool,
+        "UPDATE imap_email_provider_config SET lease_expires_at = now() - interval '1 second' "
+        "WHERE tenant = %s",
+        tenant,
+    )
+    assert ownership.mirror_leases([(tenant, pid, "pod-b/0")], 30) == 1
 
 
 # -- pool --------------------------------------------------------------------------------
@@ -425,9 +470,8 @@ def test_open_pool_failure_names_host_never_password() -> None:
 
 def test_pool_survives_server_side_disconnects(pg_dsn: str, tenant: str) -> None:
     with open_pool(pg_dsn, max_size=2) as own:
-        store = Store(own)
         pid = add(own, tenant)
-        assert store.current_epoch(tenant, pid) == 0
+        assert current_epoch(own, tenant, pid) == 0
         with psycopg.connect(pg_dsn, autocommit=True) as admin:
             # What a PostgreSQL restart does to every open connection of the pool.
             killed = admin.execute(
@@ -436,13 +480,13 @@ def test_pool_survives_server_side_disconnects(pg_dsn: str, tenant: str) -> None
                 "AND backend_type = 'client backend'"
             ).fetchone()
         assert killed is not None and killed[0] >= 1
-        assert store.acquire_epoch(tenant, pid, "pod") == 1
+        assert acquire_epoch(own, tenant, pid, "pod") == 1
         assert own.get_stats().get("connections_lost", 0) >= 1
 
 
 def test_commit_batch_throughput(pool: Pool, store: Store, tenant: str) -> None:
     pid = add(pool, tenant)
-    epoch = store.acquire_epoch(tenant, pid, "bench")
+    epoch = acquire_epoch(pool, tenant, pid, "bench")
     batches, size = 40, 50
     start = time.perf_counter()
     for b in range(batches):

@@ -148,6 +148,22 @@ def test_sigkilled_worker_is_restarted_in_its_slot(
     assert sup.wait(10) == ExitCode.OK
 
 
+def test_a_dead_background_thread_ends_the_worker_which_is_restarted(
+    spawn_supervisor: Callable[..., SupervisorProcess], tmp_path: Path
+) -> None:
+    sup = spawn_supervisor("thread_dies_once", 1)
+    first = sup.wait_ready(0)
+    second = sup.wait_ready(0, count=2)
+    assert second != first
+    [died] = sup.events("thread_died")
+    assert (died["thread"], died["error_type"]) == ("keeper", "RuntimeError")
+    assert died["worker"] == 0 and "hunter2" not in json.dumps(died)
+    [exited] = sup.events("worker_exited")
+    assert (exited["pid"], exited["code"]) == (first, ExitCode.THREAD_DIED)
+    sup.signal(signal.SIGTERM)
+    assert sup.wait(10) == ExitCode.OK
+
+
 @pytest.mark.timeout(30)
 def test_stopped_worker_is_detected_as_hung_and_replaced(
     spawn_supervisor: Callable[..., SupervisorProcess], tmp_path: Path

@@ -295,7 +295,7 @@ def start_admin_api(settings: Settings) -> AdminApi | None:
     """The API on ``SHARDWORKER_ADMIN_ADDR`` with its own clients; None when not configured."""
     if not settings.admin_addr:
         return None
-    from shardworker.worker import redis_client
+    from shardworker.redisconn import redis_client
 
     pool = open_pool(settings.database_url, max_size=2)
     client = redis_client(settings)

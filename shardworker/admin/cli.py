@@ -52,7 +52,7 @@ def _print(payload: Any) -> None:
 def _service(settings: Settings) -> tuple[AdminService, Callable[[], None]]:
     from shardworker.admin.service import AdminService
     from shardworker.db.store import open_pool
-    from shardworker.worker import redis_client
+    from shardworker.redisconn import redis_client
 
     pool = open_pool(settings.database_url, max_size=2)
     client = redis_client(settings)

@@ -1,23 +1,12 @@
-"""Admin operations delivered to the worker that owns a provider, wherever it runs.
-
-Admin side (CLI or API process), :class:`CommandBus`:
+"""The admin side of commands: delivered to the worker that owns a provider, wherever it runs.
 
 * the owner is the member the leader assigned the provider to (``sw:assignment`` →
   ``owners[provider_id]``);
-* the command goes to that member's stream ``sw:cmd:<member>`` and its status into the
-  hash ``sw:cmdstatus:<command_id>`` (state ``queued``), kept for a day;
+* the command is written in the inbox's wire format (:mod:`shardworker.pool.inbox`) to that
+  member's stream, its status (state ``queued``) into the status hash;
 * ``wait`` polls the status; a command that the addressee rejected because it did not hold
   the lease (the provider moved, or the lease has not followed the assignment yet) is sent
   again, same id, to whoever owns the provider then (at most ``RESEND_LIMIT`` deliveries).
-
-Worker side, :class:`CommandInbox`, served from the pool agent's assign loop:
-
-* ``XREAD BLOCK`` on its own stream (this doubles as the loop's pause), then ``XDEL``;
-* a command is applied only while this member holds the provider's lease, through the
-  engine's thread-safe methods; progress and the result are written into the status hash.
-
-States: ``queued`` → ``running`` → ``done`` | ``failed``; or ``rejected`` (not the owner),
-``expired`` (found too late, e.g. after a restart).
 """
 
 from __future__ import annotations
@@ -25,76 +14,29 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from datetime import datetime
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
-import orjson
 import redis
 
-from shardworker.db.store import Store
-from shardworker.engine.loop import Engine
-from shardworker.engine.resync import ResyncRequest
 from shardworker.errors import ConflictError, NotFoundError
 from shardworker.logs import get_logger
+from shardworker.pool.inbox import (
+    OPS,
+    STREAM_MAXLEN,
+    TERMINAL,
+    command_stream,
+    decode_fields,
+    status_key,
+    wire_text,
+    write_status,
+)
 from shardworker.pool.registry import Registry
 
 log = get_logger(__name__)
 
-STREAM_PREFIX = "sw:cmd:"
-STATUS_PREFIX = "sw:cmdstatus:"
-STATUS_TTL_S = 86_400
-STREAM_MAXLEN = 1000
-STALE_AFTER_S = 300.0
-OPS = frozenset({"reconnect", "resync"})
-TERMINAL = frozenset({"done", "failed", "rejected", "expired"})
 RESEND_LIMIT = 5
 RESEND_DELAY_S = 0.5
-
-
-def command_stream(member: str) -> str:
-    return STREAM_PREFIX + member
-
-
-def status_key(command_id: str) -> str:
-    return STATUS_PREFIX + command_id
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool | int | float):
-        return str(value)
-    return orjson.dumps(value).decode()
-
-
-def write_status(client: redis.Redis, command_id: str, fields: Mapping[str, Any]) -> None:
-    values = {k: _text(v) for k, v in fields.items()}
-    values["updated_at"] = _text(time.time())
-    with client.pipeline(transaction=True) as pipe:
-        pipe.hset(status_key(command_id), mapping=values)  # type: ignore[arg-type]
-        pipe.expire(status_key(command_id), STATUS_TTL_S)
-        pipe.execute()
-
-
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _decode(raw: Mapping[Any, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        name, text = _str(key), _str(value)
-        if name in ("args", "folders"):
-            out[name] = orjson.loads(text)
-        elif text.lstrip("-").isdigit():
-            out[name] = int(text)
-        else:
-            out[name] = text
-    return out
-
-
-# -- admin side ------------------------------------------------------------------------
 
 
 class CommandBus:
@@ -129,7 +71,7 @@ class CommandBus:
         fields = {**fields, "owner": owner, "state": "queued", "detail": "",
                   "attempts": int(fields["attempts"]) + 1}  # fmt: skip
         write_status(self.client, str(fields["command_id"]), fields)
-        entry = {k: _text(fields[k]) for k in
+        entry = {k: wire_text(fields[k]) for k in
                  ("command_id", "op", "tenant", "provider_id", "args", "created_at")}  # fmt: skip
         self.client.xadd(
             command_stream(owner),
@@ -145,7 +87,7 @@ class CommandBus:
         raw = self.client.hgetall(status_key(command_id))
         if not raw:
             raise NotFoundError(f"command {command_id} not found (or older than a day)")
-        return _decode(raw)
+        return decode_fields(raw)
 
     def wait(self, command_id: str, timeout_s: float) -> dict[str, Any]:
         """The status once terminal, or as it stands at the timeout."""
@@ -171,90 +113,3 @@ class CommandBus:
         # Nobody owns it right now: the status stays rejected.
         with contextlib.suppress(ConflictError):
             self._deliver(status)
-
-
-# -- worker side -----------------------------------------------------------------------
-
-
-class Owner(Protocol):
-    """What the inbox needs from the pool agent."""
-
-    def holds(self, provider_id: str) -> bool: ...
-
-    def invalidate_configs(self) -> None: ...
-
-
-class CommandInbox:
-    def __init__(
-        self, client: redis.Redis, store: Store, engine: Engine, member: str, *, owner: Owner,
-        clock: Callable[[], float] = time.time,
-    ) -> None:  # fmt: skip
-        self.client = client
-        self.store = store
-        self.engine = engine
-        self.member = member
-        self.owner = owner
-        self.clock = clock
-        self.stream = command_stream(member)
-        # From the start: commands queued while this member restarted are still served.
-        self._last_id = "0-0"
-
-    def serve(self, block_s: float) -> int:
-        """Wait up to ``block_s`` for commands and apply them; returns how many arrived."""
-        got: list[tuple[Any, list[tuple[Any, Any]]]] = self.client.xread(  # type: ignore[assignment]
-            {self.stream: self._last_id}, count=50, block=max(1, int(block_s * 1000))
-        )
-        count = 0
-        for _, entries in got or ():
-            for entry_id, fields in entries:
-                self._last_id = _str(entry_id)
-                self.handle(_decode(fields))
-                self.client.xdel(self.stream, self._last_id)
-                count += 1
-        return count
-
-    def handle(self, command: dict[str, Any]) -> None:
-        cid, pid = str(command["command_id"]), str(command["provider_id"])
-        fields = {"command_id": cid, "provider_id": pid, "owner": self.member}
-        if self.clock() - float(command["created_at"]) > STALE_AFTER_S:
-            write_status(self.client, cid, {**fields, "state": "expired"})
-            return
-        if not self.owner.holds(pid):
-            write_status(self.client, cid, {**fields, "state": "rejected",
-                                            "detail": "not_owner"})  # fmt: skip
-            return
-        log.info("command_received", command_id=cid, op=command["op"], provider_id=pid)
-        write_status(self.client, cid, {**fields, "state": "running"})
-        try:
-            self._apply(cid, str(command["tenant"]), pid, str(command["op"]), command["args"])
-        except Exception as exc:
-            log.warning("command_failed", command_id=cid, provider_id=pid,
-                        error_type=type(exc).__name__, error=str(exc))  # fmt: skip
-            write_status(self.client, cid, {"state": "failed", "detail": str(exc)})
-
-    def _apply(self, cid: str, tenant: str, pid: str, op: str, args: dict[str, Any]) -> None:
-        if op == "reconnect":
-            # Re-read the row now: a password or host change must be used at once, and
-            # the agent's cached copy must not restart the provider with the old one.
-            self.owner.invalidate_configs()
-            config = self.store.load_provider(tenant, pid)
-            self.engine.reconnect_provider(pid, config, lambda ok: self._reconnected(cid, ok))
-        elif op == "resync":
-            since = args.get("since")
-            request = ResyncRequest(
-                folder=args.get("folder"),
-                since=datetime.fromisoformat(since) if since else None,
-                report=lambda state, fields: self._progress(cid, state, fields),
-            )
-            self.engine.resync_provider(pid, request)
-        else:
-            raise ValueError(f"unknown command {op!r}")
-
-    def _reconnected(self, cid: str, ok: bool) -> None:
-        state = "done" if ok else "failed"
-        detail = "connections closed and reopening" if ok else "provider not served here"
-        write_status(self.client, cid, {"state": state, "detail": detail})
-
-    def _progress(self, cid: str, state: str, fields: Mapping[str, Any]) -> None:
-        detail = str(fields.get("error", ""))
-        write_status(self.client, cid, {**fields, "state": state, "detail": detail})

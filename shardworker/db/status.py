@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from shardworker.db.store import STATUSES
+from shardworker.db.store import PAUSE_REASONS, STATUSES
 from shardworker.logs import get_logger
 
 log = get_logger(__name__)
@@ -39,6 +39,18 @@ UPDATE email_providers p SET
 FROM unnest(%(tenants)s::uuid[], %(pids)s::uuid[], %(statuses)s::text[], %(errors)s::text[],
             %(clears)s::bool[]) AS x(t, p, status, error, clear)
 WHERE p.tenant = x.t AND p.id = x.p
+"""
+
+_PAUSE_PROVIDER = """
+UPDATE email_providers SET
+  inbound_paused_at = COALESCE(inbound_paused_at, now()), inbound_pause_reason = %(reason)s,
+  status = 'error', error_message = %(error)s, updated_at = now()
+WHERE tenant = %(tenant)s::uuid AND id = %(pid)s::uuid
+"""
+
+_PAUSE_CONFIG = """
+UPDATE imap_email_provider_config SET last_error = %(error)s
+WHERE tenant = %(tenant)s::uuid AND email_provider_id = %(pid)s::uuid
 """
 
 _UPDATE_CONFIGS = """
@@ -83,6 +95,23 @@ class StatusWriter:
             pending = self._pending.setdefault((tenant, provider_id), _Pending())
             pending.capabilities = list(capabilities)
             pending.clear_auth_failures = True
+
+    def paused(self, tenant: str, provider_id: str, reason: str, error: str) -> None:
+        """Pause the provider and set its error now, in one transaction (not batched).
+
+        A pause must hold before the pool's next read of the provider rows, and a status
+        still pending for it must not land afterwards and hide the error: it is dropped.
+        """
+        if reason not in PAUSE_REASONS:
+            raise ValueError(f"pause reason must be one of {sorted(PAUSE_REASONS)}, got {reason!r}")
+        with self._lock:
+            pending = self._pending.get((tenant, provider_id))
+            if pending is not None:
+                pending.status = pending.error = None
+        params = {"tenant": tenant, "pid": provider_id, "reason": reason, "error": error}
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute(_PAUSE_PROVIDER, params)
+            conn.execute(_PAUSE_CONFIG, params)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):

@@ -15,7 +15,6 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from shardworker.db.models import (
@@ -295,44 +294,6 @@ class Store:
                 "nothing was written"
             )
 
-    # -- status ------------------------------------------------------------------------
-
-    def set_status(self, tenant: str, provider_id: str, status: str, error: str | None) -> None:
-        """Alga's connection status; ``error`` must already be free of secrets."""
-        if status not in STATUSES:
-            raise ValueError(f"status must be one of {sorted(STATUSES)}, got {status!r}")
-        params = {"tenant": tenant, "pid": provider_id, "status": status, "error": error}
-        with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-            conn.execute(
-                "UPDATE email_providers SET status = %(status)s, error_message = %(error)s, "
-                "updated_at = now() " + _WHERE_PROVIDER,
-                params,
-            )
-            conn.execute(
-                "UPDATE imap_email_provider_config SET last_error = %(error)s " + _WHERE_CONFIG,
-                params,
-            )
-
-    def touch_sync(self, tenant: str, provider_id: str) -> None:
-        params = {"tenant": tenant, "pid": provider_id}
-        with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-            conn.execute(
-                "UPDATE email_providers SET last_sync_at = now() " + _WHERE_PROVIDER, params
-            )
-            conn.execute(
-                "UPDATE imap_email_provider_config SET last_sync_at = now() " + _WHERE_CONFIG,
-                params,
-            )
-
-    def set_capabilities(self, tenant: str, provider_id: str, caps: Sequence[str]) -> None:
-        params = {"tenant": tenant, "pid": provider_id, "caps": Jsonb(list(caps))}
-        with self._pool.connection() as conn:
-            conn.execute(
-                "UPDATE imap_email_provider_config SET server_capabilities = %(caps)s "
-                + _WHERE_CONFIG,
-                params,
-            )
-
     # -- auth failures and pausing -----------------------------------------------------
 
     def record_auth_failure(self, tenant: str, provider_id: str, code: str, threshold: int) -> bool:
@@ -363,14 +324,6 @@ class Store:
             was, now = before.fetchone(), after.fetchone()
         return bool(was is not None and now is not None and not was[0] and now[0])
 
-    def clear_auth_failures(self, tenant: str, provider_id: str) -> None:
-        """Reset the consecutive count; the last time and code stay as history."""
-        with self._pool.connection() as conn:
-            conn.execute(
-                "UPDATE email_providers SET inbound_auth_failure_count = 0 " + _WHERE_PROVIDER,
-                {"tenant": tenant, "pid": provider_id},
-            )
-
     def pause(self, tenant: str, provider_id: str, reason: str) -> None:
         if reason not in PAUSE_REASONS:
             raise ValueError(f"pause reason must be one of {sorted(PAUSE_REASONS)}, got {reason!r}")
@@ -388,51 +341,4 @@ class Store:
                 "inbound_pause_reason = NULL, inbound_auth_failure_count = 0, "
                 "updated_at = now() " + _WHERE_PROVIDER,
                 {"tenant": tenant, "pid": provider_id},
-            )
-
-    # -- fencing epochs and Alga's lease columns ---------------------------------------
-
-    def acquire_epoch(self, tenant: str, provider_id: str, owner: str) -> int:
-        """Take over a provider: a new, larger epoch that fences out every older writer."""
-        with self._pool.connection() as conn:
-            row = conn.execute(
-                "INSERT INTO shardworker_provider_state (tenant, provider_id, fencing_epoch, "
-                "owner) VALUES (%s::uuid, %s::uuid, 1, %s) ON CONFLICT (tenant, provider_id) "
-                "DO UPDATE SET fencing_epoch = shardworker_provider_state.fencing_epoch + 1, "
-                "owner = EXCLUDED.owner, updated_at = now() RETURNING fencing_epoch",
-                (tenant, provider_id, owner),
-            ).fetchone()
-        if row is None:
-            raise StoreError(f"provider {provider_id}: acquiring an epoch returned nothing")
-        return int(row[0])
-
-    def current_epoch(self, tenant: str, provider_id: str) -> int:
-        """The provider's epoch; 0 when none was ever acquired."""
-        with self._pool.connection() as conn:
-            row = conn.execute(
-                "SELECT fencing_epoch FROM shardworker_provider_state "
-                "WHERE tenant = %s::uuid AND provider_id = %s::uuid",
-                (tenant, provider_id),
-            ).fetchone()
-        return 0 if row is None else int(row[0])
-
-    def claim_lease(self, tenant: str, provider_id: str, owner: str, ttl_s: float) -> bool:
-        """Set Alga's ``lease_owner`` unless another live owner holds it (coexistence)."""
-        with self._pool.connection() as conn:
-            row = conn.execute(
-                "UPDATE imap_email_provider_config SET lease_owner = %(owner)s, "
-                "lease_expires_at = now() + make_interval(secs => %(ttl)s) "
-                + _WHERE_CONFIG
-                + " AND (lease_owner IS NULL OR lease_owner = %(owner)s "
-                "OR lease_expires_at IS NULL OR lease_expires_at < now()) RETURNING 1",
-                {"tenant": tenant, "pid": provider_id, "owner": owner, "ttl": float(ttl_s)},
-            ).fetchone()
-        return row is not None
-
-    def release_lease(self, tenant: str, provider_id: str, owner: str) -> None:
-        with self._pool.connection() as conn:
-            conn.execute(
-                "UPDATE imap_email_provider_config SET lease_owner = NULL, "
-                "lease_expires_at = NULL " + _WHERE_CONFIG + " AND lease_owner = %(owner)s",
-                {"tenant": tenant, "pid": provider_id, "owner": owner},
             )

@@ -32,8 +32,8 @@ from shardworker.imap.guard import literal_cap
 from shardworker.imap.session import FolderStatus
 from shardworker.mime import Caps
 from shardworker.oauth import TokenRefresher
-from shardworker.publish import Publisher
 from shardworker.secrets.store import SecretStore, secret_name
+from shardworker.sink.base import Sink
 
 OutcomeKind = Literal["idle", "poll", "backpressure", "stopped", "error"]
 
@@ -57,7 +57,7 @@ class CycleDeps:
     settings: Settings
     store: Store
     secrets: SecretStore
-    publisher: Publisher
+    sink: Sink
     caps: Caps
     status: StatusWriter
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
@@ -150,11 +150,10 @@ class Cycle:
         return SyncContext(
             d.settings,
             d.store,
-            d.publisher,
+            d.sink,
             d.caps,
             provider.config,
             provider.fence,
-            provider.epoch,
             d.big_gate,
         )
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
-import random
 import selectors
 import socket
 import threading
@@ -23,72 +22,46 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from shardworker import metrics
 from shardworker.db.store import ProviderConfig
 from shardworker.engine.cycle import Cycle, CycleDeps, Outcome
-from shardworker.engine.failures import FailurePolicy
+from shardworker.engine.failures import (
+    Action,
+    Decision,
+    FailurePolicy,
+    error_reason,
+    scrub_secret,
+)
 from shardworker.engine.resync import FolderJob, ResyncRequest
-from shardworker.engine.state import ProviderRuntime, Slot, make_backoff
-from shardworker.imap.session import FolderSession, State
+from shardworker.engine.state import (
+    EngineSnapshot,
+    EngineStats,
+    ProviderRuntime,
+    Slot,
+    SlotState,
+    config_fingerprint,
+    idle_refresh_delay,
+    make_backoff,
+    snapshot,
+)
+from shardworker.errors import ImapAuthError, ShardworkerError, TokenRefreshError
+from shardworker.imap.session import FolderSession
 from shardworker.logs import get_logger
-from shardworker.publish import Fence
+from shardworker.sink.base import Fence
 
 log = get_logger(__name__)
 
 WATCHDOG_EVERY_S = 2.0
 BACKPRESSURE_RETRY_S = 1.0
-_JITTER = random.Random()
 # Once two cycles in a row found nothing new, the next wake-up waits this long after the
 # last cycle: a server answering every IDLE with an EXISTS for mail FETCH never finds must
 # not make a slot spin.  Dovecot coalesces its own notifications over 0.5 s anyway.
 EMPTY_WAKE_GAP_S = 0.25
 
 
-@dataclass
-class EngineStats:
-    published: int = 0
-    duplicates: int = 0
-    dead_lettered: int = 0
-    bytes: int = 0
-    connects: int = 0
-    idle_refreshes: int = 0
-    peak_host_connecting: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))
-
-
-def idle_refresh_delay(
-    refresh_s: float, connected_now: bool, rng: random.Random = _JITTER
-) -> float:
-    """When to re-issue IDLE: at a random point of the interval's last half after a connect,
-    of its last fifth after that, never later than ``refresh_s``.
-
-    Slots that connected together would otherwise refresh together, every interval: the
-    soak (10,000 folders, connected within 70 s) saw pushes queue behind those refresh
-    waves and arrive up to 47 s late.
-    """
-    return refresh_s * rng.uniform(0.5 if connected_now else 0.8, 1.0)
-
-
-def config_fingerprint(cfg: ProviderConfig) -> tuple[Any, ...]:
-    """What, when changed, needs the provider's connections reopened (not its cursors)."""
-    return (
-        cfg.host,
-        cfg.port,
-        cfg.secure,
-        cfg.allow_starttls,
-        cfg.auth_type,
-        cfg.username,
-        cfg.folder_filters,
-        cfg.max_emails_per_sync,
-        cfg.connection_timeout_ms,
-    )
-
-
-class Engine(FailurePolicy):
+class Engine:
     def __init__(
         self,
         deps: CycleDeps,
@@ -102,6 +75,7 @@ class Engine(FailurePolicy):
         self.clock = clock
         self.on_released = on_released
         self.stats = EngineStats()
+        self.failures = FailurePolicy(self.settings)
         self.providers: dict[str, ProviderRuntime] = {}
         self.selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -129,7 +103,7 @@ class Engine(FailurePolicy):
     def update_providers(
         self,
         configs: Sequence[ProviderConfig],
-        fences: Mapping[str, tuple[Fence | None, int | None]] | None = None,
+        fences: Mapping[str, Fence] | None = None,
     ) -> None:
         """Serve exactly these providers; stop the others gracefully."""
         snapshot = list(configs)
@@ -152,6 +126,10 @@ class Engine(FailurePolicy):
     def resync_provider(self, provider_id: str, request: ResyncRequest) -> None:
         """Queue an admin resync on the provider's matching folder slots."""
         self.post(lambda: self._resync(provider_id, request))
+
+    def snapshot(self) -> EngineSnapshot:
+        """The slots as they stand; call on the loop thread (it is not locked)."""
+        return snapshot(self.providers, self.settings.sync_threads)
 
     # -- loop --------------------------------------------------------------------------
 
@@ -184,7 +162,7 @@ class Engine(FailurePolicy):
         if now >= self._next_watchdog:
             self._next_watchdog = now + WATCHDOG_EVERY_S
             self._watchdog(now)
-            metrics.observe_engine(self, now)
+            metrics.observe_engine(self.snapshot(), now)
 
     def _next_timeout(self) -> float:
         if self._posted:
@@ -227,9 +205,7 @@ class Engine(FailurePolicy):
 
     # -- providers ---------------------------------------------------------------------
 
-    def _apply_desired(
-        self, configs: list[ProviderConfig], fences: dict[str, tuple[Fence | None, int | None]]
-    ) -> None:
+    def _apply_desired(self, configs: list[ProviderConfig], fences: dict[str, Fence]) -> None:
         if self._stopping:
             return
         desired = {c.provider_id: c for c in configs}
@@ -246,11 +222,10 @@ class Engine(FailurePolicy):
                 rt.replacement = cfg
         for pid, cfg in desired.items():
             if pid not in self.providers:
-                fence, epoch = fences.get(pid, (None, None))
-                self._start_provider(cfg, fence, epoch)
+                self._start_provider(cfg, fences.get(pid))
 
-    def _start_provider(self, cfg: ProviderConfig, fence: Fence | None, epoch: int | None) -> None:
-        rt = ProviderRuntime(cfg, fence, epoch, make_backoff(self.settings, auth=True))
+    def _start_provider(self, cfg: ProviderConfig, fence: Fence | None) -> None:
+        rt = ProviderRuntime(cfg, fence, make_backoff(self.settings, auth=True))
         self.providers[cfg.provider_id] = rt
         if cfg.folder_filters:
             slot = self._new_slot(rt, "", resolving=True)
@@ -308,12 +283,13 @@ class Engine(FailurePolicy):
             slot.jobs.append(FolderJob(request, slot.folder))
             if slot.busy:
                 slot.rerun = True
-            elif slot.registered or slot.state == State.POLL_WAIT:
+            elif slot.registered or slot.state is SlotState.POLL_WAIT:
                 self._unregister(slot)
                 self._dispatch(slot)
 
     def _stop_slot(self, slot: Slot) -> None:
-        slot.want_stop = True
+        if not slot.want_stop:
+            slot.move(SlotState.STOPPING)
         slot.timer_gen += 1
         if slot.provider.immediate:
             slot.session.abort()
@@ -329,7 +305,7 @@ class Engine(FailurePolicy):
             self._slot_closed(slot)
 
     def _slot_closed(self, slot: Slot) -> None:
-        slot.state = State.STOPPED
+        slot.move(SlotState.STOPPED)
         for job in slot.jobs:  # an admin resync cut short: say so rather than hang
             self._background(job.abandon)
         slot.jobs.clear()
@@ -346,7 +322,7 @@ class Engine(FailurePolicy):
         restarted, rt.after_restart = rt.after_restart, []
         if rt.replacement is not None and not self._stopping:
             # A config change: the same owner serves it on, so the lease stays.
-            self._start_provider(rt.replacement, rt.fence, rt.epoch)
+            self._start_provider(rt.replacement, rt.fence)
             for callback in restarted:
                 self._background(callback, True)
             return
@@ -392,7 +368,8 @@ class Engine(FailurePolicy):
                 return
         slot.busy = True
         slot.job_progress_at = now
-        slot.state = State.SYNCING if slot.connected else State.CONNECTING
+        if not slot.want_stop:  # a stopping slot's last cycle logs out; it stays STOPPING
+            slot.move(SlotState.SYNCING if slot.connected else SlotState.CONNECTING)
         future = self._executor.submit(self.cycle.run, slot)
         future.add_done_callback(lambda f: self.post(lambda: self._on_done(slot, f)))
 
@@ -402,7 +379,7 @@ class Engine(FailurePolicy):
         host = slot.provider.config.host
         if self._host_inflight[host] >= self.settings.connect_concurrency_per_host:
             self._host_queue.setdefault(host, deque()).append(slot)
-            slot.state = State.CONNECTING
+            slot.move(SlotState.CONNECTING)
             return False
         self._host_inflight[host] += 1
         self.stats.peak_host_connecting = max(
@@ -431,7 +408,8 @@ class Engine(FailurePolicy):
         slot.busy = False
         self._release_host(slot)
         outcome = future.result()
-        metrics.cycle_finished(slot.state, outcome)
+        if slot.state is SlotState.CONNECTING:
+            metrics.connect_finished(outcome.connected_now, outcome.error)
         slot.cursor, slot.status = outcome.cursor, outcome.status
         if outcome.connected_now:
             self._on_connected(slot, outcome)
@@ -456,7 +434,7 @@ class Engine(FailurePolicy):
 
     def _continue(self, slot: Slot, outcome: Outcome) -> None:
         if outcome.kind == "idle":
-            slot.state = State.IDLE
+            slot.move(SlotState.IDLE)
             if outcome.buffered or slot.rerun:
                 slot.rerun = False
                 self._wake(slot)
@@ -466,13 +444,69 @@ class Engine(FailurePolicy):
             refresh = idle_refresh_delay(self.settings.idle_refresh_s, outcome.connected_now)
             self._set_timer(slot, refresh)
         elif outcome.kind == "poll":
-            slot.state = State.POLL_WAIT
+            slot.move(SlotState.POLL_WAIT)
             self._set_timer(slot, 0.0 if slot.rerun else self.settings.poll_interval_s)
             slot.rerun = False
         else:
-            slot.state = State.BACKOFF
+            slot.move(SlotState.BACKOFF)
             self._set_timer(slot, BACKPRESSURE_RETRY_S)
         self._report(slot.provider, "connected", slot.provider.parked_detail)
+
+    # -- failures ----------------------------------------------------------------------
+
+    def _on_error(self, slot: Slot, err: ShardworkerError) -> None:
+        rt, reason = slot.provider, error_reason(err)
+        self.stats.errors[reason] += 1
+        metrics.session_error(err)
+        was_connected = slot.connected
+        text = scrub_secret(str(err), rt)
+        slot.last_error = f"{type(err).__name__}: {text}"
+        log.warning("session_error", **slot.log_fields(), error_type=type(err).__name__,
+                    reason=reason, error=text)  # fmt: skip
+        self._apply_failure(slot, err, self.failures.decide(slot, err, self.clock()))
+        if was_connected and not slot.connected:
+            log.info("disconnected", **slot.log_fields(), reason=reason)
+
+    def _apply_failure(self, slot: Slot, err: ShardworkerError, decision: Decision) -> None:
+        rt, action = slot.provider, decision.action
+        if action is Action.STOP_PROVIDER:
+            self._stop_provider(rt, immediate=True)
+            return
+        if action is not Action.RETRY_DRAIN:
+            slot.session.close(logout=False)
+        slot.move(SlotState.PARKED if action is Action.PARK else SlotState.BACKOFF)
+        self._set_timer(slot, decision.delay_s)
+        if action is Action.PARK:
+            if slot.folder not in rt.missing_folders:
+                rt.missing_folders += (slot.folder,)
+            rt.update_parked()
+            self._report(rt, "connected", rt.parked_detail)
+        elif action is Action.RECONNECT:
+            self._report(rt, "error", slot.last_error)
+        elif action is Action.AUTH_BACKOFF:
+            rt.credentials = None
+            rt.force_token_refresh = True  # an OAuth2 token may have expired or been revoked
+            if decision.count_auth_failure:
+                rt.auth_blocked_until = self.clock() + decision.delay_s
+                assert isinstance(err, ImapAuthError)
+                self._background(self._record_auth_failure, rt, err)
+
+    def _record_auth_failure(self, rt: ProviderRuntime, err: ImapAuthError) -> None:
+        """On a background thread: count the failure; pause the provider at the threshold."""
+        cfg, threshold = rt.config, self.settings.auth_failure_pause_threshold
+        paused = self.deps.store.record_auth_failure(
+            cfg.tenant, cfg.provider_id, err.code, threshold
+        )
+        # A rejected refresh token has already paused the provider (shardworker.oauth).
+        paused = paused or (isinstance(err, TokenRefreshError) and err.code == "invalid_grant")
+        self.post(lambda: self._after_auth_record(rt, paused))
+
+    def _after_auth_record(self, rt: ProviderRuntime, paused: bool) -> None:
+        if paused and self.providers.get(rt.key) is rt:
+            log.warning("provider_paused", provider_id=rt.key, reason="auth_failure")
+            rt.paused = True
+            rt.replacement = None
+            self._stop_provider(rt, immediate=False)
 
     def _on_connected(self, slot: Slot, outcome: Outcome) -> None:
         rt = slot.provider
@@ -488,7 +522,7 @@ class Engine(FailurePolicy):
             self._adopt(slot, outcome)
         elif slot.folder in rt.missing_folders:
             rt.missing_folders = tuple(f for f in rt.missing_folders if f != slot.folder)
-            self._update_parked(rt)
+            rt.update_parked()
 
     def _adopt(self, slot: Slot, outcome: Outcome) -> None:
         rt = slot.provider
@@ -503,23 +537,10 @@ class Engine(FailurePolicy):
         rt.missing_folders = outcome.missing_folders
         for folder in outcome.missing_folders:
             parked = self._new_slot(rt, folder)
-            parked.state = State.PARKED
+            parked.move(SlotState.PARKED)
             self._set_timer(parked, self.settings.folder_reprobe_s)
         rt.over_cap = tuple(skipped)
-        self._update_parked(rt)
-
-    def _update_parked(self, rt: ProviderRuntime) -> None:
-        """Missing folders are an error on the provider row, but never stop the others."""
-        parts = []
-        if rt.missing_folders:
-            parts.append(f"folders missing or unselectable: {list(rt.missing_folders)}")
-        if rt.over_cap:
-            parts.append(f"folders over the connection cap: {list(rt.over_cap)}")
-        detail = "; ".join(parts) or None
-        if detail != rt.parked_detail:
-            rt.parked_detail = detail
-            if detail:
-                log.warning("folders_parked", provider_id=rt.key, detail=detail)
+        rt.update_parked()
 
     def _account(self, slot: Slot, outcome: Outcome) -> None:
         result = outcome.result

@@ -125,12 +125,12 @@ class FolderJob:
         started = time.monotonic()
         batch_size = max(1, sync.ctx.provider.max_emails_per_sync or 50)
         while self.pending:
-            if sync.ctx.publisher.backpressured():
+            if sync.ctx.sink.backpressured():
                 return "backpressure"
             if time.monotonic() - started > budget_s:
                 return "more"  # give the watchdog and the other work a turn
             chunk = self.pending[:batch_size]
-            infos = [i for i in _infos(session, chunk) if _not_before(i, since)]
+            infos = [i for i in session.message_infos(chunk) if _not_before(i, since)]
             result = SyncResult()
             if infos:
                 sync.publish_below_cursor(cursor, infos, result)
@@ -172,25 +172,7 @@ def _uids_since(session: FolderSession, day: date, last_uid: int) -> list[int]:
 
     Mail above the cursor is the normal drain's business.
     """
-    client = session.client
-    assert client is not None
-    found = client.search(["SINCE", day])
-    return sorted(int(uid) for uid in found if int(uid) <= last_uid)
-
-
-def _infos(session: FolderSession, uids: list[int]) -> list[MessageInfo]:
-    client = session.client
-    assert client is not None
-    data = client.fetch(uids, ["RFC822.SIZE", "INTERNALDATE"])
-    out = [
-        MessageInfo(
-            uid=int(uid),
-            size=int(item.get(b"RFC822.SIZE") or 0),
-            internal_date=item.get(b"INTERNALDATE"),
-        )
-        for uid, item in data.items()
-    ]
-    return sorted(out, key=lambda m: m.uid)
+    return [uid for uid in session.uids_since(day) if uid <= last_uid]
 
 
 def _not_before(info: MessageInfo, since: datetime) -> bool:

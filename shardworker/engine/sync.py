@@ -29,7 +29,7 @@ from shardworker.mime import (
     parse_message,
     plan_large_fetch,
 )
-from shardworker.publish import Fence, Outbound, Publisher
+from shardworker.sink.base import DeadLetter, Fence, Outbound, Sink
 
 log = get_logger(__name__)
 
@@ -63,14 +63,18 @@ class _Collected:
 class SyncContext:
     settings: Settings
     store: Store
-    publisher: Publisher
+    sink: Sink
     caps: Caps
     provider: ProviderConfig
     fence: Fence | None
-    epoch: int | None
     big_gate: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(2), repr=False
     )
+
+    @property
+    def epoch(self) -> int | None:
+        """The fencing epoch the checkpoint carries (None when running unfenced)."""
+        return None if self.fence is None else self.fence.epoch
 
 
 def _batches(infos: Sequence[MessageInfo], count: int) -> Iterator[list[MessageInfo]]:
@@ -143,7 +147,7 @@ class FolderSync:
             log.info("new_messages", **self.log_fields, count=len(infos))
             with metrics.DrainProgress(len(infos), self.log_fields) as progress:
                 for batch in _batches(infos, batch_size):
-                    if self.ctx.publisher.backpressured():
+                    if self.ctx.sink.backpressured():
                         result.backpressured = True
                         return cursor, result
                     cursor = self._process_batch(cursor, batch, result)
@@ -211,7 +215,7 @@ class FolderSync:
             else:
                 outbound.append(self._outbound(uid_validity, uid, mail))
         if outbound:
-            results = self.ctx.publisher.publish_batch(outbound, self.ctx.fence)
+            results = self.ctx.sink.publish_batch(outbound, self.ctx.fence)
             done = time.monotonic()
             for out, res in zip(outbound, results, strict=True):
                 if res.dead_lettered:
@@ -311,11 +315,11 @@ class FolderSync:
 
     def _dead_letter(self, got: _Collected, uid: int, reason: str, raw: bytes | None) -> None:
         p = self.ctx.provider
-        self.ctx.publisher.dead_letter(
+        letter = DeadLetter(
             tenant=p.tenant, provider_id=p.provider_id, folder=self.session.folder,
             uid_validity=got.uid_validity, uid=uid, message_id=None, reason=reason, raw=raw,
-            fence=self.ctx.fence,
         )  # fmt: skip
+        self.ctx.sink.dead_letter(letter, self.ctx.fence)
         log.warning("dead_lettered", **self.log_fields, uid=uid, reason=reason)
         got.dead.append(LedgerEntry(uid, f"uid:{uid}", None, "dead_lettered", reason))
         got.result.dead_lettered += 1

@@ -1,4 +1,4 @@
-"""One provider + folder IMAP connection, as a small state machine.
+"""One provider + folder IMAP connection (the slot's life is ``engine.state.SlotState``).
 
 The engine drives it: blocking methods (``examine``, ``fetch_*``, ``enter_idle``,
 ``leave_idle``, ``close``) run on sync threads, one at a time per session; the loop thread
@@ -10,12 +10,11 @@ EXAMINE and bodies are fetched with ``BODY.PEEK[]``.
 from __future__ import annotations
 
 import contextlib
-import enum
 import imaplib
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from imapclient import IMAPClient
@@ -23,19 +22,6 @@ from imapclient.response_parser import parse_fetch_response
 
 from shardworker.errors import FolderError, ImapProtocolError
 from shardworker.imap.connect import classify_error
-
-
-class State(enum.Enum):
-    NEW = "new"
-    CONNECTING = "connecting"
-    SYNCING = "syncing"
-    IDLE = "idle"
-    POLL_WAIT = "poll_wait"
-    BACKOFF = "backoff"
-    PARKED = "parked"
-    PAUSED = "paused"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
 
 
 @dataclass(frozen=True)
@@ -147,6 +133,25 @@ class FolderSession:
             )
         out.sort(key=lambda m: m.uid)
         return out
+
+    def uids_since(self, day: date) -> list[int]:
+        """``UID SEARCH SINCE day`` (day granularity, in the server's zone), ascending."""
+        return sorted(_as_int(uid, "UID") for uid in self._client().search(["SINCE", day]))
+
+    def message_infos(self, uids: Sequence[int]) -> list[MessageInfo]:
+        """Sizes and INTERNALDATEs of these UIDs, in UID order (the backfill's listing)."""
+        if not uids:
+            return []
+        data = self._client().fetch(list(uids), ["RFC822.SIZE", "INTERNALDATE"])
+        out = [
+            MessageInfo(
+                uid=_as_int(uid, "UID"),
+                size=_as_int(item.get(b"RFC822.SIZE") or 0, "RFC822.SIZE"),
+                internal_date=item.get(b"INTERNALDATE"),
+            )
+            for uid, item in data.items()
+        ]
+        return sorted(out, key=lambda m: m.uid)
 
     def _fetch_range(self, uid_range: str, items: str) -> dict[int, dict[bytes, Any]]:
         # IMAPClient.fetch() drops every answer whose UID was not listed literally, so a

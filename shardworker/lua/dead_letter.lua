@@ -1,4 +1,4 @@
--- Dead-letter one message at most once per UID (shardworker.publish).
+-- Dead-letter one message at most once per UID (shardworker.sink.redis_streams).
 --
 -- KEYS[1]  dead-letter stream (SHARDWORKER_DLQ_STREAM)
 -- KEYS[2]  per-UID dedupe key sw:pub:{<provider_id>}:<folder>:<uidvalidity>:<uid>

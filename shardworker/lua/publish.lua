@@ -1,4 +1,4 @@
--- Publish one INBOUND_EMAIL_RECEIVED event exactly once (shardworker.publish).
+-- Publish one INBOUND_EMAIL_RECEIVED event exactly once (shardworker.sink.redis_streams).
 --
 -- The caller builds every string (JSON included); this script only decides and writes,
 -- atomically, so a crash or a retried pipeline can never write an event twice.

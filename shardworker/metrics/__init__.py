@@ -28,9 +28,9 @@ import tempfile
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
@@ -47,12 +47,6 @@ from prometheus_client.registry import Collector
 from shardworker import errors
 from shardworker.logs import get_logger
 
-if TYPE_CHECKING:
-    from shardworker.engine.cycle import Outcome
-    from shardworker.engine.loop import Engine
-    from shardworker.engine.sync import SyncResult
-    from shardworker.imap.session import State
-
 log = get_logger(__name__)
 # `_created` series only exist in single-process mode; they would make in-process (test)
 # expositions differ from the pod's, and dashboards never use them.
@@ -64,14 +58,13 @@ T = TypeVar("T")
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Slot states (shardworker.imap.session.State values) exported even when zero.
+# Slot states (shardworker.engine.state.SlotState values) exported even when zero.
 CONNECTION_STATES = (
-    "new", "connecting", "syncing", "idle", "poll_wait", "backoff", "parked", "paused",
-    "stopping",
+    "new", "connecting", "syncing", "idle", "poll_wait", "backoff", "parked", "stopping",
 )  # fmt: skip
 # A folder in these states is up to date (or making progress); any other state ages.
 _HEALTHY_STATES = frozenset({"idle", "poll_wait", "syncing"})
-_IGNORED_STATES = frozenset({"parked", "paused", "stopping", "stopped"})
+_IGNORED_STATES = frozenset({"parked", "stopping", "stopped"})
 MESSAGE_RESULTS = ("published", "duplicate", "dead_lettered")
 PUBLISH_RESULTS = ("ok", "fenced", "error")
 DEAD_LETTER_REASONS = ("parse_error", "parser_crash", "fetch_returned_nothing")
@@ -423,14 +416,55 @@ def observe_rebalance(seconds: float) -> None:
 # ------------------------------------------------------------------ hooks: engine
 
 
-def cycle_finished(state: State, outcome: Outcome) -> None:
-    """Count a connect+login result when the finished cycle was a connection attempt."""
-    if state.value != "connecting":
-        return
-    if outcome.connected_now:
+class SyncCounts(Protocol):
+    """What one drain produced (``shardworker.engine.sync.SyncResult`` reads as one)."""
+
+    @property
+    def published(self) -> int: ...
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def dead_lettered(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def published_at(self) -> Sequence[float]: ...
+
+
+class SlotView(Protocol):
+    """One folder slot as the engine's snapshot shows it."""
+
+    @property
+    def key(self) -> int: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def busy(self) -> bool: ...
+    @property
+    def backfill(self) -> int: ...
+    @property
+    def exists_seen_at(self) -> float | None: ...
+
+
+class EngineView(Protocol):
+    """What the engine hands out on its loop thread (``Engine.snapshot()``)."""
+
+    @property
+    def providers(self) -> int: ...
+    @property
+    def providers_in_error(self) -> int: ...
+    @property
+    def sync_threads(self) -> int: ...
+    @property
+    def slots(self) -> Sequence[SlotView]: ...
+
+
+def connect_finished(connected: bool, error: BaseException | None) -> None:
+    """Count the result of a connect+login attempt."""
+    if connected:
         _m().connects.labels("ok").inc()
-    elif outcome.error is not None:
-        _m().connects.labels(error_reason(outcome.error)).inc()
+    elif error is not None:
+        _m().connects.labels(error_reason(error)).inc()
 
 
 def session_error(err: BaseException) -> None:
@@ -442,7 +476,7 @@ def session_error(err: BaseException) -> None:
         m.fencing_rejections.inc()
 
 
-def record_sync(result: SyncResult, exists_seen_at: float | None) -> None:
+def record_sync(result: SyncCounts, exists_seen_at: float | None) -> None:
     m = _m()
     for label, count in zip(
         MESSAGE_RESULTS, (result.published, result.duplicates, result.dead_lettered), strict=True
@@ -496,37 +530,34 @@ class _EngineView:
 _engine_view = _EngineView()
 
 
-def observe_engine(engine: Engine, now: float) -> None:
-    """Sample the engine's folder slots (on its loop thread, every watchdog turn)."""
+def observe_engine(engine: EngineView, now: float) -> None:
+    """Export a snapshot of the engine's folder slots (taken every watchdog turn)."""
     states: Tally[str] = Tally()
-    busy = in_error = backfill = 0
+    busy = backfill = 0
     lag = age = 0.0
     seen: set[int] = set()
     view = _engine_view
-    for rt in engine.providers.values():
-        in_error += rt.reported_status == "error"
-        for slot in rt.slots.values():
-            state = slot.state.value
-            states[state] += 1
-            busy += slot.busy
-            backfill += sum(len(job.pending or ()) for job in slot.jobs)
-            if slot.exists_seen_at is not None:
-                lag = max(lag, now - slot.exists_seen_at)
-            if state in _HEALTHY_STATES or state in _IGNORED_STATES:
-                continue
-            seen.add(id(slot))
-            age = max(age, now - view.unhealthy_since.setdefault(id(slot), now))
+    for slot in engine.slots:
+        states[slot.state] += 1
+        busy += slot.busy
+        backfill += slot.backfill
+        if slot.exists_seen_at is not None:
+            lag = max(lag, now - slot.exists_seen_at)
+        if slot.state in _HEALTHY_STATES or slot.state in _IGNORED_STATES:
+            continue
+        seen.add(slot.key)
+        age = max(age, now - view.unhealthy_since.setdefault(slot.key, now))
     view.unhealthy_since = {k: v for k, v in view.unhealthy_since.items() if k in seen}
     m = _m()
     for state in CONNECTION_STATES:
         m.connections.labels(state).set(states.get(state, 0))
-    m.providers_in_error.set(in_error)
+    m.providers_in_error.set(engine.providers_in_error)
     m.sync_jobs_busy.set(busy)
-    m.sync_threads.set(engine.settings.sync_threads)
+    m.sync_threads.set(engine.sync_threads)
     m.sync_lag.set(lag)
     m.oldest_sync_age.set(age)
     m.backfill.set(backfill)
-    _log_connect_progress(states, len(engine.providers), now)
+    _log_connect_progress(states, engine.providers, now)
 
 
 def _log_connect_progress(states: Mapping[str, int], providers: int, now: float) -> None:

@@ -10,6 +10,10 @@ Two threads, neither of which ever touches IMAP:
   only after the engine has drained that provider (finished in-flight work, checkpointed,
   logged out), so the next owner never overlaps with us.
 
+The held-lease map belongs to the :class:`~shardworker.pool.leases.LeaseManager`, which
+takes its own lock for every access; the agent only asks it.  Every thread here ends the
+process if it dies unexpectedly (``childproc.end_process_on_thread_death``).
+
 On drain the member leaves the registry first (the leader moves its providers at once),
 stops serving, and keeps renewing until every lease is released.
 """
@@ -21,12 +25,12 @@ import threading
 from collections.abc import Callable
 
 from shardworker import metrics
-from shardworker.admin.commands import CommandInbox
 from shardworker.config import Settings
 from shardworker.db.store import ProviderConfig, Store
 from shardworker.engine.loop import Engine
 from shardworker.errors import ShardworkerError
 from shardworker.logs import get_logger
+from shardworker.pool.inbox import CommandInbox
 from shardworker.pool.leases import Lease, LeaseManager
 from shardworker.pool.registry import Registry
 
@@ -50,7 +54,6 @@ class PoolAgent:
         self.released = released
         self.draining = threading.Event()
         self._stop = threading.Event()
-        self._lock = threading.Lock()
         self._heartbeat_lock = threading.Lock()
         self._configs: dict[str, ProviderConfig] = {}
         self._configs_for: frozenset[str] = frozenset()
@@ -72,7 +75,7 @@ class PoolAgent:
     def begin_drain(self) -> None:
         if self.draining.is_set():
             return
-        log.info("member_leaving", member=self.member, leases=len(self.leases.held))
+        log.info("member_leaving", member=self.member, leases=self.leases.count())
         try:
             # Under the heartbeat lock: a heartbeat already in flight would otherwise land
             # after the goodbye and keep us "live" for a whole grace period.
@@ -86,11 +89,10 @@ class PoolAgent:
     def stop(self, timeout_s: float = 5.0) -> None:
         """After the engine stopped: release what is left and end both threads."""
         self._release_drained()
-        with self._lock:
-            try:
-                self.leases.release_all()
-            except ShardworkerError as exc:
-                log.warning("lease_release_failed", error=str(exc))
+        try:
+            self.leases.release_all()
+        except ShardworkerError as exc:
+            log.warning("lease_release_failed", error=str(exc))
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout_s)
@@ -105,9 +107,8 @@ class PoolAgent:
                         self.registry.heartbeat(self.member)
             except Exception:
                 log.warning("heartbeat_failed", member=self.member)
-            with self._lock:
-                lost = self.leases.renew()
-                metrics.lease_renewal(len(self.leases.held), len(lost))
+            lost = self.leases.renew()
+            metrics.lease_renewal(self.leases.count(), len(lost))
             for lease in lost:
                 log.warning("lease_lost", provider_id=lease.provider_id, member=self.member,
                             epoch=lease.epoch)  # fmt: skip
@@ -138,8 +139,7 @@ class PoolAgent:
     # -- what the command inbox asks -----------------------------------------------------
 
     def holds(self, provider_id: str) -> bool:
-        with self._lock:
-            return provider_id in self.leases.held
+        return self.leases.holds(provider_id)
 
     def invalidate_configs(self) -> None:
         self._configs_at = float("-inf")
@@ -151,18 +151,17 @@ class PoolAgent:
         share = self.registry.member_assignment(self.member)
         desired = share.providers if share is not None else frozenset()
         configs = self._load_configs(desired)
-        held = set(self.leases.held)
+        held = self.leases.held()
         wanted = [(c.tenant, c.provider_id) for p, c in configs.items() if p not in held]
         for start in range(0, len(wanted), ACQUIRE_BATCH):
             got = self.leases.acquire(wanted[start : start + ACQUIRE_BATCH])
             metrics.leases_acquired(len(got))
             for lease in got:
                 log.info("lease_acquired", provider_id=lease.provider_id, epoch=lease.epoch)
-        with self._lock:
-            held_now = dict(self.leases.held)
+        held_now = self.leases.held()
         metrics.set_leases_held(len(held_now))
         serve = [c for p, c in configs.items() if p in held_now]
-        fences = {p: (held_now[p].fence, held_now[p].epoch) for p in held_now}
+        fences = {p: lease.fence for p, lease in held_now.items()}
         self.engine.update_providers(serve, fences)
 
     def _load_configs(self, desired: frozenset[str]) -> dict[str, ProviderConfig]:
@@ -185,8 +184,7 @@ class PoolAgent:
                 break
         if not done:
             return
-        with self._lock:
-            count = self.leases.release(done)
+        count = self.leases.release(done)
         metrics.leases_released(count)
         if count:
             log.info("leases_released", count=count, member=self.member)

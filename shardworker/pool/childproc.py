@@ -11,14 +11,21 @@ SIGTERM only records itself (``draining``); the worker's own loop notices and dr
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from types import FrameType
 
-from shardworker.logs import set_process_context
+from shardworker.exitcodes import ExitCode
+from shardworker.logs import get_logger, set_process_context
+
+log = get_logger(__name__)
+_URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
 
 PING = b"ping"
 PONG = b"pong"
@@ -88,6 +95,34 @@ class ChildChannel:
             self._conn.send_bytes(message)
 
 
+def _scrub(text: str) -> str:
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
+
+def end_process_on_thread_death(exit_process: Callable[[int], object] = os._exit) -> None:
+    """Make a background thread that dies of an unexpected error end the whole process.
+
+    A worker without its lease keeper or assigner would go on half-alive (leases
+    unrenewed, assignments unread) with nobody noticing; ended, it is restarted by the
+    supervisor in the same slot, and its leases pass on after their TTL (the fence keeps
+    the old process from publishing meanwhile).  The log line says which thread and why.
+    """
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        trace = "".join(
+            traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        )
+        log.error("thread_died", thread=name, error_type=args.exc_type.__name__,
+                  error=_scrub(str(args.exc_value)), traceback=_scrub(trace),
+                  exit_code=int(ExitCode.THREAD_DIED))  # fmt: skip
+        exit_process(ExitCode.THREAD_DIED)
+
+    threading.excepthook = hook
+
+
 def run_child(
     target: Callable[[int, ChildChannel], int], index: int, pod_identity: str, conn: Connection
 ) -> None:
@@ -97,6 +132,7 @@ def run_child(
     # Ctrl-C reaches the whole process group; the supervisor turns it into one SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     set_process_context(worker=index, pod=pod_identity)
+    end_process_on_thread_death()
     try:
         code = target(index, channel)
     finally:

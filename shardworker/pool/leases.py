@@ -20,6 +20,7 @@ says later.  Time comes from an injectable monotonic clock.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -29,63 +30,8 @@ import redis
 
 from shardworker.db.ownership import OwnershipStore
 from shardworker.errors import LeaseError
-from shardworker.publish import Fence
-
-# KEYS: lease keys.  ARGV[1]: ttl in ms; ARGV[2..]: one provisional token per key.
-# Returns one 1/0 per key: 1 when the key was free and is now ours.
-ACQUIRE = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, ARGV[i + 1], 'NX', 'PX', ARGV[1]) then
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-return out
-"""
-
-# KEYS: lease keys.  ARGV[1]: ttl in ms; then pairs (expected token, new token) per key.
-# Swaps the token (and restarts the TTL) only where the expected token is still there.
-SWAP = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[2 * i] then
-    redis.call('SET', key, ARGV[2 * i + 1], 'PX', ARGV[1])
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-return out
-"""
-
-# KEYS: lease keys.  ARGV[1]: ttl in ms; ARGV[2..]: the token we believe we hold.
-# Extends the leases still ours; returns 1/0 per key (0 = lost).
-RENEW = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i + 1] then
-    redis.call('PEXPIRE', key, ARGV[1])
-    out[i] = 1
-  else
-    out[i] = 0
-  end
-end
-return out
-"""
-
-# KEYS: lease keys.  ARGV: the token per key.  Deletes only the leases still ours.
-RELEASE = """
-local n = 0
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i] then
-    redis.call('DEL', key)
-    n = n + 1
-  end
-end
-return n
-"""
+from shardworker.luasource import lua_source
+from shardworker.sink.base import Fence
 
 
 def lease_key(tenant: str, provider_id: str) -> str:
@@ -106,11 +52,18 @@ class Lease:
 
     @property
     def fence(self) -> Fence:
-        return Fence(self.key, self.token)
+        return Fence(self.key, self.token, self.epoch)
 
 
 class LeaseManager:
-    """The leases one worker (member) holds."""
+    """The leases one worker (member) holds: the only owner of the held-lease map.
+
+    The assigner thread acquires and releases, the keeper thread renews, command and
+    drain paths read; every access to the map takes ``_lock``, and no Redis or
+    PostgreSQL call is made while holding it (a slow acquisition must never delay the
+    renewals).  A lease released or lost while a renewal was in flight is simply gone
+    from the map when the renewal comes back.
+    """
 
     def __init__(
         self, client: redis.Redis, ownership: OwnershipStore, member: str, ttl_s: float,
@@ -122,15 +75,34 @@ class LeaseManager:
         self.ttl_ms = int(ttl_s * 1000)
         self.ttl_s = ttl_s
         self.clock = clock
-        self.held: dict[str, Lease] = {}
-        self._acquire = client.register_script(ACQUIRE)
-        self._swap = client.register_script(SWAP)
-        self._renew = client.register_script(RENEW)
-        self._release = client.register_script(RELEASE)
+        self._lock = threading.Lock()
+        self._held: dict[str, Lease] = {}
+        self._acquire = client.register_script(lua_source("lease_acquire.lua"))
+        self._swap = client.register_script(lua_source("lease_swap.lua"))
+        self._renew = client.register_script(lua_source("lease_renew.lua"))
+        self._release = client.register_script(lua_source("lease_release.lua"))
+
+    # -- reading the map -----------------------------------------------------------------
+
+    def holds(self, provider_id: str) -> bool:
+        with self._lock:
+            return provider_id in self._held
+
+    def held(self) -> dict[str, Lease]:
+        """A copy of the map: provider_id -> lease."""
+        with self._lock:
+            return dict(self._held)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    # -- changing it ---------------------------------------------------------------------
 
     def acquire(self, wanted: Sequence[tuple[str, str]]) -> list[Lease]:
         """Try to take these (tenant, provider_id) leases; returns the ones now held."""
-        todo = [(t, p) for t, p in wanted if p not in self.held]
+        with self._lock:
+            todo = [(t, p) for t, p in wanted if p not in self._held]
         if not todo:
             return []
         sent = self.clock()
@@ -146,19 +118,22 @@ class LeaseManager:
             keys=[lease_key(t, p) for t, p, _, _ in final],
             args=[self.ttl_ms, *[x for _, _, old, new in final for x in (old, new)]],
         )
-        out = []
-        for (t, p, _, token), ok in zip(final, swapped, strict=True):
-            if ok:
-                lease = Lease(t, p, token, epochs[p], sent + self.ttl_s)
-                self.held[p] = lease
-                out.append(lease)
+        out = [
+            Lease(t, p, token, epochs[p], sent + self.ttl_s)
+            for (t, p, _, token), ok in zip(final, swapped, strict=True)
+            if ok
+        ]
+        with self._lock:
+            for lease in out:
+                self._held[lease.provider_id] = lease
         return out
 
     def renew(self) -> list[Lease]:
         """Extend every held lease in one call; returns (and forgets) the ones lost."""
-        if not self.held:
+        with self._lock:
+            leases = list(self._held.values())
+        if not leases:
             return []
-        leases = list(self.held.values())
         sent = self.clock()
         try:
             kept = self._renew(keys=[x.key for x in leases],
@@ -166,21 +141,26 @@ class LeaseManager:
         except redis.RedisError:
             return self.expire_local()
         lost = []
-        for lease, ok in zip(leases, kept, strict=True):
-            if ok:
-                lease.valid_until = sent + self.ttl_s
-            else:
-                lost.append(self.held.pop(lease.provider_id))
+        with self._lock:
+            for lease, ok in zip(leases, kept, strict=True):
+                if self._held.get(lease.provider_id) is not lease:
+                    continue  # released (or replaced) while the renewal was in flight
+                if ok:
+                    lease.valid_until = sent + self.ttl_s
+                else:
+                    lost.append(self._held.pop(lease.provider_id))
         return lost + self.expire_local()
 
     def expire_local(self) -> list[Lease]:
         """Leases whose TTL may have run out since the last successful renewal."""
         now = self.clock()
-        gone = [p for p, lease in self.held.items() if lease.valid_until <= now]
-        return [self.held.pop(p) for p in gone]
+        with self._lock:
+            gone = [p for p, lease in self._held.items() if lease.valid_until <= now]
+            return [self._held.pop(p) for p in gone]
 
     def release(self, provider_ids: Sequence[str]) -> int:
-        leases = [self.held.pop(p) for p in provider_ids if p in self.held]
+        with self._lock:
+            leases = [self._held.pop(p) for p in provider_ids if p in self._held]
         if not leases:
             return 0
         try:
@@ -192,4 +172,6 @@ class LeaseManager:
             ) from None
 
     def release_all(self) -> int:
-        return self.release(list(self.held))
+        with self._lock:
+            every = list(self._held)
+        return self.release(every)

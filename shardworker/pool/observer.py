@@ -43,7 +43,7 @@ from shardworker.metrics.pod import (
 from shardworker.pool.leader import Leader
 from shardworker.pool.registry import Registry
 from shardworker.pool.supervisor import Supervisor, SupervisorStats
-from shardworker.publish import WORKFLOW_STREAM, Publisher
+from shardworker.sink.redis_streams import WORKFLOW_STREAM, RedisStreamsSink
 
 log = get_logger(__name__)
 
@@ -87,7 +87,8 @@ class PodObserver:
             socket_connect_timeout=PROBE_TIMEOUT_S,
         )
         self._registry = Registry(self._redis)
-        self._publisher = Publisher(self._redis, settings)
+        # The pod samples Alga's stream itself, whichever sink the workers write to.
+        self._stream_sink = RedisStreamsSink(self._redis, settings)
         self._stats: SupervisorStats | None = None
         self._last_tick: float | None = None
         self._unready_since: dict[int, float] = {}
@@ -230,10 +231,10 @@ class PodObserver:
             return None
         try:
             return StreamSample(
-                length=self._publisher.stream_length(),
+                length=self._stream_sink.stream_length(),
                 dead_letter_length=int(self._redis.xlen(self.settings.dlq_stream)),
                 group_lag={_text(g["name"]): self._group_lag(g) for g in groups},
-                backlog=self._publisher.backlog(),
+                backlog=self._stream_sink.backlog(),
                 max_lag=self.settings.backpressure_max_lag,
             )
         except (redis.RedisError, ShardworkerError):

@@ -21,73 +21,13 @@ import orjson
 import redis
 
 from shardworker.errors import LeaseLostError
+from shardworker.luasource import lua_source
 
 MEMBERS = "sw:members"
 LEADER = "sw:leader"
 LEADER_EPOCH = "sw:leader:epoch"
 ASSIGNMENT = "sw:assignment"
 ASSIGN_PREFIX = "sw:assign:"
-
-# KEYS[1]: members zset.  ARGV[1]: member.  Heartbeat stamped with Redis's own clock.
-HEARTBEAT = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-return now
-"""
-
-# KEYS[1]: members zset.  ARGV[1]: grace ms; ARGV[2]: forget-after ms.
-# Returns the members seen within the grace period; forgets long-dead ones.
-LIVE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[1]), '+inf')
-"""
-
-# KEYS[1]: leader lease, KEYS[2]: leader epoch counter.  ARGV[1]: identity; ARGV[2]: ttl
-# ms; ARGV[3]: the token we hold ('' if none).  Renews our lease, or takes a free one
-# with a new epoch.  Returns the token held after the call, or false.
-ELECT = """
-local cur = redis.call('GET', KEYS[1])
-if cur and cur == ARGV[3] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return cur
-end
-if cur then
-  return false
-end
-local epoch = redis.call('INCR', KEYS[2])
-local token = ARGV[1] .. '|' .. epoch
-redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
-return token
-"""
-
-# KEYS[1]: leader lease; KEYS[2]: sw:assignment; KEYS[3..]: sw:assign:<member> keys.
-# ARGV[1]: leader token; ARGV[2]: assignment JSON; ARGV[3..]: one JSON per member key;
-# ARGV after those: member keys to delete (count in ARGV[#KEYS + 1]).
-PUBLISH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return redis.error_reply('NOTLEADER')
-end
-redis.call('SET', KEYS[2], ARGV[2])
-for i = 3, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i])
-end
-local n = tonumber(ARGV[#KEYS + 1])
-for i = 1, n do
-  redis.call('DEL', ARGV[#KEYS + 1 + i])
-end
-return 1
-"""
-
-# KEYS[1]: leader lease.  ARGV[1]: our token.  Step down without waiting for the TTL.
-RESIGN = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 
 @dataclass(frozen=True)
@@ -106,11 +46,11 @@ class MemberAssignment:
 class Registry:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._heartbeat = client.register_script(HEARTBEAT)
-        self._live = client.register_script(LIVE)
-        self._elect = client.register_script(ELECT)
-        self._publish = client.register_script(PUBLISH)
-        self._resign = client.register_script(RESIGN)
+        self._heartbeat = client.register_script(lua_source("registry_heartbeat.lua"))
+        self._live = client.register_script(lua_source("registry_live.lua"))
+        self._elect = client.register_script(lua_source("registry_elect.lua"))
+        self._publish = client.register_script(lua_source("registry_publish.lua"))
+        self._resign = client.register_script(lua_source("registry_resign.lua"))
 
     # -- members -------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The Redis publisher: Alga's stream layout, exactly-once Lua, dead letters, backpressure.
+"""The Redis Streams sink (``SHARDWORKER_SINK=redis-streams``): Alga's stream layout,
+exactly-once Lua, dead letters, backpressure.
 
 Every message is one EVALSHA of ``lua/publish.lua``; a batch is one pipelined round trip.
 The script checks the lease token (fencing), then two dedupe keys: the UID key answers
@@ -21,9 +22,7 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import resources
 from typing import Any
 
 import orjson
@@ -34,6 +33,8 @@ from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.logs import get_logger
+from shardworker.luasource import lua_source
+from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult
 
 log = get_logger(__name__)
 
@@ -47,43 +48,6 @@ POINTER_MAX_ATTEMPTS = 5
 
 _STATUS_WRITTEN, _STATUS_DUPLICATE, _STATUS_DEAD_LETTERED = 0, 1, 2
 _URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
-
-
-@dataclass(frozen=True)
-class Fence:
-    """The lease a write must still hold: ``GET lease_key == token``, checked in Lua."""
-
-    lease_key: str
-    token: str
-
-
-@dataclass(frozen=True)
-class Outbound:
-    """One parsed message ready to publish; ``payload`` is the full event payload."""
-
-    tenant: str
-    provider_id: str
-    mailbox: str
-    folder: str
-    uid_validity: int
-    uid: int
-    message_id: str
-    payload: dict[str, Any]
-    event_time: datetime
-
-
-@dataclass(frozen=True)
-class PublishResult:
-    """``stream_id`` is the workflow stream id, the original one when ``duplicate``.
-
-    ``dead_lettered`` (then also ``duplicate``) means the UID went to the dead-letter
-    stream earlier; ``stream_id`` is then that DLQ entry id.
-    """
-
-    uid: int
-    stream_id: str
-    duplicate: bool
-    dead_lettered: bool = False
 
 
 def uid_key(provider_id: str, folder: str, uid_validity: int, uid: int) -> str:
@@ -192,7 +156,7 @@ class _Script:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.body = resources.files("shardworker").joinpath("lua", name).read_text("utf-8")
+        self.body = lua_source(name)
         self.sha = hashlib.sha1(self.body.encode()).hexdigest()
 
     def load(self, client: redis.Redis) -> None:
@@ -204,7 +168,7 @@ class _Script:
 _Call = tuple[list[str], list[str | bytes]]
 
 
-class Publisher:
+class RedisStreamsSink:
     """Owns the stream layout; one instance per process, safe to share between threads."""
 
     def __init__(
@@ -235,12 +199,8 @@ class Publisher:
     # Publishing
 
     def publish_batch(self, batch: Sequence[Outbound], fence: Fence | None) -> list[PublishResult]:
-        """Publish each message at most once, in one round trip; results in batch order.
-
-        Raises FencedError when the lease is not held (those messages wrote nothing; any
-        earlier ones in the batch that did are answered as duplicates on the retry), and
-        PublishError when Redis fails.
-        """
+        """:meth:`Sink.publish_batch <shardworker.sink.base.Sink.publish_batch>` in one
+        pipelined round trip."""
         if not batch:
             return []
         calls = [self._publish_call(out, fence) for out in batch]
@@ -327,32 +287,22 @@ class Publisher:
 
     # Dead letters
 
-    def dead_letter(
-        self,
-        *,
-        tenant: str,
-        provider_id: str,
-        folder: str,
-        uid_validity: int,
-        uid: int,
-        message_id: str | None,
-        reason: str,
-        raw: bytes | None,
-        fence: Fence | None,
-    ) -> str:
+    def dead_letter(self, letter: DeadLetter, fence: Fence | None) -> str:
         """Record a poison message once per UID and mark the UID as done; returns the entry id.
 
         The raw message is kept (base64) up to ``dlq_max_raw_bytes``; a larger one keeps
         an ``imap://`` pointer instead.  A second call for the same UID returns the first id.
         """
+        tenant, provider_id, folder = letter.tenant, letter.provider_id, letter.folder
+        uid_validity, uid, raw = letter.uid_validity, letter.uid, letter.raw
         fields: list[str | bytes] = [
             "tenant", tenant,
             "provider_id", provider_id,
             "folder", folder,
             "uid_validity", str(uid_validity),
             "uid", str(uid),
-            "message_id", message_id or "",
-            "reason", reason,
+            "message_id", letter.message_id or "",
+            "reason", letter.reason,
             "time", iso_ms(datetime.now(UTC)),
             "size", "" if raw is None else str(len(raw)),
         ]  # fmt: skip
@@ -370,13 +320,12 @@ class Publisher:
         self._raise_fenced(replies, fence, 1)
         if isinstance(replies[0], Exception):
             raise PublishError(f"dead-letter of UID {uid} failed: {_scrub(str(replies[0]))}")
-        log.warning("dead_lettered", provider_id=provider_id, folder=folder, uid=uid, reason=reason)
-        metrics.dead_lettered(reason)
+        metrics.dead_lettered(letter.reason)
         return _text(replies[0])
 
     # Consumer groups and backpressure
 
-    def ensure_groups(self) -> None:
+    def prepare(self) -> None:
         """Create Alga's publisher-side groups (``XGROUP CREATE … 0 MKSTREAM``) if absent."""
         self._create_group(WORKFLOW_STREAM, WORKFLOW_GROUP)
         if self._settings.publish_event_bus:
@@ -441,3 +390,7 @@ class Publisher:
 
 def _is_fenced(error: ResponseError) -> bool:
     return str(error).startswith("FENCED")
+
+
+def open_sink(settings: Settings, client: redis.Redis) -> RedisStreamsSink:
+    return RedisStreamsSink(client, settings)

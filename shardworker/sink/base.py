@@ -1,0 +1,102 @@
+"""The publish side's one interface: what the engine hands a sink and what it gets back.
+
+A sink takes parsed messages and makes each one an event at most once per UID (and per
+Message-ID across folders of a provider), under a :class:`Fence`: a write whose fence is
+no longer held writes nothing and raises :class:`~shardworker.errors.FencedError`.  The
+engine never learns how a sink stores events; it keeps the ledger and the checkpoint
+(fenced by the same epoch in PostgreSQL) on its own side.  The exactly-once argument is
+therefore made once per sink, in its module, and tested once against this interface
+(``tests/test_sink.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease a write must still hold.
+
+    ``lease_key``/``token``: the Redis lease (``GET lease_key == token``), checked
+    atomically by a sink that writes to that Redis.  ``epoch``: the provider's fencing
+    epoch in PostgreSQL, which the checkpoint compares, and which a sink outside Redis can
+    compare in its own transaction.  Both come from one acquisition, so they travel as one.
+    """
+
+    lease_key: str
+    token: str
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """One parsed message ready to publish; ``payload`` is the full event payload."""
+
+    tenant: str
+    provider_id: str
+    mailbox: str
+    folder: str
+    uid_validity: int
+    uid: int
+    message_id: str
+    payload: dict[str, Any]
+    event_time: datetime
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """``stream_id`` is the event's id in the sink, the original one when ``duplicate``.
+
+    ``dead_lettered`` (then also ``duplicate``) means the UID was dead-lettered earlier;
+    ``stream_id`` is then that dead-letter entry's id.
+    """
+
+    uid: int
+    stream_id: str
+    duplicate: bool
+    dead_lettered: bool = False
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that cannot become an event; recorded once per UID, which is then done."""
+
+    tenant: str
+    provider_id: str
+    folder: str
+    uid_validity: int
+    uid: int
+    message_id: str | None
+    reason: str
+    raw: bytes | None
+
+
+class Sink(Protocol):
+    """Where events go.  One instance per process, safe to share between sync threads."""
+
+    def prepare(self) -> None:
+        """Create what the sink needs before the first publish (idempotent)."""
+
+    def publish_batch(self, batch: Sequence[Outbound], fence: Fence | None) -> list[PublishResult]:
+        """Publish each message at most once; results in batch order.
+
+        Raises FencedError when ``fence`` is not held (those messages wrote nothing; any
+        earlier ones that did are answered as duplicates on the retry), PublishError when
+        the sink fails.  ``fence=None`` (tests, tools) publishes unfenced.
+        """
+        ...
+
+    def dead_letter(self, letter: DeadLetter, fence: Fence | None) -> str:
+        """Record a poison message once per UID and mark the UID done; returns its id.
+
+        A second call for the same UID returns the first id.  FencedError as above.
+        """
+        ...
+
+    def backpressured(self) -> bool:
+        """True while the consumers lag too far behind: the engine stops fetching."""
+        ...
