@@ -18,7 +18,8 @@ import pytest
 import redis
 
 from shardworker.config import Settings
-from shardworker.publish import POINTER_QUEUE, WORKFLOW_STREAM, Outbound, Publisher
+from shardworker.sink.base import Outbound
+from shardworker.sink.redis_streams import POINTER_QUEUE, WORKFLOW_STREAM, RedisStreamsSink
 
 TENANT = "0b7c4d1e-8f0a-4c6b-9d2e-3f4a5b6c7d8e"
 PROVIDER = "5d6e7f80-1a2b-4c3d-8e9f-a0b1c2d3e4f5"
@@ -128,8 +129,8 @@ def reclaim(client: redis.Redis, job_id: str) -> None:
 
 
 @pytest.fixture
-def publisher(redis_client: redis.Redis) -> Publisher:
-    return Publisher(redis_client, Settings(publish_pointer_queue=True))
+def publisher(redis_client: redis.Redis) -> RedisStreamsSink:
+    return RedisStreamsSink(redis_client, Settings(publish_pointer_queue=True))
 
 
 def pointer_of(payload: bytes) -> tuple[str, int]:
@@ -138,7 +139,7 @@ def pointer_of(payload: bytes) -> tuple[str, int]:
 
 
 def test_backlog_is_claimed_in_uid_order_per_folder(
-    redis_client: redis.Redis, publisher: Publisher
+    redis_client: redis.Redis, publisher: RedisStreamsSink
 ) -> None:
     for batch in backlog():
         results = publisher.publish_batch(batch, None)
@@ -165,7 +166,7 @@ def test_backlog_is_claimed_in_uid_order_per_folder(
 
 
 def test_jobs_queued_by_alga_itself_keep_their_own_order_beside_ours(
-    redis_client: redis.Redis, publisher: Publisher
+    redis_client: redis.Redis, publisher: RedisStreamsSink
 ) -> None:
     """Alga's own producer (RPUSH) still works on the same list; nothing is lost."""
     publisher.publish_batch([outbound("INBOX", uid) for uid in (1, 2, 3)], None)
@@ -179,7 +180,7 @@ def test_jobs_queued_by_alga_itself_keep_their_own_order_beside_ours(
 
 
 def test_retry_reclaim_and_dlq_still_behave(
-    redis_client: redis.Redis, publisher: Publisher
+    redis_client: redis.Redis, publisher: RedisStreamsSink
 ) -> None:
     publisher.publish_batch([outbound("INBOX", uid) for uid in (1, 2, 3)], None)
     first = claim(redis_client)
@@ -207,7 +208,9 @@ def test_retry_reclaim_and_dlq_still_behave(
     assert redis_client.zcard(LEASES) == 0 and redis_client.llen(PROCESSING) == 0
 
 
-def test_job_bytes_are_what_alga_acks(redis_client: redis.Redis, publisher: Publisher) -> None:
+def test_job_bytes_are_what_alga_acks(
+    redis_client: redis.Redis, publisher: RedisStreamsSink
+) -> None:
     """Ack removes by the original payload: the bytes we push are the bytes claimed."""
     publisher.publish_batch([outbound("INBOX", 1)], None)
     [queued] = redis_client.lrange(POINTER_QUEUE, 0, -1)
