@@ -31,6 +31,7 @@ import resource
 import socket
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,14 @@ _HEAD_MAX = 64 * 1024
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:(.*)$", re.IGNORECASE | re.MULTILINE)
 _DIGITS = re.compile(rb"[0-9]{1,15}")
 _START_TIMEOUT_S = 5.0
+_WARN_EVERY_S = 10.0
+_DEFER_ACCEPT_S = 5
+# How many connections asyncio accepts per wake-up (uvicorn's backlog): their descriptors
+# are all open before the evicted ones close, so this bounds the overshoot above
+# max_connections.  The kernel's queue is made longer once serving, so a probe's SYN is
+# not dropped (and retried a second later) behind a burst.
+_BACKLOG = 128
+_KERNEL_BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -81,29 +90,50 @@ def framing_problem(head: bytes) -> str | None:
     return None
 
 
+class _Connections:
+    """What one listener's connections share: the idle ones oldest first, the closing count."""
+
+    def __init__(self) -> None:
+        self.idle: OrderedDict[GuardedProtocol, None] = OrderedDict()
+        self.closing = 0
+        self.refused = 0
+        self.warned_at = float("-inf")
+
+
 class GuardedProtocol(H11Protocol):
     """uvicorn's h11 protocol with deadlines, a connection cap and strict framing."""
 
     limits = Limits()
+    shared = _Connections()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._opened = time.monotonic()
         self._head = bytearray()
         self._timer: asyncio.TimerHandle | None = None
         self._receiving = False
+        self._closing = False
         if self._make_room():
+            self.shared.idle[self] = None
             self._arm(self.limits.idle_timeout_s, receiving=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.shared.idle.pop(self, None)
+        if self._closing:
+            self.shared.closing -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        self.shared.idle.pop(self, None)  # busy until its response is complete
         if self.conn.their_state is h11.IDLE and not self._screen(data):
             return
         super().data_received(data)
         self._follow_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self.shared.idle[self] = None
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own answer to what h11 cannot parse, as JSON; its warning is logged.
@@ -112,18 +142,31 @@ class GuardedProtocol(H11Protocol):
     # -- limits --------------------------------------------------------------------------
 
     def _make_room(self) -> bool:
-        if len(self.connections) <= self.limits.max_connections:
+        """Below the cap, or the oldest idle connection closed to make room; else refused."""
+        shared = self.shared
+        if len(self.connections) - shared.closing <= self.limits.max_connections:
             return True
-        idle = [p for p in self.connections if p is not self and isinstance(p, GuardedProtocol)
-                and _is_idle(p)]  # fmt: skip
-        if idle:
-            victim = min(idle, key=lambda p: p._opened)
-            victim.transport.close()
+        if shared.idle:
+            victim, _ = shared.idle.popitem(last=False)
+            victim._close()
             return True
-        log.warning("http_connection_refused", reason="every connection is busy",
-                    limit=self.limits.max_connections)  # fmt: skip
+        shared.refused += 1
+        now = time.monotonic()
+        if now - shared.warned_at >= _WARN_EVERY_S:
+            # One line per interval under a flood, with the count since the last one.
+            log.warning("http_connections_refused", reason="every connection is busy",
+                        limit=self.limits.max_connections, refused=shared.refused)  # fmt: skip
+            shared.warned_at, shared.refused = now, 0
         self._refuse(503, "Service Unavailable", "too many connections")
         return False
+
+    def _close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self.shared.closing += 1
+        self.shared.idle.pop(self, None)
+        self._disarm()
+        self.transport.close()
 
     def _screen(self, data: bytes) -> bool:
         """Check the head of a request before h11 parses it; False when refused."""
@@ -164,24 +207,18 @@ class GuardedProtocol(H11Protocol):
         if self._receiving and (self.cycle is None or not self.cycle.response_started):
             self._refuse(408, "Request Timeout", "the request did not arrive in time")
         else:
-            self.transport.close()
+            self._close()
 
     def _refuse(self, status: int, reason: str, message: str) -> None:
         if not self.transport.is_closing():
             self.transport.write(error_bytes(status, reason, message))
-            self.transport.close()
-
-
-def _is_idle(protocol: GuardedProtocol) -> bool:
-    if protocol.transport.is_closing():
-        return False
-    cycle = protocol.cycle
-    no_request = cycle is None or cycle.response_complete
-    return bool(no_request and protocol.conn.their_state is h11.IDLE and not protocol._head)
+        self._close()
 
 
 def protocol_with(limits: Limits) -> type[GuardedProtocol]:
-    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits})
+    """A protocol class of its own per listener: its limits and its connection book."""
+    return type("GuardedProtocol", (GuardedProtocol,), {"limits": limits,
+                                                        "shared": _Connections()})  # fmt: skip
 
 
 def fd_budget(share: float) -> int:
@@ -199,7 +236,11 @@ def listen(host: str, port: int, setting: str) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(1024)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            # The kernel hands over a connection only once it has sent something (or after
+            # this many seconds): idle sockets of a flood then cost no descriptor here.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, _DEFER_ACCEPT_S)
+        sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
         raise ConfigError(f"{setting}: cannot listen on {host}:{port} ({exc.strerror})") from None
@@ -220,7 +261,7 @@ class ServerThread:
             app, lifespan="off", log_config=None, access_log=False, proxy_headers=False,
             server_header=False, date_header=False, ws="none", loop="asyncio",
             http=protocol_with(limits), timeout_keep_alive=int(max(1, limits.keepalive_s)),
-            timeout_graceful_shutdown=2,
+            timeout_graceful_shutdown=2, backlog=_BACKLOG,
         )  # fmt: skip
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
@@ -237,6 +278,7 @@ class ServerThread:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise ConfigError(f"{self.name}: the HTTP server did not start")
             time.sleep(0.01)
+        self.sock.listen(_KERNEL_BACKLOG)
 
     def _serve(self) -> None:
         try:
