@@ -235,6 +235,7 @@ def test_dead_letter_download_and_replay_exactly_once(
     replayed = console.follow(console.post(f"/console/dead-letters/{entry}/replay"))
     assert f"Replayed {entry}: published" in replayed.text
     assert _events_of(settings, made["provider_id"]) == 1
+    assert "replayed</span>" in replayed.text  # no second Replay button for it
     again = console.follow(console.post(f"/console/dead-letters/{entry}/replay"))
     assert "replayed already" in again.text
     assert _events_of(settings, made["provider_id"]) == 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
@@ -47,6 +48,21 @@ _STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
 Handler = Callable[[Request, Session], Awaitable[Response]]
 
 
+def shown(value: Any) -> str:
+    """A setting as an operator reads it: lists joined, mappings as ``key: value``."""
+    if value is None or value == []:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items())
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S %Z")
+    return str(value)
+
+
 class Console:
     def __init__(
         self, settings: Settings, service: AdminService, *, sessions: Sessions | None = None,
@@ -61,6 +77,7 @@ class Console:
         self.dead = DeadLetters(settings, service.pool, service.bus.client)
         self.env = Environment(loader=PackageLoader("shardworker.admin", "templates"),
                                autoescape=select_autoescape(default=True))  # fmt: skip
+        self.env.filters["shown"] = shown
         self._static = {
             name: resources.files("shardworker.admin").joinpath("static", name).read_bytes()
             for name in _STATIC
@@ -202,7 +219,8 @@ class Console:
         before = request.query_params.get("before") or None
         letters, error = await self.call(self.dead.page, before)
         total, _ = await self.call(self.dead.length)
-        shown = [d.public() for d in letters or []]
+        done, _ = await self.call(self.dead.replayed, letters or [])
+        shown = [{**d.public(), "replayed": d.entry_id in (done or ())} for d in letters or []]
         older = shown[-1]["entry_id"] if len(shown) == 50 else None
         return self.render("deadletters.html", request, session, letters=shown, error=error,
                            total=total, older=older)  # fmt: skip

@@ -87,6 +87,10 @@ def _decode(entry_id: Any, raw: Any) -> DeadLetter:
     return DeadLetter(text, fields)
 
 
+def _replay_reason(entry_id: str) -> str:
+    return f"replayed from dead letter {entry_id}"
+
+
 class DeadLetters:
     def __init__(self, settings: Settings, pool: Pool, client: redis.Redis) -> None:
         self.settings = settings
@@ -108,6 +112,17 @@ class DeadLetters:
         found: Any = self.client.xrevrange(self.settings.dlq_stream, "+", "-", count=scan)
         letters = [_decode(eid, fields) for eid, fields in found]
         return [d for d in letters if d.fields.get("provider_id") == provider_id][:limit]
+
+    def replayed(self, letters: list[DeadLetter]) -> set[str]:
+        """The entries among ``letters`` that a replay has published (or found duplicate)."""
+        marks = {_replay_reason(d.entry_id): d.entry_id for d in letters}
+        if not marks:
+            return set()
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT reason FROM shardworker_ledger WHERE reason = ANY(%s)", (list(marks),)
+            ).fetchall()
+        return {marks[r[0]] for r in rows}
 
     def get(self, entry_id: str) -> DeadLetter:
         found: Any = self.client.xrange(self.settings.dlq_stream, entry_id, entry_id, count=1)
@@ -131,7 +146,7 @@ class DeadLetters:
             if locked is not None:
                 change = {"status": status, "stream_id": stream_id,
                           "message_id": outbound.message_id,
-                          "reason": f"replayed from dead letter {entry_id}"}  # fmt: skip
+                          "reason": _replay_reason(entry_id)}  # fmt: skip
                 conn.execute(_SET_ROW, {**row, **change})
         log.info("dead_letter_replayed", provider_id=pid, folder=folder, uid=uid,
                  entry_id=entry_id, status=status)  # fmt: skip

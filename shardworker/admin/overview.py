@@ -65,8 +65,10 @@ class Overview:
                 {"member": member, "owned": per_member.get(member, 0), "live": member in live}
             )
         backlog = self.publisher.backlog()
+        leader, _, term = (self.registry.current_leader() or "").partition("|")
         return {
-            "leader": self.registry.current_leader(),
+            "leader": leader or None,
+            "leader_term": term or None,
             "pods": [{"pod": p, "members": ms} for p, ms in sorted(pods.items())],
             "members": len(live),
             "owned": len(owners),
