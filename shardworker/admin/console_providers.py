@@ -8,6 +8,7 @@ typed into a form is never sent back: after a refused form it must be typed agai
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -57,6 +58,7 @@ _TLS = {"implicit": (True, False), "starttls": (False, True), "plain": (False, F
 _TEXT_FIELDS = ("mailbox", "provider_name", "host", "username")
 _INT_FIELDS = ("port", "max_emails_per_sync")
 _FLAGS = ("is_active", "auto_process_emails")
+_CLASSES_TTL_S = 30.0
 _ACTIONS = ("test", "pause", "resume", "reconnect", "resync", "backfill")
 
 
@@ -114,21 +116,22 @@ class ProviderPages:
     def __init__(self, console: Console) -> None:
         self.c = console
         self.service = console.service
+        self._classes: tuple[float, list[str]] | None = None
 
     # -- list --------------------------------------------------------------------------
 
     async def list_page(self, request: Request, session: Session) -> Response:
         q = request.query_params
         after = None
-        if q.get("after_mailbox") is not None and q.get("after_id"):
-            after = (q.get("after_mailbox", ""), q.get("after_id", ""))
+        if q.get("after_tenant") and q.get("after_mailbox") is not None:
+            after = (q.get("after_tenant", ""), q.get("after_mailbox", ""))
         wanted = queries.ProviderFilter(
             search=q.get("q", "")[:200], status=q.get("status", ""),
             error_class=q.get("error", "")[:200], after=after,
         )  # fmt: skip
         try:
             found = await run_in_threadpool(queries.provider_page, self.service.pool, wanted)
-            classes = await run_in_threadpool(queries.error_classes, self.service.pool)
+            classes = await run_in_threadpool(self._error_classes)
         except Exception as exc:  # e.g. a malformed after_id: an empty page, not a 500
             text = f"The list could not be read ({type(exc).__name__})."
             return self.c.render("message.html", request, session, 400, title="Providers",
@@ -136,6 +139,13 @@ class ProviderPages:
         owners = await run_in_threadpool(self._owners)
         return self.c.render("providers.html", request, session, page=found, wanted=wanted,
                              statuses=queries.STATUSES, classes=classes, owners=owners)  # fmt: skip
+
+    def _error_classes(self) -> list[str]:
+        """The filter's choices, read at most every ``_CLASSES_TTL_S`` (a scan of every row)."""
+        now = time.monotonic()
+        if self._classes is None or now - self._classes[0] > _CLASSES_TTL_S:
+            self._classes = (now, queries.error_classes(self.service.pool))
+        return self._classes[1]
 
     def _owners(self) -> dict[str, str]:
         try:
