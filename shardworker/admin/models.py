@@ -23,6 +23,10 @@ TimeoutMs = Annotated[int, Field(ge=100, le=300_000)]
 Text = Annotated[str, Field(max_length=255)]
 Secret = Annotated[str, Field(json_schema_extra={"writeOnly": True, "format": "password"})]
 Folders = Annotated[list[str], Field(max_length=MAX_FOLDERS)]
+# Formats for the document (and the fuzzer); validate.py checks them.
+Uuid = Annotated[str, Field(json_schema_extra={"format": "uuid"})]
+Mailbox = Annotated[str, Field(max_length=255, json_schema_extra={"format": "email"})]
+Host = Annotated[str, Field(json_schema_extra={"format": "hostname"})]
 WaitS = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
@@ -51,10 +55,10 @@ class _ProviderFields(BaseModel):
 class NewProvider(_ProviderFields):
     """``POST /v1/providers``: a new provider; see docs/admin.md for every rule."""
 
-    tenant: str
-    provider_id: str | None = None
-    mailbox: Text
-    host: str
+    tenant: Uuid
+    provider_id: Uuid | None = None
+    mailbox: Mailbox
+    host: Host
     port: Port
     username: str
 
@@ -66,10 +70,10 @@ class ProviderPatch(_ProviderFields):
     change).
     """
 
-    tenant: str | None = None
-    provider_id: str | None = None
-    mailbox: Text | None = None
-    host: str | None = None
+    tenant: Uuid | None = None
+    provider_id: Uuid | None = None
+    mailbox: Mailbox | None = None
+    host: Host | None = None
     port: Port | None = None
     username: str | None = None
 
