@@ -17,7 +17,7 @@ import redis
 
 from shardworker.admin.api import AdminApi
 from shardworker.admin.service import AdminService
-from shardworker.admin.sessions import LoginLimiter
+from shardworker.admin.sessions import LoginLimiter, RedisLoginLimiter
 from shardworker.config import Settings
 from shardworker.db.store import open_pool
 from shardworker.publish import WORKFLOW_STREAM, Publisher
@@ -83,7 +83,7 @@ def provider(api: ApiClient, **over: Any) -> dict[str, Any]:
 
 
 def test_login_gives_no_hint_and_is_rate_limited(server: AdminApi) -> None:
-    server.console.limiter = LoginLimiter(per_client=3)
+    server.console.limiter = RedisLoginLimiter(server.console.service.bus.client, per_client=3)
     browser = ConsoleClient(f"http://127.0.0.1:{server.port}")
     assert browser.get("/console/").headers["location"] == "/console/login"
     answers = [browser.login(token) for token in ("wrong", "", TOKEN + "x")]
@@ -255,3 +255,24 @@ def test_remove_needs_the_mailbox_typed(console: ConsoleClient, api: ApiClient) 
     done = console.follow(console.post(remove, {"confirm": made["mailbox"]}))
     assert f"Removed {made['mailbox']}." in done.text
     assert api.call("GET", f"/v1/providers/{made['provider_id']}")[0] == 404
+
+
+def test_a_session_holds_on_every_pod_and_survives_a_restart(
+    server: AdminApi, settings: Settings, console: ConsoleClient
+) -> None:
+    """Sessions live in Redis: another pod's listener (or a restarted one) knows them."""
+    pool = open_pool(settings.database_url, max_size=2)
+    client = redis.Redis.from_url(settings.redis_url)
+    other = AdminApi(settings, AdminService(settings, pool, client))
+    other.start()
+    try:
+        elsewhere = ConsoleClient(f"http://127.0.0.1:{other.port}", http=console.http)
+        assert elsewhere.get("/console/").status_code == 200
+        assert elsewhere.follow(elsewhere.post("/console/logout", {"csrf": console.csrf}))
+        assert console.get("/console/").status_code == 303  # logged out on the first pod too
+        keys = client.keys("sw:console:session:*")
+        assert all(console.csrf.encode() not in k for k in keys)
+    finally:
+        other.close()
+        pool.close()
+        client.close()

@@ -32,7 +32,14 @@ from shardworker.admin.console_providers import provider_routes
 from shardworker.admin.deadletters import DeadLetters
 from shardworker.admin.overview import Overview
 from shardworker.admin.service import AdminService
-from shardworker.admin.sessions import LoginLimiter, Session, Sessions, csrf_ok
+from shardworker.admin.sessions import (
+    LoginLimiter,
+    RedisLoginLimiter,
+    RedisSessions,
+    Session,
+    Sessions,
+    csrf_ok,
+)
 from shardworker.config import Settings
 from shardworker.errors import ShardworkerError
 from shardworker.logs import get_logger
@@ -70,8 +77,8 @@ class Console:
     ) -> None:  # fmt: skip
         self.settings = settings
         self.service = service
-        self.sessions = sessions or Sessions()
-        self.limiter = limiter or LoginLimiter()
+        self.sessions = sessions or RedisSessions(service.bus.client)
+        self.limiter = limiter or RedisLoginLimiter(service.bus.client)
         self._token = settings.admin_token.encode()
         self.overview = Overview(settings, service.pool, service.bus.client)
         self.dead = DeadLetters(settings, service.pool, service.bus.client)
@@ -122,9 +129,10 @@ class Console:
         self, template: str, request: Request, session: Session | None, status: int = 200,
         **context: Any,
     ) -> HTMLResponse:  # fmt: skip
-        flash = []
-        if session is not None:
+        flash: list[str] = []
+        if session is not None and session.flash:
             flash, session.flash = session.flash, []
+            self.sessions.save(session)
         html = self.env.get_template(template).render(
             session=session, csrf=session.csrf if session else "", flash=flash, prefix=PREFIX,
             path=request.url.path, **context,
@@ -137,6 +145,7 @@ class Console:
 
     def back(self, session: Session, where: str, *notes: str) -> Response:
         session.flash.extend(notes)
+        self.sessions.save(session)
         return RedirectResponse(f"{PREFIX}{where}", 303)
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, str | None]:
