@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -224,18 +225,25 @@ def test_console_in_a_real_browser(live: dict[str, Any], browser: Browser) -> No
 
 
 def _fixed_dead_letter(live: dict[str, Any], pid: str) -> str:
-    """A dead letter whose raw message parses today (as after a parser fix)."""
-    settings = live["settings"]
+    """A dead letter whose raw message parses today (as after a parser fix), recorded in
+    the stream and the ledger as the engine records one."""
+    settings, tenant = live["settings"], live["cluster"].tenant
     client = redis.Redis.from_url(settings.redis_url)
     try:
         raw = make_mail(message_id=f"<fixed-{uuid.uuid4().hex[:8]}@example.com>")
-        return Publisher(client, settings).dead_letter(
-            tenant=live["cluster"].tenant, provider_id=pid, folder="INBOX", uid_validity=1,
-            uid=999_999, message_id=None, reason="parse_error: before the fix", raw=raw,
-            fence=None,
+        entry = Publisher(client, settings).dead_letter(
+            tenant=tenant, provider_id=pid, folder="INBOX", uid_validity=1, uid=999_999,
+            message_id=None, reason="parse_error: before the fix", raw=raw, fence=None,
         )  # fmt: skip
     finally:
         client.close()
+    with psycopg.connect(settings.database_url) as conn:
+        conn.execute(
+            "INSERT INTO shardworker_ledger (tenant, provider_id, folder, uid_validity, uid, "
+            "message_id, status, reason) VALUES (%s, %s, 'INBOX', 1, 999999, 'uid:999999', "
+            "'dead_lettered', 'parse_error: before the fix')", (tenant, pid),
+        )  # fmt: skip
+    return entry
 
 
 def _events_with(cluster: Cluster, marker: str) -> int:
