@@ -276,3 +276,15 @@ def test_a_session_holds_on_every_pod_and_survives_a_restart(
         other.close()
         pool.close()
         client.close()
+
+
+def test_hostile_ids_in_paths_and_queries_get_pages_not_errors(console: ConsoleClient) -> None:
+    for path in ("/console/dead-letters/nope/raw", "/console/dead-letters?before=x)(",
+                 "/console/providers/not-a-uuid/also-not", "/console/providers?after_tenant=zz"
+                 "&after_mailbox=a", "/console/static/%2e%2e%2fconsole.py",
+                 f"/console/providers/{uuid.uuid4()}/{uuid.uuid4()}?command=../live"):  # fmt: skip
+        answer = console.get(path)
+        assert answer.status_code in (200, 303, 400, 404), (path, answer.status_code)
+        assert "Traceback" not in answer.text
+    replay = console.post("/console/dead-letters/0-0/replay")
+    assert console.follow(replay).status_code == 200

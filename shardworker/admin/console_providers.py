@@ -106,6 +106,11 @@ def form_body(form: FormData) -> dict[str, Any]:
     return body
 
 
+def _command_id(text: str) -> str:
+    """A command id from the query (32 hex digits), or '' for anything else."""
+    return text if len(text) == 32 and all(ch in "0123456789abcdef" for ch in text) else ""
+
+
 def _tls_of(row: dict[str, Any]) -> str:
     if row.get("secure"):
         return "implicit"
@@ -164,10 +169,11 @@ class ProviderPages:
             return self.c.render("message.html", request, session, status, title="Provider",
                                  text=error or "not found")  # fmt: skip
         ledger = await run_in_threadpool(queries.ledger_rows, self.service.pool, tenant, pid)
+        command = _command_id(request.query_params.get("command", ""))
         letters, _ = await self.c.call(self.c.dead.of_provider, pid)
         return self.c.render("provider.html", request, session, p=row, ledger=ledger,
                              letters=[d.public() for d in letters or []],
-                             command=request.query_params.get("command", "")[:32])  # fmt: skip
+                             command=command)  # fmt: skip
 
     async def act(self, request: Request, session: Session) -> Response:
         tenant, pid = request.path_params["tenant"], request.path_params["provider_id"]

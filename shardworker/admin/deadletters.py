@@ -22,6 +22,7 @@ stays in the stream as the record of what happened.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,7 @@ from shardworker.publish import Outbound, Publisher, uid_key
 
 log = get_logger(__name__)
 
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 # KEYS[1] the UID's dedupe key; ARGV[1] the mark it must still hold.  Returns 1 if deleted.
 _CLEAR_MARK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -104,7 +106,7 @@ class DeadLetters:
 
     def page(self, before: str | None = None, count: int = 50) -> list[DeadLetter]:
         """Newest first; ``before`` is the last entry id of the previous page."""
-        high = f"({before}" if before else "+"
+        high = f"({before}" if before and _ENTRY_ID.fullmatch(before) else "+"
         found: Any = self.client.xrevrange(self.settings.dlq_stream, high, "-", count=count)
         return [_decode(eid, fields) for eid, fields in found]
 
@@ -125,6 +127,8 @@ class DeadLetters:
         return {marks[r[0]] for r in rows}
 
     def get(self, entry_id: str) -> DeadLetter:
+        if not _ENTRY_ID.fullmatch(entry_id):
+            raise NotFoundError(f"dead letter {entry_id[:40]!r} not found")
         found: Any = self.client.xrange(self.settings.dlq_stream, entry_id, entry_id, count=1)
         if not found:
             raise NotFoundError(f"dead letter {entry_id} not found")
