@@ -54,6 +54,7 @@ log = get_logger(__name__)
 MAX_BODY_BYTES = 64 * 1024
 REQUEST_TIMEOUT_S = 30.0
 CONSOLE_PREFIX = "/console"
+_QUIET = frozenset({f"{CONSOLE_PREFIX}/live.json"})
 _UUID = r"^[0-9a-fA-F-]{36}$"
 _COMMAND_ID = r"^[0-9a-f]{32}$"
 
@@ -179,7 +180,9 @@ class Guard:
                 raise
             # Already answered (the JSON 500 above); the traceback is in admin_request_crashed.
         finally:
-            log.info("admin_request", method=scope["method"], path=scope["path"], status=status)
+            # The console's own polls (every 2 s per open tab) only at DEBUG.
+            say = log.debug if scope["path"] in _QUIET else log.info
+            say("admin_request", method=scope["method"], path=scope["path"], status=status)
 
     def refusal(self, scope: Scope) -> Response | None:
         headers = _headers(scope)
