@@ -14,7 +14,8 @@ import orjson
 import pytest
 import redis
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from shardworker.admin.api import AdminApi
@@ -120,3 +121,63 @@ def test_the_openapi_document_is_behind_the_token(server: AdminApi) -> None:
 
 def test_no_secret_in_any_log_line(logs: io.StringIO) -> None:
     assert TOKEN not in logs.getvalue()
+
+
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), min_size=1,
+                max_size=40).filter(lambda t: t.strip() == t and t)  # fmt: skip
+_SECRET = st.text(st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")), min_size=8,
+                  max_size=64).filter(lambda t: t.strip() == t)  # fmt: skip
+_LABEL = st.from_regex(r"[a-z][a-z0-9-]{0,20}[a-z0-9]", fullmatch=True)
+
+
+@st.composite
+def valid_providers(draw: Any) -> dict[str, Any]:
+    """Bodies validate.py accepts, with a password: every add must answer 201."""
+    host = ".".join(draw(st.lists(_LABEL, min_size=2, max_size=3)))
+    return {
+        "tenant": str(draw(st.uuids())),
+        "mailbox": f"{draw(_LABEL)}@{host}",
+        "provider_name": draw(_TEXT),
+        "host": host,
+        "port": draw(st.integers(1, 65535)),
+        "secure": draw(st.booleans()),
+        "username": draw(_TEXT),
+        "password": "pw-" + draw(_SECRET),
+        "folder_filters": draw(st.lists(_TEXT, max_size=4, unique=True)),
+        "max_emails_per_sync": draw(st.integers(1, 1000)),
+    }
+
+
+def _elsewhere(secret: str, body: dict[str, Any]) -> bool:
+    """The secret's text also stands in a non-secret field (then a match proves nothing)."""
+    public = orjson.dumps({k: v for k, v in body.items() if k != "password"}).decode()
+    return secret in public
+
+
+@given(body=valid_providers(), new_password=_SECRET)
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck),
+          database=None)  # fmt: skip
+def test_valid_providers_round_trip_without_a_secret(
+    server: AdminApi, body: dict[str, Any], new_password: str
+) -> None:
+    import requests
+
+    new_password = "np-" + new_password
+    assume(not _elsewhere(body["password"], body) and not _elsewhere(new_password, body))
+    base = f"http://127.0.0.1:{server.port}"
+    made = requests.post(base + "/v1/providers", json=body, headers=AUTH, timeout=30)
+    assert made.status_code == 201, made.text
+    pid = made.json()["provider_id"]
+    answers = [made.text]
+    for method, path, payload in (
+        ("GET", f"/v1/providers/{pid}", None),
+        ("GET", f"/v1/providers?tenant={body['tenant']}", None),
+        ("PATCH", f"/v1/providers/{pid}", {"password": new_password, "port": 993}),
+        ("POST", f"/v1/providers/{pid}/pause", {}),
+        ("DELETE", f"/v1/providers/{pid}", None),
+    ):
+        answer = requests.request(method, base + path, json=payload, headers=AUTH, timeout=30)
+        assert answer.status_code == 200, (method, path, answer.text)
+        answers.append(answer.text)
+    for text in answers:
+        assert body["password"] not in text and new_password not in text
