@@ -178,6 +178,12 @@ def test_console_in_a_real_browser(live: dict[str, Any], browser: Browser) -> No
     cluster.wait(lambda: pid in cluster.leases(), 30, "the resumed provider served again")
     reload_until(page, "pod-a/0")
 
+    # -- reconnect and resync to now, each followed live to its end ----------------------------
+    for button, label in (("#do-reconnect", "Reconnect"), ("#do-resync", "Resync to now")):
+        page.click(button)
+        expect(page.locator(".flash")).to_contain_text(f"{label} queued on pod-a/0")
+        expect(page.locator("#command")).to_have_attribute("data-state", "done", timeout=30_000)
+
     # -- backfill with live progress ---------------------------------------------------------
     since = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
     page.fill("#since", since)
