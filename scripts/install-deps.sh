@@ -103,3 +103,4 @@ install_packages
 start_postgres
 start_redis
 install_node_modules
+scripts/install-browser.sh

@@ -63,6 +63,19 @@ VALUES: dict[str, dict[str, Any]] = {
             "dashboards": {"enabled": False},
         },
     },
+    "console": {
+        "secrets": {"adminToken": "t0ken"},
+        "admin": {
+            "enabled": True,
+            "ingress": {
+                "enabled": True,
+                "className": "nginx",
+                "host": "sw-admin.example.com",
+                "tlsSecretName": "sw-admin-tls",
+                "annotations": {"example.com/allow": "10.0.0.0/8"},
+            },
+        },
+    },
     "5x4": {
         "replicaCount": 5,
         "workersPerPod": 4,
@@ -272,6 +285,28 @@ def test_expected_resources_per_values_file(render: Any) -> None:
         [d for d in render({}) if "dashboard" not in d["metadata"]["name"]], "ConfigMap"
     )
     assert "NetworkPolicy" in kinds["extras"]
+    assert "Ingress" in kinds["console"] and "Ingress" not in kinds["extras"]
+
+
+def test_console_service_and_optional_ingress(render: Any) -> None:
+    assert not [d for d in render({}) if d["metadata"]["name"].endswith("-admin")]
+    docs = render(VALUES["console"])
+    [service] = [d for d in of_kind(docs, "Service") if d["metadata"]["name"].endswith("-admin")]
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "admin", "port": 9465, "targetPort": "admin",
+                                         "protocol": "TCP"}]  # fmt: skip
+    [pod_spec] = [d["spec"]["template"] for d in of_kind(docs, "StatefulSet")]
+    labels = pod_spec["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    [ingress] = of_kind(docs, "Ingress")
+    rule = ingress["spec"]["rules"][0]
+    assert rule["host"] == "sw-admin.example.com"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": "admin"}}
+    assert ingress["spec"]["tls"] == [{"hosts": ["sw-admin.example.com"],
+                                       "secretName": "sw-admin-tls"}]  # fmt: skip
+    only_service = render({**VALUES["console"], "admin": {"enabled": True}})
+    assert not of_kind(only_service, "Ingress")
 
 
 def test_unknown_values_are_rejected(chart: helm.Chart) -> None:
@@ -418,6 +453,13 @@ def test_grace_period_exceeds_drain_deadline(chart: helm.Chart, render: Any) -> 
             chart.render(values=bad, name=RELEASE, namespace=NAMESPACE)
     ok = render({"terminationGracePeriodSeconds": 60, "config": {"drain_deadline_s": 45}})
     assert one(ok, "StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60
+
+
+def test_an_ingress_without_a_host_fails_to_render(chart: helm.Chart) -> None:
+    values = {"secrets": {"adminToken": "t"}, "admin": {"enabled": True,
+              "ingress": {"enabled": True}}}  # fmt: skip
+    with pytest.raises(Exception, match=r"admin\.ingress\.host"):
+        chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
 
 
 def test_invalid_combinations_fail_to_render(chart: helm.Chart) -> None:

@@ -1,4 +1,4 @@
-"""The token-protected HTTP admin API (``SHARDWORKER_ADMIN_ADDR``), stdlib only.
+"""The token-protected HTTP admin API (``SHARDWORKER_ADMIN_ADDR``), on FastAPI and uvicorn.
 
 The same operations and JSON bodies as ``shardworker providers ...``:
 
@@ -9,26 +9,33 @@ The same operations and JSON bodies as ``shardworker providers ...``:
     DELETE /v1/providers/{id}               remove
     POST   /v1/providers/{id}/{operation}   test | pause | resume | resync | reconnect
     GET    /v1/commands/{id}                status of a reconnect or resync
+    GET    /openapi.json                    this API's OpenAPI document
 
-Every request needs ``Authorization: Bearer <SHARDWORKER_ADMIN_TOKEN>``, checked before the
-body is read; a missing or wrong token gets a bare 401.  Bodies are limited to
-``MAX_BODY_BYTES``.  The server runs in its own thread; :meth:`AdminApi.close` stops it
-(bounded join) and closes its database pool and Redis client.
+Every request needs ``Authorization: Bearer <SHARDWORKER_ADMIN_TOKEN>``, compared in
+constant time before the path is routed or the body read; a missing or wrong token gets
+a bare 401.  Bodies are limited to ``MAX_BODY_BYTES`` and need a ``Content-Length``.
+Every error has one shape: ``{"error": phrase, "field": name or null, "message": text}``.
+The console (``/console/``, ``shardworker.admin.console``) shares the listener and logs in
+with the same token.  The server runs in its own thread (``shardworker.webserver``:
+request deadline, connection cap, strict framing); :meth:`AdminApi.close` stops it and
+closes its database pool and Redis client.
 """
 
 from __future__ import annotations
 
 import hmac
-import re
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import Annotated, Any
 
-import orjson
+from fastapi import Body, FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 
+from shardworker.admin.answers import error_response, json_response
+from shardworker.admin.models import NewProvider, ProviderPatch, ResyncBody, WaitBody, given
 from shardworker.admin.service import AdminService
 from shardworker.config import Settings
 from shardworker.db.store import open_pool
@@ -40,216 +47,281 @@ from shardworker.errors import (
     ValidationError,
 )
 from shardworker.logs import get_logger
+from shardworker.webserver import Limits, ServerThread, fd_budget, listen
 
 log = get_logger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 REQUEST_TIMEOUT_S = 30.0
-_UUID = r"[0-9a-fA-F-]{36}"
-_OPERATIONS = ("test", "pause", "resume", "resync", "reconnect")
+CONSOLE_PREFIX = "/console"
+_QUIET = frozenset({f"{CONSOLE_PREFIX}/live.json"})
+_UUID = r"^[0-9a-fA-F-]{36}$"
+_COMMAND_ID = r"^[0-9a-f]{32}$"
 
-Handler = Callable[[AdminService, dict[str, str], Any, str | None], tuple[int, Any]]
-
-
-def _list(svc: AdminService, ids: dict[str, str], body: Any, tenant: str | None) -> tuple[int, Any]:
-    return 200, svc.list(tenant)
-
-
-def _add(svc: AdminService, ids: dict[str, str], body: Any, tenant: str | None) -> tuple[int, Any]:
-    return 201, svc.add(body)
-
-
-def _show(svc: AdminService, ids: dict[str, str], body: Any, tenant: str | None) -> tuple[int, Any]:
-    return 200, svc.show(ids["id"], tenant)
-
-
-def _update(
-    svc: AdminService, ids: dict[str, str], body: Any, tenant: str | None
-) -> tuple[int, Any]:
-    return 200, svc.update(ids["id"], body, tenant)
-
-
-def _remove(
-    svc: AdminService, ids: dict[str, str], body: Any, tenant: str | None
-) -> tuple[int, Any]:
-    return 200, svc.remove(ids["id"], tenant)
-
-
-def _operate(
-    svc: AdminService, ids: dict[str, str], body: Any, tenant: str | None
-) -> tuple[int, Any]:
-    op = ids["op"]
-    if op == "test":
-        if body:
-            raise ValidationError("body", "test takes no body")
-        return 200, svc.test(ids["id"], tenant)
-    method = getattr(svc, op)
-    result = method(ids["id"], body, tenant)
-    # A command just queued is accepted, not done.
-    accepted = op in ("resync", "reconnect") and result.get("state") == "queued"
-    return (202 if accepted else 200), result
-
-
-def _command(
-    svc: AdminService, ids: dict[str, str], body: Any, tenant: str | None
-) -> tuple[int, Any]:
-    return 200, svc.command(ids["cid"])
-
-
-_ROUTES: list[tuple[str, re.Pattern[str], Handler]] = [
-    ("GET", re.compile(r"/v1/providers"), _list),
-    ("POST", re.compile(r"/v1/providers"), _add),
-    ("GET", re.compile(rf"/v1/providers/(?P<id>{_UUID})"), _show),
-    ("PATCH", re.compile(rf"/v1/providers/(?P<id>{_UUID})"), _update),
-    ("DELETE", re.compile(rf"/v1/providers/(?P<id>{_UUID})"), _remove),
-    ("POST", re.compile(rf"/v1/providers/(?P<id>{_UUID})/(?P<op>{'|'.join(_OPERATIONS)})"),
-     _operate),
-    ("GET", re.compile(r"/v1/commands/(?P<cid>[0-9a-f]{32})"), _command),
+# On every answer, pages and JSON alike: no inline script or style, no framing.
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'none'; script-src 'self'; style-src 'self'; "
+     b"img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+     b"base-uri 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
 ]  # fmt: skip
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+ProviderId = Annotated[str, Path(pattern=_UUID, description="the provider's uuid")]
+Tenant = Annotated[str | None, Query(description="needed only when the id is in two tenants")]
 
 _STATUS: list[tuple[type[Exception], int]] = [
     (ValidationError, 400),
     (NotFoundError, 404),
     (ConflictError, 409),
 ]
+_ERRORS = {
+    code: {"description": HTTPStatus(code).phrase, "content": {"application/json": {}}}
+    for code in (400, 401, 404, 409, 413, 500)
+}
 
 
-class _RequestHandler(BaseHTTPRequestHandler):
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    timeout = REQUEST_TIMEOUT_S
+# -- answers ---------------------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        self._handle("GET")
 
-    def do_POST(self) -> None:
-        self._handle("POST")
+def _field_of(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc[1:]] or [str(loc[0]) if loc else "body"]
+    name = parts[0]
+    for part in parts[1:]:
+        name += f"[{part}]" if part.isdigit() else f".{part}"
+    return name
 
-    def do_PATCH(self) -> None:
-        self._handle("PATCH")
 
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
+_MESSAGES = {
+    "missing": "is required",
+    "extra_forbidden": "unknown field",
+    "int_type": "must be an integer",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "float_type": "must be a number",
+    "list_type": "must be a list",
+    "model_type": "must be a JSON object",
+    "model_attributes_type": "must be a JSON object",
+    "dict_type": "must be a JSON object",
+}
 
-    def do_PUT(self) -> None:
-        self._handle("PUT")  # not a route: a JSON 405 (after auth) instead of an HTML 501
 
-    def _handle(self, method: str) -> None:
-        if not self._authorised():
+def _validation_answer(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0]
+    loc = tuple(first.get("loc", ("body",)))
+    if loc and loc[0] == "path":
+        return error_response(404, "not found")
+    if first.get("type") == "json_invalid":
+        return error_response(400, "body: not JSON", "body")
+    field = _field_of(loc)
+    text = _MESSAGES.get(str(first.get("type")), str(first.get("msg", "invalid")).lower())
+    return error_response(400, f"{field}: {text}", field)
+
+
+def _service_answer(request: Request, exc: Exception) -> Response:
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return error_response(status, str(exc), getattr(exc, "field", None))
+    # Messages of our own errors never carry secrets (errors.py); say what failed.
+    log.warning("admin_request_failed", error_type=type(exc).__name__, error=str(exc))
+    return error_response(500, f"{type(exc).__name__}: {exc}")
+
+
+def _http_answer(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    return error_response(exc.status_code, HTTPStatus(exc.status_code).phrase.lower())
+
+
+def _crash_answer(request: Request, exc: Exception) -> Response:
+    log.error("admin_request_crashed", exc=True, path=request.url.path)
+    return error_response(500, "internal error")
+
+
+# -- the guard: token, body limits and the request log, before anything else runs ---------
+
+
+class Guard:
+    """Outermost ASGI layer.  Outside ``/console`` it checks the bearer token before the
+    request reaches routing; everywhere it refuses bodies without a length or over the limit
+    without reading them, and logs method, path (no query) and status."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        status = 0
+
+        async def logged_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                message["headers"] = [*message.get("headers", []), *SECURITY_HEADERS]
+            await send(message)
+
+        refusal = self.refusal(scope)
+        try:
+            if refusal is not None:
+                await refusal(scope, receive, logged_send)
+            else:
+                await self.app(scope, _bounded(receive), logged_send)
+        except Exception:
+            if not status:
+                raise
+            # Already answered (the JSON 500 above); the traceback is in admin_request_crashed.
+        finally:
+            # The console's own polls (every 2 s per open tab) only at DEBUG.
+            say = log.debug if scope["path"] in _QUIET else log.info
+            say("admin_request", method=scope["method"], path=scope["path"], status=status)
+
+    def refusal(self, scope: Scope) -> Response | None:
+        headers = _headers(scope)
+        console = scope["path"] == CONSOLE_PREFIX or scope["path"].startswith(CONSOLE_PREFIX + "/")
+        if not console and not self.authorised(headers.get(b"authorization", b"")):
             # No detail: whether the token was missing, malformed or wrong stays unsaid.
-            self._reply(401, {"error": "unauthorized"}, close=True)
-            return
-        url = urlsplit(self.path)
-        route = self._route(method, url.path)
-        if route is None:
-            return
-        body, ok = self._body()
-        if not ok:
-            return
-        tenant = parse_qs(url.query).get("tenant", [None])[0]
-        handler, ids = route
-        status, payload = self._run(handler, ids, body, tenant)
-        self._reply(status, payload)
-
-    def _authorised(self) -> bool:
-        header = self.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        expected = self.server.token.encode()
-        given = token.strip().encode("utf-8", "replace")
-        return scheme.lower() == "bearer" and hmac.compare_digest(given, expected)
-
-    def _route(self, method: str, path: str) -> tuple[Handler, dict[str, str]] | None:
-        path = path.rstrip("/") or "/"
-        allowed = False
-        for verb, pattern, handler in _ROUTES:
-            match = pattern.fullmatch(path)
-            if match is not None:
-                if verb == method:
-                    return handler, match.groupdict()
-                allowed = True
-        if allowed:
-            self._reply(405, {"error": "method not allowed"}, close=True)
-        else:
-            self._reply(404, {"error": "not found"}, close=True)
+            return json_response(401, {"error": "unauthorized"},
+                                 {"www-authenticate": "Bearer", "connection": "close"})  # fmt: skip
+        if b"transfer-encoding" in headers:
+            return _closing(error_response(411, "a Content-Length is required"))
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit():
+            return _closing(error_response(400, "invalid Content-Length"))
+        if int(length) > MAX_BODY_BYTES:
+            # Not read: the connection is closed instead of draining a huge body.
+            return _closing(error_response(413, f"body larger than {MAX_BODY_BYTES} bytes"))
         return None
 
-    def _body(self) -> tuple[Any, bool]:
-        if self.headers.get("Transfer-Encoding"):
-            self._reply(411, {"error": "a Content-Length is required"}, close=True)
-            return None, False
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._reply(400, {"error": "invalid Content-Length"}, close=True)
-            return None, False
-        if length > MAX_BODY_BYTES:
-            # Not read: the connection is closed instead of draining a huge body.
-            self._reply(413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"}, close=True)
-            return None, False
-        raw = self.rfile.read(length) if length else b""
-        if not raw.strip():
-            return None, True
-        try:
-            return orjson.loads(raw), True
-        except orjson.JSONDecodeError:
-            self._reply(400, {"error": "invalid", "field": "body", "message": "not JSON"})
-            return None, False
-
-    def _run(
-        self, handler: Handler, ids: dict[str, str], body: Any, tenant: str | None
-    ) -> tuple[int, Any]:
-        try:
-            return handler(self.server.service, ids, body, tenant)
-        except ShardworkerError as exc:
-            for kind, status in _STATUS:
-                if isinstance(exc, kind):
-                    field = getattr(exc, "field", None)
-                    return status, {"error": HTTPStatus(status).phrase.lower(), "field": field,
-                                    "message": str(exc)}  # fmt: skip
-            # Messages of our own errors never carry secrets (errors.py); say what failed.
-            log.warning("admin_request_failed", error_type=type(exc).__name__, error=str(exc))
-            return 500, {"error": type(exc).__name__, "message": str(exc)}
-        except Exception:
-            log.error("admin_request_crashed", exc=True, path=urlsplit(self.path).path)
-            return 500, {"error": "internal error"}
-
-    def _reply(self, status: int, payload: Any, *, close: bool = False) -> None:
-        data = orjson.dumps(payload)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        if status == 401:
-            self.send_header("WWW-Authenticate", "Bearer")
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        # The path only: no query string, no headers (the token is in one).
-        log.info("admin_request", method=self.command, path=urlsplit(self.path).path,
-                 status=int(code) if str(code).isdigit() else code)  # fmt: skip
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.warning("admin_http_error", detail=(format % args)[:200])
+    def authorised(self, header: bytes) -> bool:
+        scheme, _, token = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    return {bytes(k).lower(): bytes(v) for k, v in scope["headers"]}
 
-    def __init__(self, address: tuple[str, int], service: AdminService, token: str) -> None:
-        super().__init__(address, _RequestHandler)
-        self.service = service
-        self.token = token
+
+def _closing(response: Response) -> Response:
+    response.headers["connection"] = "close"
+    return response
+
+
+def _bounded(receive: Receive) -> Receive:
+    """Stops reading past MAX_BODY_BYTES whatever the client declared (defence in depth)."""
+    seen = 0
+
+    async def read() -> Message:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > MAX_BODY_BYTES:
+            return {"type": "http.disconnect"}
+        return message
+
+    return read
+
+
+# -- routes ----------------------------------------------------------------------------
+
+
+def build_app(service: AdminService, token: str, console: Any = None) -> ASGIApp:
+    """The API (and the console, when given) behind the guard."""
+    app = FastAPI(
+        title="shardworker admin API", version="1", docs_url=None, redoc_url=None,
+        openapi_url="/openapi.json", responses=_ERRORS,  # type: ignore[arg-type]
+    )  # fmt: skip
+    app.add_exception_handler(RequestValidationError, _validation_answer)
+    app.add_exception_handler(ShardworkerError, _service_answer)
+    app.add_exception_handler(StarletteHTTPException, _http_answer)
+    app.add_exception_handler(Exception, _crash_answer)
+    _provider_routes(app, service)
+    _operation_routes(app, service)
+    if console is not None:
+        app.mount(CONSOLE_PREFIX, console)
+    return Guard(app, token)
+
+
+def _provider_routes(app: FastAPI, svc: AdminService) -> None:
+    @app.get("/v1/providers", summary="list providers")
+    def list_providers(tenant: Tenant = None) -> Response:
+        return json_response(200, svc.list(tenant))
+
+    @app.post("/v1/providers", status_code=201, summary="add a provider")
+    def add_provider(body: NewProvider) -> Response:
+        return json_response(201, svc.add(given(body)))
+
+    @app.get("/v1/providers/{provider_id}", summary="show a provider (never a secret)")
+    def show_provider(provider_id: ProviderId, tenant: Tenant = None) -> Response:
+        return json_response(200, svc.show(provider_id, tenant))
+
+    @app.patch("/v1/providers/{provider_id}", summary="change a provider")
+    def update_provider(provider_id: ProviderId, body: ProviderPatch,
+                        tenant: Tenant = None) -> Response:  # fmt: skip
+        return json_response(200, svc.update(provider_id, given(body), tenant))
+
+    @app.delete("/v1/providers/{provider_id}", summary="remove a provider")
+    def remove_provider(provider_id: ProviderId, tenant: Tenant = None) -> Response:
+        return json_response(200, svc.remove(provider_id, tenant))
+
+
+def _operation_routes(app: FastAPI, svc: AdminService) -> None:
+    @app.post("/v1/providers/{provider_id}/test", summary="test the connection (no body)")
+    async def test_provider(request: Request, provider_id: ProviderId,
+                            tenant: Tenant = None) -> Response:  # fmt: skip
+        if (await request.body()).strip():
+            raise ValidationError("body", "test takes no body")
+        return json_response(200, await run_in_threadpool(svc.test, provider_id, tenant))
+
+    def operation(name: str, summary: str) -> None:
+        method = getattr(svc, name)
+
+        def run(provider_id: ProviderId, body: Annotated[WaitBody | None, Body()] = None,
+                tenant: Tenant = None) -> Response:  # fmt: skip
+            return json_response(200, method(provider_id, given(body), tenant))
+
+        app.post(f"/v1/providers/{{provider_id}}/{name}", summary=summary,
+                 operation_id=f"{name}_provider")(run)  # fmt: skip
+
+    operation("pause", "pause ingestion (optionally wait until drained)")
+    operation("resume", "resume ingestion (optionally wait until served)")
+
+    @app.post("/v1/providers/{provider_id}/reconnect", summary="reconnect on the owner")
+    def reconnect_provider(provider_id: ProviderId,
+                           body: Annotated[WaitBody | None, Body()] = None,
+                           tenant: Tenant = None) -> Response:  # fmt: skip
+        return _command_answer(svc.reconnect(provider_id, given(body), tenant))
+
+    @app.post("/v1/providers/{provider_id}/resync", summary="resync to now, or backfill since")
+    def resync_provider(provider_id: ProviderId,
+                        body: Annotated[ResyncBody | None, Body()] = None,
+                        tenant: Tenant = None) -> Response:  # fmt: skip
+        return _command_answer(svc.resync(provider_id, given(body), tenant))
+
+    @app.get("/v1/commands/{command_id}", summary="status of a reconnect or resync")
+    def command_status(command_id: Annotated[str, Path(pattern=_COMMAND_ID)]) -> Response:
+        return json_response(200, svc.command(command_id))
+
+
+def _command_answer(result: dict[str, Any]) -> Response:
+    # A command just queued is accepted, not done.
+    return json_response(202 if result.get("state") == "queued" else 200, result)
+
+
+# -- the listener ----------------------------------------------------------------------
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"SHARDWORKER_ADMIN_ADDR: expected host:port, got {addr!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -265,28 +337,29 @@ class AdminApi:
             raise ConfigError(
                 "SHARDWORKER_ADMIN_TOKEN: required when SHARDWORKER_ADMIN_ADDR is set"
             )
-        self._server = _Server(parse_addr(settings.admin_addr), service, settings.admin_token)
-        self._thread: threading.Thread | None = None
-        self._host = parse_addr(settings.admin_addr)[0]
+        from shardworker.admin.console import Console
+
+        self._host, port = parse_addr(settings.admin_addr)
+        self.console = Console(settings, service)
+        app = build_app(service, settings.admin_token, self.console.app)
+        limits = Limits(request_timeout_s=REQUEST_TIMEOUT_S, idle_timeout_s=REQUEST_TIMEOUT_S,
+                        keepalive_s=5.0, max_connections=min(256, fd_budget(0.125)))  # fmt: skip
+        self._server = ServerThread(app, listen(self._host, port, "SHARDWORKER_ADMIN_ADDR"),
+                                    limits, "admin-api")  # fmt: skip
+        self._started = False
         self._on_close = list(on_close)
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        return self._server.port
 
     def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="admin-api",
-            daemon=True,
-        )  # fmt: skip
-        self._thread.start()
-        log.info("admin_api_listening", host=self._host, port=self.port)
+        self._server.start()
+        self._started = True
+        log.info("admin_api_listening", host=self._host, port=self.port, console=CONSOLE_PREFIX)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join(timeout_s)
-        self._server.server_close()
+        self._server.stop(timeout_s)
         for close in self._on_close:
             close()
 
@@ -297,13 +370,13 @@ def start_admin_api(settings: Settings) -> AdminApi | None:
         return None
     from shardworker.redisconn import redis_client
 
-    pool = open_pool(settings.database_url, max_size=2)
+    pool = open_pool(settings.database_url, max_size=4)
     client = redis_client(settings)
     try:
         api = AdminApi(settings, AdminService(settings, pool, client), [pool.close, client.close])
+        api.start()
     except Exception:
         pool.close()
         client.close()
         raise
-    api.start()
     return api

@@ -176,6 +176,9 @@ Refuse values that would render a broken release, with a message saying what to 
 {{- if and .Values.admin.enabled (eq (int .Values.admin.port) (int .Values.metrics.port)) }}
 {{- fail "admin.port must differ from metrics.port" }}
 {{- end }}
+{{- if and .Values.admin.enabled .Values.admin.ingress.enabled (not .Values.admin.ingress.host) }}
+{{- fail "admin.ingress.enabled needs admin.ingress.host" }}
+{{- end }}
 {{- if .Values.autoscaling.enabled }}
 {{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
