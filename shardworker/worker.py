@@ -23,6 +23,7 @@ from shardworker.engine.loop import Engine
 from shardworker.imap.connect import tls_context
 from shardworker.logs import get_logger
 from shardworker.mime import Caps
+from shardworker.netpolicy import OutboundPolicy
 from shardworker.oauth import TokenRefresher
 from shardworker.publish import Publisher
 from shardworker.secrets.store import SecretStore
@@ -72,11 +73,13 @@ def build_worker(
         caps=Caps.from_settings(settings),
         status=status,
         ssl_context=tls_context(settings.tls_ca_file),
-        oauth=TokenRefresher(settings, pool, store, secrets),
+        oauth=(oauth := TokenRefresher(settings, pool, store, secrets)),
+        outbound=OutboundPolicy.from_settings(settings),
     )
     engine = Engine(deps, on_released=on_released)
 
     def close() -> None:
+        oauth.close()
         status.close()
         pool.close()
         client.close()

@@ -26,6 +26,7 @@ from shardworker.errors import (
     SecretError,
     ShardworkerError,
     StoreError,
+    TokenPendingError,
     TokenRefreshError,
 )
 from shardworker.imap.session import State
@@ -71,6 +72,10 @@ class FailurePolicy:
         raise NotImplementedError
 
     def _on_error(self, slot: Slot, err: ShardworkerError) -> None:
+        if isinstance(err, TokenPendingError):  # not a failure: the refresh runs elsewhere
+            slot.state = State.BACKOFF
+            self._set_timer(slot, err.retry_s)
+            return
         rt, now = slot.provider, self.clock()
         reason = getattr(err, "reason", None) or getattr(err, "code", None) or type(err).__name__
         self.stats.errors[str(reason)] += 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import imaplib
+import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from imapclient.response_parser import parse_fetch_response
 
 from shardworker.errors import FolderError, ImapProtocolError
 from shardworker.imap.connect import classify_error
+
+_LINE_BREAKING = re.compile(r"[\r\n\x00]")
 
 
 class State(enum.Enum):
@@ -95,6 +98,9 @@ class FolderSession:
 
     def examine(self) -> FolderStatus:
         client = self._client()
+        if _LINE_BREAKING.search(self.folder):
+            # From a row or a LIST answer: it would end the EXAMINE line and start another.
+            raise FolderError("folder name contains a CR, LF or NUL character; not selected")
         self._forget_untagged()
         try:
             info = client.select_folder(self.folder, readonly=True)
