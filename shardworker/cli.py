@@ -18,7 +18,7 @@ import orjson
 
 from shardworker import __version__
 from shardworker.config import Settings, load_settings, settings_table
-from shardworker.errors import ConfigError, ShardworkerError
+from shardworker.errors import ConfigError, DependencyUnavailableError, ShardworkerError
 from shardworker.exitcodes import ExitCode
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -124,7 +124,21 @@ def _add_provider_commands(sub: argparse._SubParsersAction[argparse.ArgumentPars
     module.add_provider_commands(sub)
 
 
+def _undecodable_argument(argv: Sequence[str]) -> int | None:
+    """The 1-based position of an argument the OS handed over as undecodable bytes."""
+    for position, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return position
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    undecodable = _undecodable_argument(sys.argv[1:] if argv is None else argv)
+    if undecodable is not None:
+        print(f"shardworker: argument {undecodable} is not valid UTF-8", file=sys.stderr)
+        return ExitCode.CONFIG
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
@@ -132,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shardworker: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
+    except DependencyUnavailableError as exc:
+        print(f"shardworker: dependency unavailable: {exc}", file=sys.stderr)
+        return ExitCode.DEPENDENCY_UNAVAILABLE
     except ShardworkerError as exc:
         print(f"shardworker: {type(exc).__name__}: {exc}", file=sys.stderr)
         return ExitCode.FAILURE

@@ -130,6 +130,13 @@ class Settings:
         lo=1,
         hi=_DAY_S,
     )
+    boot_wait_s: float = _setting(
+        60.0,
+        "How long start-up retries an unreachable PostgreSQL or Redis before exiting "
+        "with DEPENDENCY_UNAVAILABLE (6).",
+        lo=0,
+        hi=3600,
+    )
     drain_deadline_s: float = _setting(
         20.0,
         "Graceful drain deadline on SIGTERM; keep below the pod's grace period.",

@@ -15,4 +15,8 @@ class ExitCode(IntEnum):
     WORKER_BOOT_ERROR = 4
     # The coordinator halted because a worker failed at boot.
     HALTED = 5
+    # PostgreSQL or Redis stayed unreachable for SHARDWORKER_BOOT_WAIT_S at start: an outage,
+    # not a mistake.  A worker exiting with it is restarted; the coordinator exits with it
+    # and lets the orchestrator restart the pod.
+    DEPENDENCY_UNAVAILABLE = 6
     INTERRUPTED = 130

@@ -11,6 +11,8 @@ SIGTERM only records itself (``draining``); the worker's own loop notices and dr
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import resource
 import signal
 import sys
 import threading
@@ -27,6 +29,7 @@ READY = b"ready"
 # How often the responder looks up from the pipe to notice close(): its stop path.
 _POLL_S = 0.5
 _JOIN_S = 1.0
+_PR_SET_DUMPABLE = 4
 
 
 class ChildChannel:
@@ -88,10 +91,24 @@ class ChildChannel:
             self._conn.send_bytes(message)
 
 
+def make_non_dumpable() -> None:
+    """No core dumps and no ptrace/`/proc/<pid>/mem` for same-uid processes.
+
+    A worker parses untrusted mail and holds decrypted passwords and tokens: a crash must
+    not write them to disk, and a compromised neighbour must not read them.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
 def run_child(
     target: Callable[[int, ChildChannel], int], index: int, pod_identity: str, conn: Connection
 ) -> None:
     """Entry point of a spawned worker: exits with whatever ``target`` returns."""
+    make_non_dumpable()
     channel = ChildChannel(index, pod_identity, conn)
     signal.signal(signal.SIGTERM, channel.record_signal)
     # Ctrl-C reaches the whole process group; the supervisor turns it into one SIGTERM.

@@ -11,7 +11,7 @@ import os
 import queue
 import threading
 
-from shardworker import logs, metrics
+from shardworker import boot, logs, metrics
 from shardworker.admin.api import AdminApi, start_admin_api
 from shardworker.config import Settings, load_settings
 from shardworker.db.ownership import OwnershipStore
@@ -63,10 +63,10 @@ def worker_main(index: int, channel: ChildChannel) -> int:
         logs.configure(settings.log_level)
         logs.set_process_context(pid=os.getpid())
         member = member_id(settings, index)
-        ctx, agent = _boot(settings, member)
+        ctx, agent = boot.with_retries(lambda: _boot(settings, member), settings)
     except Exception as exc:
         log.error("worker_boot_failed", worker=index, error_type=type(exc).__name__, error=str(exc))
-        return ExitCode.WORKER_BOOT_ERROR
+        return boot.boot_failure_code(exc)
     channel.ready()
     agent.start()
     stop = threading.Event()
