@@ -422,9 +422,10 @@ def _check_connections(s: Settings) -> None:
 
 
 def _check_cross_fields(s: Settings) -> None:
-    if s.lease_renew_s * 2 > s.lease_ttl_s:
+    if s.lease_renew_s * 3 > s.lease_ttl_s:
+        # Two renewals may fail (a Redis blip) before the lease can lapse.
         raise ConfigError(
-            f"{env_name('lease_renew_s')}: must be at most half of SHARDWORKER_LEASE_TTL_S"
+            f"{env_name('lease_renew_s')}: must be at most a third of SHARDWORKER_LEASE_TTL_S"
         )
     if s.backpressure_max_lag >= s.stream_maxlen:
         raise ConfigError(
