@@ -36,7 +36,7 @@ from shardworker.errors import (
 )
 from shardworker.exitcodes import ExitCode
 from shardworker.logs import get_logger
-from shardworker.redact import describe_dsn, redact_text
+from shardworker.redact import describe_dsn, redact_configured, redact_text
 
 log = get_logger(__name__)
 
@@ -155,8 +155,11 @@ def check_redis(settings: Settings) -> None:
         client.close()
 
 
-def boot_failure_code(exc: BaseException) -> ExitCode:
-    """How a worker that could not boot exits: an outage is retried by the supervisor."""
+def report_boot_failure(index: int, exc: BaseException) -> ExitCode:
+    """Log why a worker could not boot (URLs redacted); its exit code: an outage is
+    restarted by the supervisor, anything else halts the pod."""
+    log.error("worker_boot_failed", worker=index, error_type=type(exc).__name__,
+              error=redact_configured(str(exc)))  # fmt: skip
     if isinstance(exc, DependencyUnavailableError):
         return ExitCode.DEPENDENCY_UNAVAILABLE
     return ExitCode.WORKER_BOOT_ERROR

@@ -20,6 +20,7 @@ from shardworker import __version__
 from shardworker.config import Settings, load_settings, settings_table
 from shardworker.errors import ConfigError, DependencyUnavailableError, ShardworkerError
 from shardworker.exitcodes import ExitCode
+from shardworker.redact import redact_configured
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -150,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shardworker: dependency unavailable: {exc}", file=sys.stderr)
         return ExitCode.DEPENDENCY_UNAVAILABLE
     except ShardworkerError as exc:
-        print(f"shardworker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"shardworker: {type(exc).__name__}: {redact_configured(str(exc))}",
+              file=sys.stderr)  # fmt: skip
         return ExitCode.FAILURE
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED

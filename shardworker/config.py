@@ -387,6 +387,10 @@ def _check_url(field_name: str, url: str, schemes: set[str]) -> None:
         raise ConfigError(
             f"{name}: scheme {parts.scheme or '(none)'!r} is not one of {sorted(schemes)}"
         )
+    if url.partition("://")[2].split("?", 1)[0].count("@") > 1:
+        # libpq and redis-py split at the first "@": the rest of the password would become
+        # the host name, and show up in every connection error.
+        raise ConfigError(f"{name}: the password contains '@'; percent-encode it as %40")
 
 
 def _check_addr(field_name: str, addr: str) -> None:

@@ -8,6 +8,7 @@ a little more than it must, never a secret's tail.  Key/value DSNs
 
 from __future__ import annotations
 
+import os
 import re
 
 HIDDEN = "***"
@@ -30,10 +31,17 @@ def redact_text(text: str, urls: tuple[str, ...]) -> str:
     for url in urls:
         if url and url in text:
             text = text.replace(url, redact_url(url))
-        secret = _password_of(url)
-        if secret and secret in text:
+        for secret in _password_forms(_password_of(url)):
             text = text.replace(secret, HIDDEN)
     return text
+
+
+def _password_forms(password: str) -> list[str]:
+    """The password, and each tail after an ``@`` in it (what a parser that split at the
+    first ``@`` would show as part of the host name)."""
+    forms = [password] if len(password) >= 3 else []
+    forms += [tail for tail in password.split("@")[1:] if len(tail) >= 3]
+    return sorted(forms, key=len, reverse=True)
 
 
 def _password_of(url: str) -> str:
@@ -45,7 +53,7 @@ def _password_of(url: str) -> str:
     if at < 0:
         return ""
     _, colon, password = rest[:at].partition(":")
-    return password if colon and len(password) >= 3 else ""
+    return password if colon else ""
 
 
 def describe_dsn(dsn: str) -> str:
@@ -61,3 +69,11 @@ def describe_dsn(dsn: str) -> str:
 
 
 _KV_FIELD = re.compile(r"(host|port|dbname)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
+
+
+def redact_configured(text: str, environ: dict[str, str] | None = None) -> str:
+    """``text`` with the configured DSN and Redis URL redacted (for boot failures, where
+    settings may not have loaded)."""
+    env = dict(os.environ) if environ is None else environ
+    urls = tuple(env.get(k, "") for k in ("SHARDWORKER_DATABASE_URL", "SHARDWORKER_REDIS_URL"))
+    return redact_text(text, urls)

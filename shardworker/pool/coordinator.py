@@ -65,8 +65,7 @@ def worker_main(index: int, channel: ChildChannel) -> int:
         member = member_id(settings, index)
         ctx, agent = boot.with_retries(lambda: _boot(settings, member), settings)
     except Exception as exc:
-        log.error("worker_boot_failed", worker=index, error_type=type(exc).__name__, error=str(exc))
-        return boot.boot_failure_code(exc)
+        return boot.report_boot_failure(index, exc)
     channel.ready()
     agent.start()
     stop = threading.Event()
