@@ -177,7 +177,7 @@ class Settings:
         hi=64,
     )
     idle_refresh_s: float = _setting(
-        240.0, "Re-issue IDLE this often (RFC 2177 allows 29 min).", lo=1, hi=1740
+        240.0, "Re-issue IDLE this often (RFC 2177 allows 29 min).", lo=0.1, hi=1740
     )
     dead_after_s: float = _setting(
         330.0,

@@ -167,7 +167,7 @@ class TokenRefresher:
     def access_token(self, cfg: ProviderConfig, *, force: bool = False) -> AccessToken:
         """The token to log in with, refreshed first when needed (or when ``force``)."""
         finished = self._take_finished(cfg)
-        if finished is not None:
+        if finished is not None and not force:  # a forced refresh must not reuse it
             return finished.result()
         stored = self._stored(cfg)
         if stored is not None and not force and stored.fresh(self._now()):

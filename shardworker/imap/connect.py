@@ -308,6 +308,9 @@ def classify_greeting_error(exc: BaseException, *, where: str) -> ImapError:
     whoever can read the row.
     """
     if isinstance(exc, imaplib.IMAP4.error) and not isinstance(exc.__context__, OSError):
+        if str(exc).endswith("socket error: EOF"):  # imaplib's words, not the server's
+            return ImapTransientError(f"{where}: the server closed the connection "
+                                      "before greeting", reason="network")  # fmt: skip
         if "BYE" in str(exc).upper():
             return ImapTransientError(
                 f"{where}: the server refused the connection for now (BYE greeting)",
