@@ -7,7 +7,6 @@ never fires on a drip), C never logged in, and the drain ended in SIGKILL."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,10 +69,11 @@ def test_slow_token_endpoints_of_two_tenants_do_not_stop_a_third(
         pod = c.start_pod("pod-a")
         # Both slow refreshes have started before the healthy provider is judged.
         c.wait(lambda: all(s.requests for s in drips), 30, "both token endpoints asked")
-        started = time.monotonic()
-        c.wait(lambda: status(c, healthy) == "connected" and c.sessions()[c.users[healthy]] == 1,
-               NORMAL_CONNECT_S, "the healthy provider logged in and idling")  # fmt: skip
-        assert time.monotonic() - started < NORMAL_CONNECT_S
+        spent = c.wait(
+            lambda: status(c, healthy) == "connected" and c.sessions()[c.users[healthy]] == 1,
+            NORMAL_CONNECT_S, "the healthy provider logged in and idling",
+        )  # fmt: skip
+        print(f"healthy provider connected {spent:.1f}s after both slow refreshes started")
         code = pod.terminate(timeout_s=30)
         assert code == 0
         drained = [line for line in pod.log_lines() if line.get("event") == "drain_finished"]
