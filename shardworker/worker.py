@@ -57,11 +57,12 @@ def redis_client(settings: Settings) -> redis.Redis:
 def build_worker(
     settings: Settings, *, on_released: Callable[[str], None] | None = None
 ) -> WorkerContext:
-    pool = open_pool(settings.database_url, max_size=settings.db_pool_max)
-    store = Store(pool)
+    # Redis first: a boot retried through a Redis outage then leaks no PostgreSQL pool.
     client = redis_client(settings)
     publisher = Publisher(client, settings)
     publisher.ensure_groups()
+    pool = open_pool(settings.database_url, max_size=settings.db_pool_max)
+    store = Store(pool)
     secrets = SecretStore(settings, pool)
     status = StatusWriter(pool)
     status.start()
