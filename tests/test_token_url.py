@@ -17,7 +17,8 @@ import pytest
 from shardworker.errors import TokenEndpointError, TokenRefreshError
 from shardworker.imap.connect import tls_context
 from shardworker.netpolicy import OutboundPolicy, _networks
-from shardworker.tokenclient import check_token_url, post_token_request
+from shardworker.oauth import post_token_request  # the name the refresher has always used
+from shardworker.tokenclient import check_token_url
 from tests.drip_http import DripServer
 from tests.harness.tls import make_tls_files
 
