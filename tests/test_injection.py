@@ -5,13 +5,17 @@ a scripted server that records every raw line it received."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from shardworker.config import load_settings
 from shardworker.errors import FolderError, ImapAuthError, ImapProtocolError
 from shardworker.imap.connect import Credentials, close_client
 from shardworker.imap.session import FolderSession
+from shardworker.secrets.store import SecretStore, secret_name
 from tests.test_imap_connect import (
     SECRET,
     Script,
@@ -81,4 +85,30 @@ def test_the_wire_guard_refuses_any_command_with_an_embedded_line_break(
     with pytest.raises(ImapProtocolError, match="embedded CR, LF or NUL"):
         client._imap._simple_command("LIST", '""', '"x"\r\nX2 DELETE INBOX')
     close_client(client)
+    assert injected_lines(server) == []
+
+
+@pytest.mark.parametrize("source", ["env", "filesystem"])
+def test_a_secret_from_the_env_or_file_chain_cannot_inject(
+    scripted: Callable[[Script], ScriptedServer],
+    source: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The secret store hands out what the chain holds; the login refuses it, naming the
+    field, and the server never sees the injected commands."""
+    tenant, pid = str(uuid.uuid4()), str(uuid.uuid4())
+    name = secret_name("password", pid)
+    value = "pw" + INJECTED
+    if source == "env":
+        monkeypatch.setenv(f"TENANT_{tenant}_{name}", value)
+    else:
+        (tmp_path / "tenants" / tenant).mkdir(parents=True)
+        (tmp_path / "tenants" / tenant / name).write_text(value + "\n")
+    settings = load_settings({"SHARDWORKER_SECRET_READ_CHAIN": source,
+                              "SHARDWORKER_SECRET_FS_BASE_PATH": str(tmp_path)})  # fmt: skip
+    secret = SecretStore(settings, None).get(tenant, pid, name)
+    server = scripted(imap_script("IMAP4rev1", {"LOGIN": ok}))
+    with pytest.raises(ImapAuthError, match=r"^password contains a CR, LF or NUL"):
+        _open(server.port, Credentials("password", "alice", secret))
     assert injected_lines(server) == []
