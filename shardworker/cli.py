@@ -18,8 +18,9 @@ import orjson
 from shardworker import __version__
 from shardworker.admin.cli import add_provider_commands
 from shardworker.config import Settings, load_settings, settings_table
-from shardworker.errors import ConfigError, ShardworkerError
+from shardworker.errors import ConfigError, DependencyUnavailableError, ShardworkerError
 from shardworker.exitcodes import ExitCode
+from shardworker.redact import redact_configured
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -116,7 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _undecodable_argument(argv: Sequence[str]) -> int | None:
+    """The 1-based position of an argument the OS handed over as undecodable bytes."""
+    for position, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return position
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    undecodable = _undecodable_argument(sys.argv[1:] if argv is None else argv)
+    if undecodable is not None:
+        print(f"shardworker: argument {undecodable} is not valid UTF-8", file=sys.stderr)
+        return ExitCode.CONFIG
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
@@ -124,8 +139,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"shardworker: configuration error: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
+    except DependencyUnavailableError as exc:
+        print(f"shardworker: dependency unavailable: {exc}", file=sys.stderr)
+        return ExitCode.DEPENDENCY_UNAVAILABLE
     except ShardworkerError as exc:
-        print(f"shardworker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"shardworker: {type(exc).__name__}: {redact_configured(str(exc))}",
+              file=sys.stderr)  # fmt: skip
         return ExitCode.FAILURE
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED

@@ -10,11 +10,14 @@ checks it matches.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
 import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from shardworker.errors import ConfigError
 from shardworker.loops import policy_book
@@ -23,8 +26,28 @@ PREFIX = "SHARDWORKER_"
 REDACTED = "***"
 
 
-def _setting(default: Any, doc: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"doc": doc, "secret": secret})
+def _setting(
+    default: Any,
+    doc: str,
+    *,
+    secret: bool = False,
+    lo: float | None = None,
+    hi: float | None = None,
+) -> Any:
+    """A field; numeric ones carry inclusive bounds ``lo``..``hi`` checked at load."""
+    return field(default=default, metadata={"doc": doc, "secret": secret, "lo": lo, "hi": hi})
+
+
+_DAY_S = 86400.0
+_GIB = 1024**3
+# Link-local (IPv4 and IPv6) and cloud metadata services: never a tenant's mail server.
+DEFAULT_OUTBOUND_DENY = (
+    "169.254.0.0/16",
+    "fe80::/10",
+    "fd00:ec2::254/128",
+    "100.100.100.200/32",
+    "0.0.0.0/8",
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +58,7 @@ class Settings:
         "PostgreSQL DSN (libpq URL). The Alga database, or a standalone one.",
         secret=True,
     )
-    db_pool_max: int = _setting(8, "Maximum PostgreSQL connections per process.")
+    db_pool_max: int = _setting(8, "Maximum PostgreSQL connections per process.", lo=1, hi=1000)
     redis_url: str = _setting(
         "redis://127.0.0.1:6379/0", "Redis URL, password included if any.", secret=True
     )
@@ -56,80 +79,186 @@ class Settings:
     )
     # Identity and pool
     pod_name: str = _setting("", "Stable pod identity; defaults to `POD_NAME`, then the host name.")
-    workers: int = _setting(0, "Worker processes per pod; 0 means the number of cores.")
-    lease_ttl_s: float = _setting(8.0, "Provider lease time-to-live.")
-    lease_renew_s: float = _setting(2.5, "How often leases are renewed (one Lua call per worker).")
-    member_grace_s: float = _setting(8.0, "A member gone for less than this keeps its providers.")
+    workers: int = _setting(
+        0, "Worker processes per pod; 0 means the number of cores.", lo=0, hi=1024
+    )
+    lease_ttl_s: float = _setting(8.0, "Provider lease time-to-live.", lo=1, hi=3600)
+    lease_renew_s: float = _setting(
+        2.5, "How often leases are renewed (one Lua call per worker).", lo=0.05, hi=1200
+    )
+    member_grace_s: float = _setting(
+        8.0, "A member gone for less than this keeps its providers.", lo=0, hi=3600
+    )
     worker_ping_timeout_s: float = _setting(
-        10.0, "A worker that does not answer the coordinator's ping for this long is replaced."
+        10.0,
+        "A worker that does not answer the coordinator's ping for this long is replaced.",
+        lo=1,
+        hi=3600,
     )
     leader_ttl_s: float = _setting(
-        6.0, "Leader lease time-to-live; a dead leader is replaced after it."
+        6.0,
+        "Leader lease time-to-live; a dead leader is replaced after it.",
+        lo=1,
+        hi=3600,
     )
     leader_round_s: float = _setting(
-        1.0, "How often the leader recomputes and publishes the assignment."
+        1.0,
+        "How often the leader recomputes and publishes the assignment.",
+        lo=0.05,
+        hi=600,
     )
     assignment_poll_s: float = _setting(
-        0.5, "How often a worker reads its share of the assignment."
+        0.5,
+        "How often a worker reads its share of the assignment.",
+        lo=0.05,
+        hi=600,
     )
     join_debounce_s: float = _setting(
-        1.0, "A new member gets providers only after it has been seen for this long."
+        1.0,
+        "A new member gets providers only after it has been seen for this long.",
+        lo=0,
+        hi=3600,
     )
     max_rebalance_moves: int = _setting(
         200,
         "Providers moved for balance per leader round at most (new and orphaned ones always move).",
+        lo=0,
+        hi=1000000,
     )
     alga_lease_ttl_s: float = _setting(
         120.0,
         "TTL mirrored into Alga's `lease_owner`/`lease_expires_at`, like Alga's own listener.",
+        lo=1,
+        hi=_DAY_S,
+    )
+    boot_wait_s: float = _setting(
+        60.0,
+        "How long start-up retries an unreachable PostgreSQL or Redis before exiting "
+        "with DEPENDENCY_UNAVAILABLE (7).",
+        lo=0,
+        hi=3600,
     )
     drain_deadline_s: float = _setting(
-        20.0, "Graceful drain deadline on SIGTERM; keep below the pod's grace period."
+        20.0,
+        "Graceful drain deadline on SIGTERM; keep below the pod's grace period.",
+        lo=1,
+        hi=3600,
     )
     # IMAP behaviour
-    net_timeout_s: float = _setting(30.0, "Timeout of every IMAP network operation.")
-    connect_timeout_s: float = _setting(15.0, "TCP + TLS connect timeout.")
-    idle_refresh_s: float = _setting(240.0, "Re-issue IDLE this often (RFC 2177 allows 29 min).")
-    dead_after_s: float = _setting(
-        330.0, "A connection silent for this long is declared dead and replaced."
+    net_timeout_s: float = _setting(
+        30.0, "Timeout of every IMAP network operation.", lo=0.1, hi=3600
     )
-    poll_interval_s: float = _setting(30.0, "Polling interval for servers without IDLE.")
+    connect_timeout_s: float = _setting(
+        15.0,
+        "Total deadline of opening a connection (DNS, TCP, TLS, greeting, STARTTLS, login) "
+        "and of one OAuth2 token request.",
+        lo=0.1,
+        hi=600,
+    )
+    outbound_deny_cidrs: tuple[str, ...] = _setting(
+        DEFAULT_OUTBOUND_DENY,
+        "Addresses never connected to (IMAP hosts, token URLs), checked after DNS "
+        "resolution; link-local and cloud metadata by default.",
+    )
+    outbound_allow_cidrs: tuple[str, ...] = _setting(
+        (),
+        "When set, only these addresses may be connected to (the deny list still wins); "
+        "empty allows every address not denied, private ranges included.",
+    )
+    allow_plaintext_login: bool = _setting(
+        False,
+        "Allow LOGIN without TLS to a non-loopback host (both `secure` and "
+        "`allow_starttls` off); refused otherwise.",
+    )
+    oauth_refresh_threads: int = _setting(
+        4,
+        "Threads per worker that refresh OAuth2 tokens, apart from the sync threads, so a "
+        "slow token endpoint never holds up other tenants.",
+        lo=1,
+        hi=64,
+    )
+    idle_refresh_s: float = _setting(
+        240.0, "Re-issue IDLE this often (RFC 2177 allows 29 min).", lo=0.1, hi=1740
+    )
+    dead_after_s: float = _setting(
+        330.0,
+        "A connection silent for this long is declared dead and replaced.",
+        lo=1,
+        hi=_DAY_S,
+    )
+    poll_interval_s: float = _setting(
+        30.0, "Polling interval for servers without IDLE.", lo=0.1, hi=_DAY_S
+    )
     tls_ca_file: str = _setting(
         "", "Extra CA bundle to trust for IMAP TLS (system CAs are trusted too)."
     )
     connect_concurrency_per_host: int = _setting(
-        16, "Concurrent connection attempts per IMAP host, so restarts do not storm it."
+        16,
+        "Concurrent connection attempts per IMAP host, so restarts do not storm it.",
+        lo=1,
+        hi=10000,
     )
     max_connections_per_account: int = _setting(
-        10, "Folder connections per mailbox at most (Gmail allows 15, Exchange 20)."
+        10,
+        "Folder connections per mailbox at most (Gmail allows 15, Exchange 20).",
+        lo=1,
+        hi=1000,
     )
-    sync_threads: int = _setting(8, "Threads per worker for connect, fetch, parse and publish.")
-    backoff_base_s: float = _setting(1.0, "First reconnect delay after a network failure.")
-    backoff_max_s: float = _setting(300.0, "Cap of the network-failure backoff.")
-    auth_backoff_base_s: float = _setting(60.0, "First retry delay after an auth failure.")
-    auth_backoff_max_s: float = _setting(3600.0, "Cap of the auth-failure backoff.")
-    healthy_after_s: float = _setting(60.0, "A connection up this long resets its backoff.")
+    sync_threads: int = _setting(
+        8, "Threads per worker for connect, fetch, parse and publish.", lo=1, hi=1024
+    )
+    backoff_base_s: float = _setting(
+        1.0, "First reconnect delay after a network failure.", lo=0.01, hi=3600
+    )
+    backoff_max_s: float = _setting(
+        300.0, "Cap of the network-failure backoff.", lo=0.01, hi=_DAY_S
+    )
+    auth_backoff_base_s: float = _setting(
+        60.0, "First retry delay after an auth failure.", lo=0.01, hi=_DAY_S
+    )
+    auth_backoff_max_s: float = _setting(
+        3600.0, "Cap of the auth-failure backoff.", lo=0.01, hi=7 * _DAY_S
+    )
+    healthy_after_s: float = _setting(
+        60.0, "A connection up this long resets its backoff.", lo=0, hi=_DAY_S
+    )
     auth_failure_pause_threshold: int = _setting(
-        5, "Consecutive auth failures that pause a provider (reason `auth_failure`)."
+        5,
+        "Consecutive auth failures that pause a provider (reason `auth_failure`).",
+        lo=1,
+        hi=1000,
     )
-    folder_reprobe_s: float = _setting(300.0, "Re-probe a missing or unselectable folder.")
+    folder_reprobe_s: float = _setting(
+        300.0, "Re-probe a missing or unselectable folder.", lo=0.1, hi=_DAY_S
+    )
     provider_refresh_s: float = _setting(
-        5.0, "How often provider changes are picked up from the database."
+        5.0,
+        "How often provider changes are picked up from the database.",
+        lo=0.1,
+        hi=3600,
     )
     # Publishing
     stream_maxlen: int = _setting(
-        1_000_000, "Approximate MAXLEN of `workflow:events:global` (Alga uses 1,000)."
+        1_000_000,
+        "Approximate MAXLEN of `workflow:events:global` (Alga uses 1,000).",
+        lo=1,
+        hi=10**9,
     )
     backpressure_group: str = _setting(
         "workflow-runtime-v2", "Consumer group whose lag gates fetching."
     )
     backpressure_max_lag: int = _setting(
-        100_000, "Stop fetching when that group lags by more entries than this."
+        100_000,
+        "Stop fetching when that group lags by more entries than this.",
+        lo=1,
+        hi=10**9,
     )
     backpressure_check_s: float = _setting(
         1.0,
         "How long a backlog reading is reused; the lag bound can overshoot by what "
         "one process publishes in this time.",
+        lo=0,
+        hi=60,
     )
     sink: str = _setting(
         "redis-streams", "Where events go: `redis-streams` (Alga's workflow stream)."
@@ -143,14 +272,21 @@ class Settings:
     redis_prefix: str = _setting("alga-psa:", "Alga's `REDIS_PREFIX`.")
     event_stream_prefix: str = _setting("event-stream:", "Alga's `REDIS_EVENT_STREAM_PREFIX`.")
     dlq_stream: str = _setting("shardworker:dlq", "Dead-letter stream for poison messages.")
-    dedupe_ttl_s: int = _setting(7 * 86400, "How long Redis remembers published keys.")
+    dedupe_ttl_s: int = _setting(
+        7 * 86400, "How long Redis remembers published keys.", lo=1, hi=366 * 86400
+    )
     # Message caps (Alga's own)
     max_raw_bytes: int = _setting(
-        25 * 1024 * 1024, "Raw MIME cap; above it only text parts are fetched."
+        25 * 1024 * 1024,
+        "Raw MIME cap; above it only text parts are fetched.",
+        lo=1024,
+        hi=_GIB,
     )
-    max_attachment_bytes: int = _setting(10 * 1024 * 1024, "Per-attachment cap.")
-    max_total_attachment_bytes: int = _setting(25 * 1024 * 1024, "Cap across all attachments.")
-    max_attachments: int = _setting(25, "Attachment count cap.")
+    max_attachment_bytes: int = _setting(10 * 1024 * 1024, "Per-attachment cap.", lo=0, hi=_GIB)
+    max_total_attachment_bytes: int = _setting(
+        25 * 1024 * 1024, "Cap across all attachments.", lo=0, hi=_GIB
+    )
+    max_attachments: int = _setting(25, "Attachment count cap.", lo=0, hi=10000)
     include_attachment_content: bool = _setting(
         True, "Put attachment content (base64) in events, within the caps."
     )
@@ -161,7 +297,10 @@ class Settings:
         "it, as Alga's `INBOUND_RESOLVE_LIST_ORIGINAL_SENDER` does.",
     )
     dlq_max_raw_bytes: int = _setting(
-        1024 * 1024, "Raw bytes kept in a DLQ entry; larger messages keep a pointer only."
+        1024 * 1024,
+        "Raw bytes kept in a DLQ entry; larger messages keep a pointer only.",
+        lo=0,
+        hi=64 * 1024 * 1024,
     )
     # Providers and mail loops (docs/providers.md)
     gmail_all_mail: bool = _setting(
@@ -274,24 +413,84 @@ _check_annotations()
 
 _CHAIN_SOURCES = {"db", "env", "filesystem"}
 _LOG_LEVELS = {"DEBUG", "INFO", "WARNING", "ERROR"}
+_REDIS_SCHEMES = {"redis", "rediss", "unix"}
+_PG_SCHEMES = {"postgresql", "postgres"}
 
 
-def _validate(s: Settings) -> None:
+def _check_number(f: dataclasses.Field[Any], value: float) -> None:
+    name = env_name(f.name)
+    if math.isnan(value) or math.isinf(value):
+        raise ConfigError(f"{name}: must be a finite number, got {value}")
+    lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+    if lo is None and value < 0:
+        raise ConfigError(f"{name}: must not be negative, got {value}")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{name}: must be at least {lo:g}, got {value:g}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name}: must be at most {hi:g}, got {value:g}")
+
+
+def _check_numbers(s: Settings) -> None:
     for f in dataclasses.fields(s):
         value = getattr(s, f.name)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-            raise ConfigError(f"{env_name(f.name)}: must not be negative, got {value}")
-    unknown = set(s.secret_read_chain) - _CHAIN_SOURCES
-    if unknown:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            _check_number(f, value)
+
+
+def _check_url(field_name: str, url: str, schemes: set[str]) -> None:
+    name = env_name(field_name)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (parsing the port is the check)
+    except ValueError:
+        raise ConfigError(f"{name}: not a valid URL (bad port?)") from None
+    if parts.scheme not in schemes:
         raise ConfigError(
-            f"{env_name('secret_read_chain')}: unknown source(s) {sorted(unknown)}; "
-            f"use {sorted(_CHAIN_SOURCES)}"
+            f"{name}: scheme {parts.scheme or '(none)'!r} is not one of {sorted(schemes)}"
         )
-    if s.log_level.upper() not in _LOG_LEVELS:
-        raise ConfigError(f"{env_name('log_level')}: expected one of {sorted(_LOG_LEVELS)}")
-    if s.lease_renew_s * 2 > s.lease_ttl_s:
+    if url.partition("://")[2].split("?", 1)[0].count("@") > 1:
+        # libpq and redis-py split at the first "@": the rest of the password would become
+        # the host name, and show up in every connection error.
+        raise ConfigError(f"{name}: the password contains '@'; percent-encode it as %40")
+
+
+def _check_addr(field_name: str, addr: str) -> None:
+    name = env_name(field_name)
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: expected host:port with a port of 0..65535, got {addr!r}")
+    del host
+
+
+def _check_cidrs(field_name: str, values: tuple[str, ...]) -> None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(f"{env_name(field_name)}: {value!r} is not a CIDR") from None
+
+
+def _check_connections(s: Settings) -> None:
+    _check_url("redis_url", s.redis_url, _REDIS_SCHEMES)
+    if "://" in s.database_url:
+        _check_url("database_url", s.database_url, _PG_SCHEMES)
+    _check_addr("metrics_addr", s.metrics_addr)
+    if s.admin_addr:
+        _check_addr("admin_addr", s.admin_addr)
+        if not s.admin_token:
+            raise ConfigError(
+                f"{env_name('admin_token')}: required (and not blank) when "
+                f"{env_name('admin_addr')} is set"
+            )
+    _check_cidrs("outbound_deny_cidrs", s.outbound_deny_cidrs)
+    _check_cidrs("outbound_allow_cidrs", s.outbound_allow_cidrs)
+
+
+def _check_cross_fields(s: Settings) -> None:
+    if s.lease_renew_s * 3 > s.lease_ttl_s:
+        # Two renewals may fail (a Redis blip) before the lease can lapse.
         raise ConfigError(
-            f"{env_name('lease_renew_s')}: must be at most half of SHARDWORKER_LEASE_TTL_S"
+            f"{env_name('lease_renew_s')}: must be at most a third of SHARDWORKER_LEASE_TTL_S"
         )
     if s.backpressure_max_lag >= s.stream_maxlen:
         raise ConfigError(
@@ -303,6 +502,26 @@ def _validate(s: Settings) -> None:
             f"{env_name('idle_refresh_s')}: must be at most 29 min and below "
             "SHARDWORKER_DEAD_AFTER_S"
         )
+    for base, cap in (("backoff_base_s", "backoff_max_s"),
+                      ("auth_backoff_base_s", "auth_backoff_max_s")):  # fmt: skip
+        if getattr(s, base) > getattr(s, cap):
+            raise ConfigError(f"{env_name(base)}: must not exceed {env_name(cap)}")
+    # A drain deadline above the lease TTL is accepted on purpose: the keeper renews the
+    # leases for as long as the drain runs (docs/configuration.md, "Bad configuration").
+
+
+def _validate(s: Settings) -> None:
+    _check_numbers(s)
+    unknown = set(s.secret_read_chain) - _CHAIN_SOURCES
+    if unknown:
+        raise ConfigError(
+            f"{env_name('secret_read_chain')}: unknown source(s) {sorted(unknown)}; "
+            f"use {sorted(_CHAIN_SOURCES)}"
+        )
+    if s.log_level.upper() not in _LOG_LEVELS:
+        raise ConfigError(f"{env_name('log_level')}: expected one of {sorted(_LOG_LEVELS)}")
+    _check_connections(s)
+    _check_cross_fields(s)
 
 
 def _validate_loops(s: Settings) -> None:
@@ -327,6 +546,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
     values = {f.name: _parse_value(f, env[name]) for name, f in fields.items() if name in env}
+    if "admin_token" in values:
+        # Kubernetes Secrets often end in a newline: a token that would lock the admin out.
+        values["admin_token"] = values["admin_token"].strip()
+        if not values["admin_token"] and env[env_name("admin_token")]:
+            raise ConfigError(f"{env_name('admin_token')}: blank after stripping whitespace")
     settings = Settings(**values)
     _validate(settings)
     _validate_loops(settings)

@@ -76,6 +76,13 @@ class ImapThrottledError(ImapTransientError):
         self.retry_after_s = retry_after_s
 
 
+class NotImapError(ImapTransientError):
+    """The peer's first answer is not an IMAP greeting (wrong port, another service)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="not_imap")
+
+
 class FolderError(ImapError):
     """A folder is missing or cannot be selected; it is parked and re-probed."""
 
@@ -113,6 +120,21 @@ class TokenEndpointError(ImapTransientError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, reason="token_endpoint")
+
+
+class TokenPendingError(ImapTransientError):
+    """A token refresh is still running on the refresher's own threads: retry shortly.
+
+    Not a failure: the engine defers the slot by ``retry_s`` without touching its backoff.
+    """
+
+    def __init__(self, message: str, retry_s: float) -> None:
+        super().__init__(message, reason="token_pending")
+        self.retry_s = retry_s
+
+
+class DependencyUnavailableError(ShardworkerError):
+    """PostgreSQL or Redis could not be reached (at boot: retried, then its own exit code)."""
 
 
 class AdminError(ShardworkerError):

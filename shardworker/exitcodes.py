@@ -18,4 +18,8 @@ class ExitCode(IntEnum):
     # A worker's background thread (lease keeper, assigner, status writer...) died of an
     # unexpected error: the process ends so that the supervisor restarts it whole.
     THREAD_DIED = 6
+    # PostgreSQL or Redis stayed unreachable for SHARDWORKER_BOOT_WAIT_S at start: an outage,
+    # not a mistake.  A worker exiting with it is restarted; the coordinator exits with it
+    # and lets the orchestrator restart the pod.
+    DEPENDENCY_UNAVAILABLE = 7
     INTERRUPTED = 130

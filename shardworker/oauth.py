@@ -24,17 +24,15 @@ No token, secret or form body ever reaches a log line or an exception message.
 
 from __future__ import annotations
 
-import http.client
-import re
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode, urlsplit
-
-import orjson
+from urllib.parse import urlsplit
 
 from shardworker.config import Settings
 from shardworker.db.status import StatusWriter
@@ -43,17 +41,24 @@ from shardworker.errors import (
     SecretNotFoundError,
     StoreError,
     TokenEndpointError,
+    TokenPendingError,
     TokenRefreshError,
 )
+from shardworker.imap.connect import tls_context
 from shardworker.logs import get_logger
+from shardworker.netpolicy import OutboundPolicy
 from shardworker.secrets.store import SecretStore, secret_name
+from shardworker.tokenclient import post_token_request
 
 log = get_logger(__name__)
 
 REFRESH_MARGIN_S = 300.0
-MAX_ANSWER_BYTES = 64 * 1024
-_TRANSIENT_STATUS = frozenset({408, 425, 429})
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# How long a sync thread waits for a refresh it started: a healthy endpoint answers
+# within it; a slow one is left to the refresher's threads and the slot comes back later.
+REFRESH_WAIT_S = 1.0
+PENDING_RETRY_S = 1.0
+
+__all__ = ["AccessToken", "RefreshExecutor", "TokenRefresher", "post_token_request"]
 
 
 def _utcnow() -> datetime:
@@ -76,7 +81,63 @@ class AccessToken:
         return (self.expires_at - now).total_seconds() > margin
 
 
+class RefreshExecutor:
+    """A few daemon threads that run token refreshes, apart from the sync threads.
+
+    Every refresh has a total deadline (shardworker.tokenclient), so a thread is never held
+    for longer than ``SHARDWORKER_CONNECT_TIMEOUT_S``; being daemons, they never hold up
+    the process's exit either.
+    """
+
+    def __init__(self, threads: int) -> None:
+        self._threads = threads
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], AccessToken], Future[AccessToken]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._started: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, fn: Callable[[], AccessToken]) -> Future[AccessToken]:
+        future: Future[AccessToken] = Future()
+        with self._lock:
+            if self._closed:
+                future.set_exception(TokenEndpointError("the token refresher is closed"))
+                return future
+            if len(self._started) < self._threads:
+                thread = threading.Thread(target=self._work, name="oauth-refresh", daemon=True)
+                self._started.append(thread)
+                thread.start()
+        self._jobs.put((fn, future))
+        return future
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            started = len(self._started)
+        for _ in range(started):
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, future = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to whoever waits for the token
+                future.set_exception(exc)
+
+
 class TokenRefresher:
+    """Access tokens for the providers this worker owns; refreshes run off the sync path.
+
+    A slot that needs a new token starts its provider's refresh on the
+    :class:`RefreshExecutor` and waits ``REFRESH_WAIT_S`` at most.  A refresh still
+    running then (a slow or dripping endpoint) raises ``TokenPendingError``: the engine
+    retries the slot shortly, the sync thread serves other providers meanwhile, and the
+    next attempt picks the finished refresh up.  One refresh per provider at a time.
+    """
+
     def __init__(
         self,
         settings: Settings,
@@ -85,18 +146,30 @@ class TokenRefresher:
         secrets: SecretStore,
         *,
         now: Callable[[], datetime] = _utcnow,
+        wait_s: float = REFRESH_WAIT_S,
     ) -> None:
         self._settings = settings
         self._pool = pool
         self._status = status
         self._secrets = secrets
         self._now = now
+        self._wait_s = wait_s
+        self._policy = OutboundPolicy.from_settings(settings)
+        self._executor = RefreshExecutor(settings.oauth_refresh_threads)
+        self._inflight: dict[tuple[str, str], Future[AccessToken]] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._executor.close()
 
     def is_fresh(self, token: AccessToken | None) -> bool:
         return token is not None and token.fresh(self._now())
 
     def access_token(self, cfg: ProviderConfig, *, force: bool = False) -> AccessToken:
         """The token to log in with, refreshed first when needed (or when ``force``)."""
+        finished = self._take_finished(cfg)
+        if finished is not None and not force:  # a forced refresh must not reuse it
+            return finished.result()
         stored = self._stored(cfg)
         if stored is not None and not force and stored.fresh(self._now()):
             return stored
@@ -109,6 +182,43 @@ class TokenRefresher:
                 )
             # Nothing to refresh with (another system owns the tokens): use what is there.
             return stored
+        return self._await_refresh(cfg, refresh_token)
+
+    def _take_finished(self, cfg: ProviderConfig) -> Future[AccessToken] | None:
+        key = (cfg.tenant, cfg.provider_id)
+        with self._lock:
+            future = self._inflight.get(key)
+            if future is None or not future.done():
+                return None
+            del self._inflight[key]
+            return future
+
+    def _await_refresh(self, cfg: ProviderConfig, refresh_token: str) -> AccessToken:
+        key = (cfg.tenant, cfg.provider_id)
+        with self._lock:
+            future = self._inflight.get(key)
+            started = future is None
+            if future is None:
+                future = self._executor.submit(lambda: self._refresh_job(cfg, refresh_token))
+                self._inflight[key] = future
+        try:
+            # Only the attempt that started the refresh waits; later ones look and go.
+            token = future.result(timeout=self._wait_s if started else 0)
+        except FutureTimeout:
+            raise TokenPendingError(
+                f"provider {cfg.provider_id}: token refresh in progress; retrying shortly",
+                retry_s=PENDING_RETRY_S,
+            ) from None
+        finally:
+            self._forget_if_done(key, future)
+        return token
+
+    def _forget_if_done(self, key: tuple[str, str], future: Future[AccessToken]) -> None:
+        with self._lock:
+            if future.done() and self._inflight.get(key) is future:
+                del self._inflight[key]
+
+    def _refresh_job(self, cfg: ProviderConfig, refresh_token: str) -> AccessToken:
         try:
             return self.refresh(cfg, refresh_token)
         except TokenRefreshError as exc:
@@ -130,7 +240,10 @@ class TokenRefresher:
         if cfg.oauth_scopes:
             form["scope"] = cfg.oauth_scopes
         redact = [refresh_token, client_secret or ""]
-        answer = post_token_request(url, form, self._settings.connect_timeout_s, redact)
+        answer = post_token_request(
+            url, form, self._settings.connect_timeout_s, redact,
+            policy=self._policy, ssl_context=tls_context(self._settings.tls_ca_file),
+        )  # fmt: skip
         token = _access_token(answer, url, self._now())
         rotated = answer.get("refresh_token")
         rotated = rotated if isinstance(rotated, str) and rotated != refresh_token else None
@@ -192,73 +305,11 @@ class TokenRefresher:
         self._status.paused(cfg.tenant, cfg.provider_id, "auth_failure", message)
 
 
-# -- the token endpoint --------------------------------------------------------------------
-
-
-def post_token_request(
-    url: str, form: dict[str, str], timeout_s: float, redact: Sequence[str] = ()
-) -> dict[str, Any]:
-    """POST a token request; the JSON answer, or a classified error without secrets."""
-    where = f"token endpoint {urlsplit(url).netloc}"
-    request = urllib.request.Request(
-        url,
-        data=urlencode(form).encode(),
-        method="POST",
-        headers={"Content-Type": "application/x-www-form-urlencoded",
-                 "Accept": "application/json"},
-    )  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            body = response.read(MAX_ANSWER_BYTES)
-    except urllib.error.HTTPError as exc:
-        with exc:
-            body = exc.read(MAX_ANSWER_BYTES)
-        raise _classify_refusal(where, exc.code, body, redact) from None
-    except (OSError, http.client.HTTPException) as exc:  # URLError and timeouts included
-        reason = getattr(exc, "reason", exc)
-        raise TokenEndpointError(f"{where}: {type(reason).__name__}: {reason}") from None
-    answer = _json_object(body)
-    if answer is None:
-        raise TokenEndpointError(f"{where}: the answer is not a JSON object")
-    return answer
-
-
-def _json_object(body: bytes) -> dict[str, Any] | None:
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _classify_refusal(
-    where: str, status: int, body: bytes, redact: Sequence[str]
-) -> TokenRefreshError | TokenEndpointError:
-    if status >= 500 or status in _TRANSIENT_STATUS:
-        return TokenEndpointError(f"{where}: HTTP {status}")
-    answer = _json_object(body) or {}
-    error = answer.get("error")
-    code = error if isinstance(error, str) and error.isascii() and error else f"http_{status}"
-    detail = answer.get("error_description")
-    text = f"{where}: {code}"
-    if isinstance(detail, str) and detail:
-        text += f" ({_clean(detail, redact)})"
-    return TokenRefreshError(text, code=code[:64])
-
-
-def _clean(text: str, redact: Sequence[str]) -> str:
-    text = _CONTROL.sub(" ", text)[:200]
-    for secret in redact:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
-
-
 def _access_token(answer: dict[str, Any], url: str, now: datetime) -> AccessToken:
     value = answer.get("access_token")
     if not isinstance(value, str) or not value:
         raise TokenEndpointError(
-            f"token endpoint {urlsplit(url).netloc}: the answer has no access_token"
+            f"token endpoint {urlsplit(url).hostname}: the answer has no access_token"
         )
     expires_in = answer.get("expires_in")
     lifetime: float | None = None

@@ -8,12 +8,14 @@ coordinator.
 
 from __future__ import annotations
 
-from shardworker import logs
+from shardworker import boot, logs
 from shardworker.config import Settings
 
 
 def run(settings: Settings) -> int:
     logs.configure(settings.log_level)
+    boot.preflight(settings)  # ConfigError (exit 2) or DependencyUnavailableError (exit 7)
+    boot.scrub_worker_environment()
     from shardworker.admin.api import AdminApi, start_admin_api
     from shardworker.pool.coordinator import Coordinator
     from shardworker.sink import sink_factory

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import redis
 from psycopg_pool import ConnectionPool
 
-from shardworker import logs
+from shardworker import boot, logs
 from shardworker.config import Settings, load_settings
 from shardworker.db.ownership import OwnershipStore
 from shardworker.db.status import StatusWriter
@@ -27,6 +27,7 @@ from shardworker.exitcodes import ExitCode
 from shardworker.imap.connect import tls_context
 from shardworker.logs import get_logger
 from shardworker.mime import Caps
+from shardworker.netpolicy import OutboundPolicy
 from shardworker.oauth import TokenRefresher
 from shardworker.pool.agent import PoolAgent
 from shardworker.pool.childproc import ChildChannel
@@ -57,11 +58,12 @@ def build_worker(
     on_released: Callable[[str], None] | None = None,
     sinks: Mapping[str, SinkFactory] = SINKS,
 ) -> WorkerContext:
-    pool = open_pool(settings.database_url, max_size=settings.db_pool_max)
-    store = Store(pool)
+    # Redis first: a boot retried through a Redis outage then leaks no PostgreSQL pool.
     client = redis_client(settings)
     sink = open_sink(settings, client, sinks)
     sink.prepare()
+    pool = open_pool(settings.database_url, max_size=settings.db_pool_max)
+    store = Store(pool)
     secrets = SecretStore(settings, pool)
     status = StatusWriter(pool)
     status.start()
@@ -73,11 +75,13 @@ def build_worker(
         caps=Caps.from_settings(settings),
         status=status,
         ssl_context=tls_context(settings.tls_ca_file),
-        oauth=TokenRefresher(settings, pool, status, secrets),
+        oauth=(oauth := TokenRefresher(settings, pool, status, secrets)),
+        outbound=OutboundPolicy.from_settings(settings),
     )
     engine = Engine(deps, on_released=on_released)
 
     def close() -> None:
+        oauth.close()
         status.close()
         pool.close()
         client.close()
@@ -118,10 +122,9 @@ def worker_main(index: int, channel: ChildChannel) -> int:
         logs.configure(settings.log_level)
         logs.set_process_context(pid=os.getpid())
         member = member_id(settings, index)
-        ctx, agent = _boot(settings, member)
+        ctx, agent = boot.with_retries(lambda: _boot(settings, member), settings)
     except Exception as exc:
-        log.error("worker_boot_failed", worker=index, error_type=type(exc).__name__, error=str(exc))
-        return ExitCode.WORKER_BOOT_ERROR
+        return boot.report_boot_failure(index, exc)
     channel.ready()
     agent.start()
     stop = threading.Event()

@@ -80,6 +80,16 @@ def boot_fail_slot1(index: int, channel: ChildChannel) -> int:
     return serve(index, channel)
 
 
+def dependency_down_at_first_boot(index: int, channel: ChildChannel) -> int:
+    """Slot 0's first start finds its stores unreachable; later starts serve."""
+    _record_start(index)
+    starts = (_dir() / f"slot{index}.pids").read_text().splitlines()
+    if index == 0 and len(starts) == 1:
+        return ExitCode.DEPENDENCY_UNAVAILABLE
+    _ready(index, channel)
+    return serve_until_drained(index, channel)
+
+
 def ready_then_exit(index: int, channel: ChildChannel) -> int:
     """Crashes right after boot, with the boot-error code: that is a crash, not a halt."""
     _record_start(index)

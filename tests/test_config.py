@@ -73,6 +73,7 @@ def test_settings_are_frozen() -> None:
 def test_redacted_hides_every_secret_field() -> None:
     secrets = {f.name for f in dataclasses.fields(Settings) if f.metadata["secret"]}
     env = {env_name(n): "postgresql://u:hunter2-secret@h/db" for n in secrets if "url" in n}
+    env[env_name("redis_url")] = "redis://u:hunter2-secret@h/0"
     env[env_name("admin_token")] = "tok-hunter2-secret"
     shown = load_settings(env).redacted()
     assert "hunter2" not in repr(shown)

@@ -142,7 +142,7 @@ SCENARIOS = [
     Scenario("mute", "timed out"),
     Scenario("good", "timed out", before_login="silent"),
     Scenario("good", "timed out", before_login="greet-silent"),
-    Scenario("good", "unexpected response", before_login="garbage"),
+    Scenario("good", "did not answer with an IMAP greeting", before_login="garbage"),
     Scenario("good", "timed out", before_login="drip"),
 ]
 

@@ -426,13 +426,20 @@ def test_login_failures_are_classified(
     assert getattr(info.value, "reason", getattr(info.value, "code", None)) == detail
 
 
-def test_a_server_that_is_not_imap_is_a_protocol_error(
-    scripted: Callable[[Script], ScriptedServer],
+@pytest.mark.parametrize(
+    "banner", ["+OK POP3 server ready", "SSH-2.0-OpenSSH_9.6 internal-bastion-7"]
+)
+def test_a_server_that_is_not_imap_is_its_own_error_and_not_echoed(
+    scripted: Callable[[Script], ScriptedServer], banner: str
 ) -> None:
-    server = scripted(lambda io: io.send("+OK POP3 server ready"))
+    server = scripted(lambda io: io.send(banner))
     with pytest.raises(ImapTransientError) as info:
         _open(server.port, Credentials("password", "alice", SECRET))
-    assert info.value.reason == "protocol"
+    assert info.value.reason == "not_imap"
+    assert "did not answer with an IMAP greeting" in str(info.value)
+    # What an internal service says never reaches error_message / last_error.
+    assert banner.split(maxsplit=1)[0] not in str(info.value)
+    assert "internal" not in str(info.value) and "POP3" not in str(info.value)
 
 
 def test_a_bye_greeting_is_a_transient_unavailable(

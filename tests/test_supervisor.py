@@ -203,6 +203,20 @@ def test_boot_failure_halts_the_pod(
     assert not sup.events("worker_restarted")
 
 
+@pytest.mark.timeout(30)
+def test_a_worker_whose_stores_are_down_at_boot_is_restarted_not_halted(
+    spawn_supervisor: Callable[..., SupervisorProcess], tmp_path: Path
+) -> None:
+    """Issue 12 item 11: DEPENDENCY_UNAVAILABLE is an outage, not a bad setting."""
+    sup = spawn_supervisor("dependency_down_at_first_boot", 2)
+    sup.wait_ready(0, count=2)
+    assert not sup.events("pod_halted")
+    [exited] = [e for e in sup.events("worker_exited") if e["slot"] == 0]
+    assert exited["ready"] is False
+    sup.signal(signal.SIGTERM)
+    assert sup.wait(15) == ExitCode.OK
+
+
 # -- shutdown ------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from shardworker.errors import SecretNotFoundError, ValidationError
 from shardworker.imap.connect import Credentials, security_mode, tls_context
 from shardworker.imap.probe import probe
 from shardworker.logs import get_logger
+from shardworker.netpolicy import OutboundPolicy
 from shardworker.pool.leases import lease_key
 from shardworker.secrets.store import SecretStore, secret_name
 
@@ -223,6 +224,7 @@ class AdminService:
             row["host"], row["port"], security_mode(row["secure"], row["allow_starttls"]),
             creds, row["folder_filters"], timeout_s=timeout,
             ssl_context=tls_context(self.settings.tls_ca_file),
+            policy=OutboundPolicy.from_settings(self.settings),
         )  # fmt: skip
         log.info("provider_tested", provider_id=row["provider_id"],
                  classification=result.classification)  # fmt: skip

@@ -13,7 +13,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -26,6 +25,7 @@ from shardworker.db.models import (
     parse_folder_filters,
 )
 from shardworker.errors import FencedError, StoreError
+from shardworker.redact import describe_dsn
 
 __all__ = ["FolderCursor", "LedgerEntry", "Pool", "ProviderConfig", "Store", "open_pool"]
 
@@ -58,12 +58,8 @@ def open_pool(dsn: str, max_size: int, *, timeout_s: float = 10.0) -> Pool:
 
 
 def _where(dsn: str) -> str:
-    """Host, port and database of a DSN: never its password."""
-    try:
-        info = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        return "(unparsable DSN)"
-    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+    """Host, port and database of a DSN: never its password (parsed structurally)."""
+    return describe_dsn(dsn)
 
 
 def _now_iso() -> str:

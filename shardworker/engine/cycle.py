@@ -31,6 +31,7 @@ from shardworker.imap.folders import resolve_folders
 from shardworker.imap.guard import literal_cap
 from shardworker.imap.session import FolderStatus
 from shardworker.mime import Caps
+from shardworker.netpolicy import OutboundPolicy
 from shardworker.oauth import TokenRefresher
 from shardworker.secrets.store import SecretStore, secret_name
 from shardworker.sink.base import Sink
@@ -62,6 +63,7 @@ class CycleDeps:
     status: StatusWriter
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
     oauth: TokenRefresher | None = field(default=None, repr=False)
+    outbound: OutboundPolicy | None = field(default=None, repr=False)
     # Shared by every sync thread of the process: at most two big fetch-and-parse groups.
     big_gate: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(2), repr=False
@@ -176,6 +178,7 @@ class Cycle:
             connect_timeout_s=connect_timeout,
             ssl_context=d.ssl_context,
             max_literal_bytes=literal_cap(d.settings.max_raw_bytes),
+            policy=d.outbound,
         )
         caps = capabilities(client)
         slot.session.attach(client, caps)

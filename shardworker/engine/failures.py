@@ -27,6 +27,7 @@ from shardworker.errors import (
     SecretError,
     ShardworkerError,
     StoreError,
+    TokenPendingError,
 )
 
 
@@ -36,6 +37,7 @@ class Action(enum.Enum):
     PARK = "park"
     RETRY_DRAIN = "retry_drain"
     RECONNECT = "reconnect"
+    WAIT = "wait"  # not a failure: try again shortly, backoff and status untouched
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class FailurePolicy:
         self.settings = settings
 
     def decide(self, slot: Slot, err: ShardworkerError, now: float) -> Decision:
+        if isinstance(err, TokenPendingError):  # the refresh runs on its own threads
+            return Decision(Action.WAIT, err.retry_s)
         if isinstance(err, FencedError | LeaseLostError):
             return Decision(Action.STOP_PROVIDER)
         if isinstance(err, ImapAuthError):

@@ -455,6 +455,11 @@ class Engine:
     # -- failures ----------------------------------------------------------------------
 
     def _on_error(self, slot: Slot, err: ShardworkerError) -> None:
+        decision = self.failures.decide(slot, err, self.clock())
+        if decision.action is Action.WAIT:
+            slot.move(SlotState.BACKOFF)
+            self._set_timer(slot, decision.delay_s)
+            return
         rt, reason = slot.provider, error_reason(err)
         self.stats.errors[reason] += 1
         metrics.session_error(err)
@@ -463,7 +468,7 @@ class Engine:
         slot.last_error = f"{type(err).__name__}: {text}"
         log.warning("session_error", **slot.log_fields(), error_type=type(err).__name__,
                     reason=reason, error=text)  # fmt: skip
-        self._apply_failure(slot, err, self.failures.decide(slot, err, self.clock()))
+        self._apply_failure(slot, err, decision)
         if was_connected and not slot.connected:
             log.info("disconnected", **slot.log_fields(), reason=reason)
 

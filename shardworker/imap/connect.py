@@ -31,6 +31,7 @@ from typing import Literal
 from imapclient import IMAPClient, SocketTimeout
 from imapclient import exceptions as imap_exc
 
+from shardworker.deadline import Deadline, Watch, watch
 from shardworker.errors import (
     ConfigError,
     FolderError,
@@ -38,9 +39,11 @@ from shardworker.errors import (
     ImapError,
     ImapProtocolError,
     ImapTransientError,
+    NotImapError,
 )
-from shardworker.imap.guard import GuardedClient, literal_cap
+from shardworker.imap.guard import Dialling, GuardedClient, literal_cap
 from shardworker.logs import get_logger
+from shardworker.netpolicy import OutboundPolicy
 
 Security = Literal["tls", "starttls", "plain"]
 
@@ -68,6 +71,11 @@ _TRANSIENT_CODES = {
 }
 _FOLDER_CODES = frozenset({"NONEXISTENT", "NOPERM"})
 _RESPONSE_CODE = re.compile(r"\[([A-Za-z][A-Za-z0-9-]*)")
+# LOGIN sends the user name in a quoted string and XOAUTH2 puts it between ^A separators.
+_USER_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f]")
+_SECRET_FORBIDDEN = re.compile(r"[\r\n\x00]")
+_TOKEN_FORBIDDEN = re.compile(r"[\r\n\x00\x01]")
+_PLAINTEXT_HINT = "use TLS or STARTTLS, or set SHARDWORKER_ALLOW_PLAINTEXT_LOGIN=true"
 
 
 @dataclass(frozen=True)
@@ -215,16 +223,54 @@ def open_client(
     connect_timeout_s: float,
     ssl_context: ssl.SSLContext | None,
     max_literal_bytes: int = DEFAULT_MAX_LITERAL_BYTES,
+    policy: OutboundPolicy | None = None,
 ) -> IMAPClient:
     """A logged-in client whose socket times out after ``timeout_s`` on every operation.
 
-    TCP, TLS, the greeting and STARTTLS are bounded by ``connect_timeout_s``.  Every read
-    is bounded (shardworker.imap.guard): no literal above ``max_literal_bytes`` (use
+    DNS, TCP, TLS, the greeting, STARTTLS and the login share one total deadline of
+    ``connect_timeout_s`` (a server dripping bytes cannot stretch it), and only an
+    address the outbound ``policy`` permits is connected to.  Every read is bounded
+    (shardworker.imap.guard): no literal above ``max_literal_bytes`` (use
     ``literal_cap(settings.max_raw_bytes)``), no endless line, no drip.  On failure the
     socket is closed and a classified ``ImapAuthError`` / ``ImapTransientError`` raised.
     """
     where = f"{host}:{port}"
-    if security == "plain":
+    check_credentials(creds)
+    policy = policy if policy is not None else OutboundPolicy()
+    deadline = Deadline(connect_timeout_s)
+    with watch(deadline) as w:
+        try:
+            return _open(host, port, security, creds, w=w, policy=policy, deadline=deadline,
+                         ssl_context=ssl_context, timeout_s=timeout_s,
+                         max_literal_bytes=max_literal_bytes)  # fmt: skip
+        except ImapError as exc:
+            if not w.fired or isinstance(exc, ImapAuthError):
+                raise
+        # Raised outside the handler: the shut-down socket's error says nothing useful.
+        raise ImapTransientError(
+            f"{where}: timed out: connecting and logging in took longer than the "
+            f"{connect_timeout_s:g}s deadline",
+            reason="timeout",
+        )
+
+
+def _open(
+    host: str,
+    port: int,
+    security: Security,
+    creds: Credentials,
+    *,
+    w: Watch,
+    policy: OutboundPolicy,
+    deadline: Deadline,
+    ssl_context: ssl.SSLContext | None,
+    timeout_s: float,
+    max_literal_bytes: int,
+) -> IMAPClient:
+    where = f"{host}:{port}"
+    plain = security == "plain"
+    loopback_only = "" if not plain or policy.allow_plaintext_login else _PLAINTEXT_HINT
+    if plain:
         log.warning("imap_plaintext_connection", host=host, port=port)
     context = ssl_context if ssl_context is not None else tls_context()
     try:
@@ -233,22 +279,66 @@ def open_client(
             port,
             ssl=security == "tls",
             ssl_context=context,
-            timeout=SocketTimeout(connect=connect_timeout_s, read=connect_timeout_s),
+            timeout=SocketTimeout(connect=deadline.remaining(), read=deadline.remaining()),
             max_literal_bytes=max_literal_bytes,
+            dialling=Dialling(policy, deadline, w, loopback_only),
         )
+    except ImapError:
+        raise
     except Exception as exc:
-        raise classify_error(exc, where=where) from exc
+        raise classify_greeting_error(exc, where=where) from None
     try:
         if security == "starttls":
             _start_tls(client, context, where)
+        _log_in(client, creds, where)
         client.socket().settimeout(timeout_s)
     except BaseException as exc:
         close_client(client, logout=False)
         if isinstance(exc, ImapError) or not isinstance(exc, Exception):
             raise
         raise classify_error(exc, where=where) from exc
-    _log_in(client, creds, where)
     return client
+
+
+def classify_greeting_error(exc: BaseException, *, where: str) -> ImapError:
+    """A failure before the greeting was understood; never echoes what the server said.
+
+    A provider row can point at any port, so the "greeting" may be an SSH banner or an
+    internal service's answer: repeating it in ``error_message`` would hand it to
+    whoever can read the row.
+    """
+    if isinstance(exc, imaplib.IMAP4.error) and not isinstance(exc.__context__, OSError):
+        if str(exc).endswith("socket error: EOF"):  # imaplib's words, not the server's
+            return ImapTransientError(f"{where}: the server closed the connection "
+                                      "before greeting", reason="network")  # fmt: skip
+        if "BYE" in str(exc).upper():
+            return ImapTransientError(
+                f"{where}: the server refused the connection for now (BYE greeting)",
+                reason="unavailable",
+            )
+        return NotImapError(f"{where}: the server did not answer with an IMAP greeting")
+    return classify_error(exc, where=where)
+
+
+def check_credentials(creds: Credentials) -> None:
+    """Refuse a value that would break out of its IMAP command, naming the field.
+
+    The admin API refuses control characters, but a row written by Alga or a secret
+    from the env or file chain never went through it.  The guard refuses such a line
+    again on the wire (shardworker.imap.guard); this check names what was wrong.
+    """
+    if _USER_FORBIDDEN.search(creds.username):
+        raise ImapAuthError(
+            "username contains a control character (CR, LF, NUL...); refused before sending",
+            code="invalid_credentials",
+        )
+    field = "access token" if creds.kind == "oauth2" else "password"
+    forbidden = _TOKEN_FORBIDDEN if creds.kind == "oauth2" else _SECRET_FORBIDDEN
+    if forbidden.search(creds.secret):
+        raise ImapAuthError(
+            f"{field} contains a CR, LF or NUL character; refused before sending",
+            code="invalid_credentials",
+        )
 
 
 def _start_tls(client: IMAPClient, context: ssl.SSLContext, where: str) -> None:

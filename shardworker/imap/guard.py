@@ -20,14 +20,19 @@ from __future__ import annotations
 
 import imaplib
 import io
+import re
 import socket
 import time
+from dataclasses import dataclass
 from ssl import SSLContext
 from typing import Any
 
 from imapclient import IMAPClient
 
+from shardworker import netpolicy
+from shardworker.deadline import Deadline, Watch
 from shardworker.errors import ImapProtocolError, ImapTransientError
+from shardworker.netpolicy import OutboundPolicy
 
 MAX_LINE_BYTES = 1_000_000  # imaplib's own limit: a UID SEARCH of a big mailbox needs it
 MIN_RATE_BYTES_S = 64 * 1024
@@ -36,6 +41,7 @@ CHUNK_BYTES = 64 * 1024
 # wire, see shardworker.mime.large); the margin also absorbs RFC822.SIZE disagreeing with
 # the body a little.
 LITERAL_MARGIN_BYTES = 8 * 1024 * 1024
+_FORBIDDEN = re.compile(rb"[\r\n\x00]")
 
 
 def literal_cap(max_raw_bytes: int) -> int:
@@ -76,8 +82,20 @@ class _Deadline:
             self.sock.settimeout(self.base)
 
 
+@dataclass(frozen=True)
+class Dialling:
+    """How a connection is opened: the outbound policy, the total deadline and its watch."""
+
+    policy: OutboundPolicy
+    deadline: Deadline
+    watch: Watch | None = None
+    # Non-empty: only a loopback address may be connected to (a plain-text login).
+    loopback_only: str = ""
+
+
 class GuardedIMAP4(imaplib.IMAP4):
-    """imaplib's client over plain TCP or implicit TLS, with bounded reads."""
+    """imaplib's client over plain TCP or implicit TLS, with bounded reads and a vetted
+    destination; nothing with an embedded CR, LF or NUL is ever sent."""
 
     def __init__(
         self,
@@ -87,20 +105,41 @@ class GuardedIMAP4(imaplib.IMAP4):
         timeout: float | None,
         tls: SSLContext | None,
         max_literal_bytes: int,
+        dialling: Dialling | None = None,
     ) -> None:
         self.max_literal_bytes = max_literal_bytes
         self._sw_tls = tls
+        self._sw_dialling = dialling or Dialling(OutboundPolicy(), Deadline(timeout or 30.0))
         super().__init__(host, port, timeout=timeout)
 
     def _create_socket(self, timeout: float | None = None) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout)
+        d = self._sw_dialling
+        sock = netpolicy.connect(self.host, self.port, d.policy, d.deadline,
+                                 what="IMAP server", loopback_only=d.loopback_only)  # fmt: skip
+        if d.watch is not None:
+            d.watch.track(sock)
         if self._sw_tls is None:
             return sock
         try:
+            # The certificate is checked against the host name, not the vetted address.
             return self._sw_tls.wrap_socket(sock, server_hostname=self.host)
         except BaseException:
             sock.close()
             raise
+
+    def send(self, data: Any) -> None:  # imaplib types it as a Buffer
+        """Refuse a command line with CR, LF or NUL inside it (IMAP command injection).
+
+        shardworker never sends literals (APPEND), so every chunk imaplib writes is a
+        command line, a SASL response or a bare CRLF: none may carry a line break.
+        """
+        raw = bytes(data)
+        body = raw[:-2] if raw.endswith(b"\r\n") else raw
+        if _FORBIDDEN.search(body):
+            raise ImapProtocolError(
+                "refused to send a command with an embedded CR, LF or NUL character"
+            )
+        super().send(raw)
 
     def _guarded_reader(self) -> io.BufferedReader | None:
         # imapclient's idle_check makes the socket non-blocking: keep imaplib's behaviour.
@@ -176,8 +215,10 @@ class GuardedClient(IMAPClient):  # type: ignore[misc]  # imapclient ships no ty
         ssl_context: SSLContext,
         timeout: Any,
         max_literal_bytes: int,
+        dialling: Dialling | None = None,
     ) -> None:
         self.max_literal_bytes = max_literal_bytes
+        self.dialling = dialling
         super().__init__(host, port, ssl=ssl, ssl_context=ssl_context, timeout=timeout)
 
     def _create_IMAP4(self) -> GuardedIMAP4:
@@ -187,4 +228,5 @@ class GuardedClient(IMAPClient):  # type: ignore[misc]  # imapclient ships no ty
             timeout=self._timeout.connect,
             tls=self.ssl_context if self.ssl else None,
             max_literal_bytes=self.max_literal_bytes,
+            dialling=self.dialling,
         )

@@ -25,6 +25,7 @@ from shardworker.imap.connect import (
     open_client,
 )
 from shardworker.imap.folders import resolve_folders
+from shardworker.netpolicy import OutboundPolicy
 
 Classification = Literal[
     "ok",
@@ -36,6 +37,9 @@ Classification = Literal[
     "auth_failed",
     "folder_missing",
     "protocol",
+    "not_imap",
+    "outbound_denied",
+    "plaintext_refused",
 ]
 
 # Transient reasons as the probe reports them; anything else is "protocol".
@@ -46,6 +50,9 @@ _REASONS: dict[str, Classification] = {
     "tls_certificate": "tls_certificate",
     "tls": "tls",
     "starttls_unavailable": "tls",
+    "not_imap": "not_imap",
+    "outbound_denied": "outbound_denied",
+    "plaintext_refused": "plaintext_refused",
 }
 
 
@@ -70,6 +77,7 @@ def probe(
     *,
     timeout_s: float,
     ssl_context: ssl.SSLContext | None,
+    policy: OutboundPolicy | None = None,
 ) -> ProbeResult:
     """Connect, log in, resolve ``folders`` (empty: INBOX), EXAMINE them, log out."""
     try:
@@ -81,6 +89,7 @@ def probe(
             timeout_s=timeout_s,
             connect_timeout_s=timeout_s,
             ssl_context=ssl_context,
+            policy=policy,
         )
     except ImapError as exc:
         return _failure(exc)

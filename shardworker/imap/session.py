@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import imaplib
+import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from imapclient.response_parser import parse_fetch_response
 
 from shardworker.errors import FolderError, ImapProtocolError
 from shardworker.imap.connect import classify_error
+
+_LINE_BREAKING = re.compile(r"[\r\n\x00]")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class FolderSession:
 
     def examine(self) -> FolderStatus:
         client = self._client()
+        if _LINE_BREAKING.search(self.folder):
+            # From a row or a LIST answer: it would end the EXAMINE line and start another.
+            raise FolderError("folder name contains a CR, LF or NUL character; not selected")
         self._forget_untagged()
         try:
             info = client.select_folder(self.folder, readonly=True)

@@ -11,8 +11,10 @@ SIGTERM only records itself (``draining``); the worker's own loop notices and dr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
+import resource
 import signal
 import sys
 import threading
@@ -34,6 +36,7 @@ READY = b"ready"
 # How often the responder looks up from the pipe to notice close(): its stop path.
 _POLL_S = 0.5
 _JOIN_S = 1.0
+_PR_SET_DUMPABLE = 4
 
 
 class ChildChannel:
@@ -123,10 +126,24 @@ def end_process_on_thread_death(exit_process: Callable[[int], object] = os._exit
     threading.excepthook = hook
 
 
+def make_non_dumpable() -> None:
+    """No core dumps and no ptrace/`/proc/<pid>/mem` for same-uid processes.
+
+    A worker parses untrusted mail and holds decrypted passwords and tokens: a crash must
+    not write them to disk, and a compromised neighbour must not read them.
+    """
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
 def run_child(
     target: Callable[[int, ChildChannel], int], index: int, pod_identity: str, conn: Connection
 ) -> None:
     """Entry point of a spawned worker: exits with whatever ``target`` returns."""
+    make_non_dumpable()
     channel = ChildChannel(index, pod_identity, conn)
     signal.signal(signal.SIGTERM, channel.record_signal)
     # Ctrl-C reaches the whole process group; the supervisor turns it into one SIGTERM.

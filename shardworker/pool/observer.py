@@ -319,7 +319,10 @@ def _process(name: str, pid: int) -> ProcessSample | None:
         with open(f"/proc/{pid}/stat", "rb") as f:
             # Fields after the command name, which may itself contain spaces.
             fields = f.read().rsplit(b")", 1)[1].split()
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
+        try:
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+        except PermissionError:  # a non-dumpable worker's fd table is private (childproc)
+            fds = 0
         with open(f"/proc/{pid}/limits") as f:
             limit = next(line for line in f if line.startswith("Max open files")).split()[3]
     except (OSError, StopIteration, IndexError):
