@@ -312,10 +312,14 @@ class Settings:
         2500 * 1024 * 1024,
         "Gmail: IMAP download budget per account and UTC day (Workspace allows 2,500 MB); "
         "0 disables it.",
+        lo=0,
+        hi=100 * _GIB,
     )
     gmail_live_reserve_bytes: int = _setting(
         250 * 1024 * 1024,
         "Gmail: part of the daily budget a backfill leaves for live mail.",
+        lo=0,
+        hi=100 * _GIB,
     )
     loop_policy: str = _setting(
         "publish",
@@ -329,8 +333,12 @@ class Settings:
         20,
         "Messages per sender and provider within the window before the rate guard holds "
         "the next ones; 0 disables it.",
+        lo=0,
+        hi=1_000_000,
     )
-    loop_rate_window_s: float = _setting(7200.0, "Window of the per-sender rate guard.")
+    loop_rate_window_s: float = _setting(
+        7200.0, "Window of the per-sender rate guard.", lo=1, hi=30 * _DAY_S
+    )
     loop_rate_action: str = _setting(
         "skip", "What the rate guard does with a held message: `skip` or `flag`."
     )
