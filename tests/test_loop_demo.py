@@ -8,10 +8,8 @@ same domain keeps writing normal mail.  The guard (limit 5 here) must stop the p
 after 5 messages each way and record the held ones in the ledger, and every colleague's
 message must still be published.
 
-The engine does not call the guard yet (the wiring follows the architecture step, see
-docs/providers.md); until then the responders run into their safety cap and the test
-fails, so it is marked xfail(strict=True): it turns into a pass, and must be unmarked,
-when the wiring lands.
+Without the guard the responders run into their safety cap (``SAFETY_ROUNDS``) and the
+counts below fail.
 """
 
 from __future__ import annotations
@@ -55,7 +53,6 @@ def held_rows(r: Rig, pid: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
-@pytest.mark.xfail(strict=True, reason="wiring pending: the engine does not call the guard yet")
 def test_two_auto_responders_are_stopped_while_colleagues_get_through(
     rig: Rig, dovecot: Any
 ) -> None:
