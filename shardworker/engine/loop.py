@@ -502,6 +502,9 @@ class Engine:
         elif action is Action.THROTTLE:
             self._report(rt, "connected", rt.parked_detail)
         elif action is Action.AUTH_BACKOFF:
+            # What the server said (Exchange's "not connected" names its causes) is what
+            # the operator needs to fix the login.
+            self._report(rt, "error", slot.last_error)
             rt.credentials = None
             rt.force_token_refresh = True  # an OAuth2 token may have expired or been revoked
             if decision.count_auth_failure:
