@@ -26,6 +26,7 @@ import orjson
 import psycopg
 import redis
 
+from shardworker import metrics
 from shardworker.config import Settings, load_settings
 from shardworker.db.providers import create_provider
 from shardworker.db.store import ProviderConfig, open_pool
@@ -306,3 +307,14 @@ __all__ = [
     "wait_until",
     "worker_env",
 ]
+
+
+def counter(name: str, labels: Mapping[str, str] | None = None) -> float:
+    """A counter's value in this process's exposition (0 when absent)."""
+    text = metrics.render().decode()
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
+    wanted = f"{name}_total{{{inner}}}" if inner else f"{name}_total"
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,11 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from shardworker import metrics
 from shardworker.budget import budget_key
 from shardworker.engine.resync import ResyncRequest
 from tests.dialect_imap import GMAIL_MSGID_BASE, DialectImap
-from tests.support import Rig, events, make_mail, rig_settings, wait_until
+from tests.support import Rig, counter, events, make_mail, rig_settings, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -77,12 +75,6 @@ def ledger_rows(r: Rig, pid: str) -> list[tuple[Any, ...]]:
             "WHERE provider_id = %s ORDER BY folder, uid",
             (pid,),
         ).fetchall()
-
-
-def counter(name: str) -> float:
-    text = metrics.render().decode()
-    found = re.search(rf"^{name}_total (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 def healthy_dovecot(r: Rig, dovecot: Any) -> tuple[str, str]:
@@ -231,4 +223,47 @@ def test_gmail_backfill_respects_the_daily_budget(
     redis_client.delete(budget_key(name, datetime.now(UTC).strftime("%Y-%m-%d")))
     server.deliver(name, make_mail(subject="live"))
     wait_until(lambda: reports[-1][0] == "done", 15)
-    assert sorted(published_subjects(r, pid)) == ["live"] + [f"old {i}" for i in range(6)]
+    expected = ["live"] + [f"old {i}" for i in range(6)]
+    wait_until(lambda: sorted(published_subjects(r, pid)) == expected, 10)
+
+
+# -- loop policies, per provider, on the real Dovecot ------------------------------------------
+
+
+def test_loop_policies_per_provider(make_rig: Any, dovecot: Any) -> None:
+    (strict_user, pw1), (open_user, pw2) = dovecot.add_user(), dovecot.add_user()
+    r = make_rig(loop_policy="auto_reply=skip,bulk=flag,*=publish")
+    strict = r.add_provider(strict_user, pw1)
+    lenient = r.add_provider(open_user, pw2)
+    overrides = json.dumps({lenient: "publish"})
+    r.settings = rig_settings(
+        r.settings.database_url, r.settings.redis_url, str(dovecot.cafile),
+        loop_policy="auto_reply=skip,bulk=flag,*=publish", loop_policy_overrides=overrides,
+    )  # fmt: skip
+    skipped_before = counter("shardworker_loop_messages", {"class": "auto_reply", "action": "skip"})
+    r.start()
+    wait_until(lambda: connected(r, strict) and connected(r, lenient), 15)
+    for name in (strict_user, open_user):
+        dovecot.append(name, "INBOX", make_mail(subject="ooo", headers={
+            "Auto-Submitted": "auto-replied", "X-Shardworker-Class": "normal",  # forged
+        }))  # fmt: skip
+        dovecot.append(name, "INBOX", make_mail(subject="news", headers={"List-Id": "<n.x>"}))
+        dovecot.append(name, "INBOX", make_mail(subject="question"))
+    wait_until(lambda: len(ledger_rows(r, strict)) == 3 and len(ledger_rows(r, lenient)) == 3, 15)
+    data = {
+        (e["payload"]["providerId"], e["payload"]["emailData"]["subject"]): e["payload"][
+            "emailData"
+        ]["headers"]
+        for e in events(r.redis)
+    }
+    assert sorted(s for p, s in data if p == strict) == ["news", "question"]
+    assert data[(strict, "news")]["x-shardworker-flag"] == "bulk"
+    assert data[(strict, "question")]["x-shardworker-class"] == "normal"
+    assert [row[3:] for row in ledger_rows(r, strict) if row[3] == "skipped"] == [
+        ("skipped", "loop_policy: auto_reply")
+    ]
+    # The override publishes everything, classified, with the forged class replaced.
+    assert data[(lenient, "ooo")]["x-shardworker-class"] == "auto_reply"
+    assert "x-shardworker-flag" not in data[(lenient, "news")]
+    after = counter("shardworker_loop_messages", {"class": "auto_reply", "action": "skip"})
+    assert after - skipped_before == 1
