@@ -270,6 +270,9 @@ def rig_settings(dsn: str, redis_url: str, cafile: str, **overrides: str) -> Set
         "SHARDWORKER_POLL_INTERVAL_S": "0.5",
         "SHARDWORKER_FOLDER_REPROBE_S": "1",
         "SHARDWORKER_SYNC_THREADS": "4",
+        # Ingestion tests send thousands of mails from one sender; the rate guard's own
+        # tests (test_loop_demo, test_providers_engine) set a limit.
+        "SHARDWORKER_LOOP_RATE_LIMIT": "0",
         # Every `shardworker run` of a test listens for /metrics: an ephemeral port each.
         "SHARDWORKER_METRICS_ADDR": "127.0.0.1:0",
     }
