@@ -61,6 +61,13 @@ _OWN_KEYS = (HEADER_CLASS, HEADER_SIGNALS, HEADER_NO_AUTO_REPLY, HEADER_FLAG)
 
 RATE_LIMITED = "sender_rate_limited"
 
+# The headers classification reads: the parser keeps them even past its headers budget,
+# or a message stuffed with headers could hide its class (shardworker.mime.headers).
+SIGNAL_HEADERS = frozenset({
+    "content-type", "auto-submitted", "precedence", "list-id", "list-unsubscribe",
+    "return-path", "x-autoreply", "x-autorespond", "x-auto-response-suppress", "x-loop",
+})  # fmt: skip
+
 
 class MailClass(enum.Enum):
     NORMAL = "normal"

@@ -24,8 +24,10 @@ from shardworker.db.store import Store, open_pool
 from shardworker.engine.cycle import CycleDeps
 from shardworker.engine.loop import Engine
 from shardworker.exitcodes import ExitCode
+from shardworker.gate import MessageGate
 from shardworker.imap.connect import tls_context
 from shardworker.logs import get_logger
+from shardworker.metrics import providers as provider_metrics
 from shardworker.mime import Caps
 from shardworker.netpolicy import OutboundPolicy
 from shardworker.oauth import TokenRefresher
@@ -77,7 +79,12 @@ def build_worker(
         ssl_context=tls_context(settings.tls_ca_file),
         oauth=(oauth := TokenRefresher(settings, pool, status, secrets)),
         outbound=OutboundPolicy.from_settings(settings),
-    )
+        gate=MessageGate.from_settings(
+            settings, client, on_trip=provider_metrics.loop_guard_tripped,
+            on_held=provider_metrics.loop_guard_held,
+        ),
+        redis=client,
+    )  # fmt: skip
     engine = Engine(deps, on_released=on_released)
 
     def close() -> None:

@@ -26,6 +26,7 @@ import orjson
 import psycopg
 import redis
 
+from shardworker import metrics
 from shardworker.config import Settings, load_settings
 from shardworker.db.providers import create_provider
 from shardworker.db.store import ProviderConfig, open_pool
@@ -269,6 +270,9 @@ def rig_settings(dsn: str, redis_url: str, cafile: str, **overrides: str) -> Set
         "SHARDWORKER_POLL_INTERVAL_S": "0.5",
         "SHARDWORKER_FOLDER_REPROBE_S": "1",
         "SHARDWORKER_SYNC_THREADS": "4",
+        # Ingestion tests send thousands of mails from one sender; the rate guard's own
+        # tests (test_loop_demo, test_providers_engine) set a limit.
+        "SHARDWORKER_LOOP_RATE_LIMIT": "0",
         # Every `shardworker run` of a test listens for /metrics: an ephemeral port each.
         "SHARDWORKER_METRICS_ADDR": "127.0.0.1:0",
     }
@@ -306,3 +310,14 @@ __all__ = [
     "wait_until",
     "worker_env",
 ]
+
+
+def counter(name: str, labels: Mapping[str, str] | None = None) -> float:
+    """A counter's value in this process's exposition (0 when absent)."""
+    text = metrics.render().decode()
+    inner = ",".join(f'{k}="{v}"' for k, v in sorted((labels or {}).items()))
+    wanted = f"{name}_total{{{inner}}}" if inner else f"{name}_total"
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0

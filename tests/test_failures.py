@@ -11,6 +11,7 @@ from shardworker.errors import (
     FencedError,
     FolderError,
     ImapAuthError,
+    ImapThrottledError,
     ImapTransientError,
     LeaseLostError,
     PublishError,
@@ -70,6 +71,40 @@ def test_each_error_class_gets_one_decision(error: Any, connected: bool, action:
         assert decision.delay_s == 300.0
     elif action in ("retry_drain", "reconnect"):
         assert 0.5 <= decision.delay_s <= 1.0  # the slot's first backoff step
+
+
+def test_a_throttle_waits_as_asked_and_leaves_the_backoff_alone() -> None:
+    from shardworker.engine.failures import Action, FailurePolicy
+
+    slot, settings = _slot(connected=True)
+    policy = FailurePolicy(settings)
+    for _ in range(3):  # however often: the wait is the server's, the backoff never grows
+        decision = policy.decide(slot, ImapThrottledError("slow down", retry_after_s=2.5), 0.0)
+        assert decision.action is Action.THROTTLE and decision.delay_s == 2.5
+    assert 0.5 <= policy.decide(slot, ImapTransientError("reset"), now=0.0).delay_s <= 1.0
+
+
+def test_provider_answers_are_reclassified_before_the_policy() -> None:
+    from shardworker.db.store import ProviderConfig
+    from shardworker.engine.cycle import provider_error
+
+    cfg = ProviderConfig.__new__(ProviderConfig)
+    object.__setattr__(cfg, "host", "outlook.example")
+    object.__setattr__(cfg, "port", 993)
+    object.__setattr__(cfg, "username", "me@x/shared@x")
+    object.__setattr__(cfg, "auth_type", "password")
+    login = ImapAuthError(
+        "outlook.example:993: b'Request is throttled. Suggested Backoff Time: 500 milliseconds'"
+    )
+    throttled = provider_error(login, cfg)
+    assert isinstance(throttled, ImapThrottledError) and throttled.retry_after_s == 0.5
+    assert str(throttled).count("outlook.example:993") == 1
+    examine = FolderError("cannot examine folder: User is authenticated but not connected.")
+    found = provider_error(examine, cfg)
+    assert isinstance(found, ImapAuthError) and found.code == "not_connected"
+    plain = ImapAuthError("outlook.example:993: [AUTHENTICATIONFAILED] nope")
+    assert provider_error(plain, cfg) is plain
+    assert provider_error(PublishError("redis"), cfg).__class__ is PublishError
 
 
 def test_a_secret_error_waits_at_least_the_auth_base() -> None:

@@ -8,10 +8,8 @@ same domain keeps writing normal mail.  The guard (limit 5 here) must stop the p
 after 5 messages each way and record the held ones in the ledger, and every colleague's
 message must still be published.
 
-The engine does not call the guard yet (the wiring follows the architecture step, see
-docs/providers.md); until then the responders run into their safety cap and the test
-fails, so it is marked xfail(strict=True): it turns into a pass, and must be unmarked,
-when the wiring lands.
+Without the guard the responders run into their safety cap (``SAFETY_ROUNDS``) and the
+counts below fail.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.support import Rig, events, make_mail, rig_settings, wait_until
+from tests.support import Rig, counter, events, make_mail, rig_settings, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,10 +53,10 @@ def held_rows(r: Rig, pid: str) -> list[tuple[Any, ...]]:
         ).fetchall()
 
 
-@pytest.mark.xfail(strict=True, reason="wiring pending: the engine does not call the guard yet")
 def test_two_auto_responders_are_stopped_while_colleagues_get_through(
-    rig: Rig, dovecot: Any
+    rig: Rig, dovecot: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
+    trips_before = counter("shardworker_loop_guard_trips")
     (user_a, pw_a), (user_b, pw_b) = dovecot.add_user(), dovecot.add_user()
     pid = {user_a: rig.add_provider(user_a, pw_a), user_b: rig.add_provider(user_b, pw_b)}
     address = {user: f"{user}@example.com" for user in pid}
@@ -102,3 +100,8 @@ def test_two_auto_responders_are_stopped_while_colleagues_get_through(
     assert published.count((pid[user_b], address[user_a])) == LIMIT
     assert published.count((pid[user_a], "carol@example.com")) == colleague_sent > 0
     assert held_rows(rig, pid[user_a]) == [("skipped", "sender_rate_limited")]
+    assert held_rows(rig, pid[user_b]) == []  # the loop ended at the first hold
+    # The trip is counted once and logged once, with the sender's domain, not its address.
+    assert counter("shardworker_loop_guard_trips") - trips_before == 1
+    trips = [r for r in caplog.records if r.getMessage() == "loop_guard_tripped"]
+    assert len(trips) == 1

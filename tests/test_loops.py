@@ -227,3 +227,18 @@ def test_annotated_events_pass_both_zod_shapes() -> None:
     results = validate_payloads(payloads)
     assert [(r["shapeA"], r["shapeB"]) for r in results] == [(True, True)] * 4, results
     assert all(isinstance(v, str) for p in payloads for v in p["emailData"]["headers"].values())
+
+
+def test_signals_survive_the_parsers_headers_budget() -> None:
+    """300 KiB of filler headers before the auto-reply markers: the parser's 256 KiB
+    headers budget drops the rest of the headers, never the ones the class is read from."""
+    filler = {f"X-Filler-{i}": "f" * 900 for i in range(340)}
+    raw = make_mail(
+        headers={**filler, "Auto-Submitted": "auto-replied", "List-Id": "<list.example>"}
+    )
+    data = parsed(raw)
+    headers = data["headers"]
+    assert isinstance(headers, dict)
+    assert "x-filler-339" not in headers  # the budget did cut
+    verdict = classify_email_data(data)
+    assert verdict.klass is MailClass.AUTO_REPLY

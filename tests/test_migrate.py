@@ -17,6 +17,7 @@ FULL = [
     "created Alga table email_providers (absent)",
     "created Alga table imap_email_provider_config (absent)",
     "v1: shardworker tables: schema_version, ledger, secrets, provider_state",
+    "v2: ledger status 'skipped' (loop policy)",
 ]
 
 
@@ -87,8 +88,8 @@ def test_plan_distributes_every_tenant_table_on_citus() -> None:
 def test_plan_without_citus_or_with_everything_applied() -> None:
     plain = schema.plan(["email_providers"], set(), citus=False)
     assert not any("citus" in s.sql for s in plain)
-    assert [s.description for s in plain] == [FULL[0], FULL[2]]
-    assert schema.plan([], {1}, citus=True) == []
+    assert [s.description for s in plain] == [FULL[0], FULL[2], FULL[3]]
+    assert schema.plan([], {1, 2}, citus=True) == []
     # Alga's existing tables are left to Alga: only shardworker's own get distributed.
     alga_present = [s.sql for s in schema.plan([], set(), citus=True)]
     assert not any("email_providers" in s for s in alga_present)
@@ -111,7 +112,45 @@ def test_migrate_creates_everything_then_is_a_no_op(fresh_dsn: str) -> None:
     with psycopg.connect(fresh_dsn) as conn:
         verify_schema(conn)
         versions = conn.execute("SELECT version FROM shardworker_schema_version").fetchall()
-    assert versions == [(1,)]
+    assert versions == [(1,), (2,)]
+
+
+def _ledger_row(conn: psycopg.Connection[tuple[object, ...]], status: str, uid: int) -> None:
+    conn.execute(
+        "INSERT INTO shardworker_ledger (tenant, provider_id, folder, uid_validity, uid, "
+        "message_id, status, reason) VALUES (%s, %s, 'INBOX', 1, %s, '<m@x>', %s, 'why')",
+        (uuid.uuid4(), uuid.uuid4(), uid, status),
+    )
+
+
+def test_v2_upgrades_a_v1_database_that_holds_rows(fresh_dsn: str) -> None:
+    """A database migrated by the previous release (v1 only, ledger rows in it) gets v2:
+    'skipped' becomes a valid status, the rows stay, and a second run changes nothing."""
+    v1 = schema.plan(["email_providers", "imap_email_provider_config"], set(), citus=False)
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        for step in v1:
+            if step.version == 2:
+                break
+            conn.execute(step.sql.encode())
+            if step.version is not None:
+                conn.execute(
+                    "INSERT INTO shardworker_schema_version VALUES (%s, %s)",
+                    (step.version, step.description),
+                )
+        _ledger_row(conn, "published", 1)
+        with pytest.raises(psycopg.errors.CheckViolation):
+            _ledger_row(conn, "skipped", 2)
+    assert migrate(fresh_dsn) == [FULL[3]]
+    with psycopg.connect(fresh_dsn, autocommit=True) as conn:
+        _ledger_row(conn, "skipped", 3)
+        with pytest.raises(psycopg.errors.CheckViolation):
+            _ledger_row(conn, "bogus", 4)
+        statuses = conn.execute("SELECT status FROM shardworker_ledger ORDER BY uid").fetchall()
+        verify_schema(conn)
+    assert statuses == [("published",), ("skipped",)]
+    before = catalog(fresh_dsn)
+    assert migrate(fresh_dsn) == []
+    assert catalog(fresh_dsn) == before
 
 
 def test_created_alga_tables_match_the_contract(fresh_dsn: str) -> None:
@@ -182,7 +221,7 @@ def test_concurrent_migrations_both_succeed(fresh_dsn: str) -> None:
 def test_alga_tables_are_left_untouched_and_accepted(fresh_dsn: str) -> None:
     run_sql(fresh_dsn, alga_shaped())
     alga_before = catalog(fresh_dsn)
-    assert migrate(fresh_dsn) == [FULL[2]]
+    assert migrate(fresh_dsn) == FULL[2:]
     after = catalog(fresh_dsn)
     for part, rows in alga_before.items():
         assert [r for r in after[part] if r in rows] == rows
@@ -201,7 +240,7 @@ def test_missing_required_column_is_named_and_nothing_changes(fresh_dsn: str) ->
 
 def test_only_the_absent_alga_table_is_created(fresh_dsn: str) -> None:
     run_sql(fresh_dsn, schema.ALGA_EMAIL_PROVIDERS)
-    assert migrate(fresh_dsn) == [FULL[1], FULL[2]]
+    assert migrate(fresh_dsn) == FULL[1:]
 
 
 def test_email_processed_messages_is_never_touched(fresh_dsn: str) -> None:

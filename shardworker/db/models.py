@@ -27,7 +27,7 @@ class LedgerEntry:
     uid: int
     message_id: str
     stream_id: str | None
-    status: str  # published | duplicate | dead_lettered
+    status: str  # published | duplicate | dead_lettered | skipped (the loop policy)
     reason: str | None = None
 
 

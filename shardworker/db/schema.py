@@ -188,6 +188,15 @@ CREATE TABLE shardworker_provider_state (
 );
 """
 
+# v2: the loop policy's "skip" records the message as 'skipped' with its reason.  The
+# constraint v1 created unnamed carries PostgreSQL's default name; dropping it "IF EXISTS"
+# and adding it by that name works on a v1 database and on a fresh one alike.
+SHARDWORKER_V2 = """
+ALTER TABLE shardworker_ledger DROP CONSTRAINT IF EXISTS shardworker_ledger_status_check;
+ALTER TABLE shardworker_ledger ADD CONSTRAINT shardworker_ledger_status_check
+    CHECK (status IN ('published', 'duplicate', 'dead_lettered', 'skipped'));
+"""
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -205,6 +214,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         SHARDWORKER_V1,
         ("shardworker_ledger", "shardworker_secrets", "shardworker_provider_state"),
     ),
+    Migration(2, "ledger status 'skipped' (loop policy)", SHARDWORKER_V2),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

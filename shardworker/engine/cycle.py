@@ -12,14 +12,24 @@ import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
+import redis
+
 from shardworker import metrics
+from shardworker.budget import DailyByteBudget
 from shardworker.config import Settings
 from shardworker.db.status import StatusWriter
-from shardworker.db.store import FolderCursor, Store
+from shardworker.db.store import FolderCursor, ProviderConfig, Store
 from shardworker.engine.resync import run_jobs
 from shardworker.engine.state import ProviderRuntime, Slot
 from shardworker.engine.sync import FolderSync, SyncContext, SyncResult
-from shardworker.errors import FolderError, SecretError, ShardworkerError
+from shardworker.errors import (
+    FolderError,
+    ImapError,
+    ImapThrottledError,
+    SecretError,
+    ShardworkerError,
+)
+from shardworker.gate import MessageGate
 from shardworker.imap.connect import (
     Credentials,
     capabilities,
@@ -27,14 +37,23 @@ from shardworker.imap.connect import (
     open_client,
     security_mode,
 )
-from shardworker.imap.folders import resolve_folders
+from shardworker.imap.dialects import (
+    Dialect,
+    all_mail_folder,
+    classify_provider_answer,
+    labels_for_folders,
+)
+from shardworker.imap.folders import FolderResolution, resolve_folders
 from shardworker.imap.guard import literal_cap
 from shardworker.imap.session import FolderStatus
+from shardworker.logs import get_logger
 from shardworker.mime import Caps
 from shardworker.netpolicy import OutboundPolicy
 from shardworker.oauth import TokenRefresher
 from shardworker.secrets.store import SecretStore, secret_name
 from shardworker.sink.base import Sink
+
+log = get_logger(__name__)
 
 OutcomeKind = Literal["idle", "poll", "backpressure", "stopped", "error"]
 
@@ -68,6 +87,24 @@ class CycleDeps:
     big_gate: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(2), repr=False
     )
+    # Loop protection, built once per process (None: publish everything as parsed).
+    gate: MessageGate | None = field(default=None, repr=False)
+    # Where Gmail's daily byte budgets are counted (None: no budget).
+    redis: redis.Redis | None = field(default=None, repr=False)
+
+
+def provider_error(err: ShardworkerError, cfg: ProviderConfig) -> ShardworkerError:
+    """``err`` reclassified when the server's answer is a provider's own (Exchange's
+    throttling and "authenticated but not connected", Gmail's limits), which the generic
+    RFC 5530 rules call rejected credentials, a missing folder or a protocol error."""
+    if not isinstance(err, ImapError) or isinstance(err, ImapThrottledError):
+        return err
+    where = f"{cfg.host}:{cfg.port}"
+    found = classify_provider_answer(
+        str(err).removeprefix(f"{where}: "), where=where, username=cfg.username,
+        auth_type=cfg.auth_type,
+    )  # fmt: skip
+    return err if found is None else found
 
 
 def load_credentials(deps: CycleDeps, provider: ProviderRuntime) -> Credentials:
@@ -109,11 +146,11 @@ class Cycle:
         try:
             return self._run(slot)
         except ShardworkerError as exc:
-            return Outcome("error", error=exc, cursor=slot.cursor, status=slot.status)
+            err = exc
         except Exception as exc:
-            return Outcome(
-                "error", error=classify_error(exc), cursor=slot.cursor, status=slot.status
-            )
+            err = classify_error(exc)
+        err = provider_error(err, slot.provider.config)
+        return Outcome("error", error=err, cursor=slot.cursor, status=slot.status)
 
     def _run(self, slot: Slot) -> Outcome:
         out = Outcome("idle", cursor=slot.cursor, status=slot.status)
@@ -157,6 +194,9 @@ class Cycle:
             provider.config,
             provider.fence,
             d.big_gate,
+            gate=d.gate,
+            gmail_labels=provider.gmail_labels,
+            budget=provider.budget,
         )
 
     def _connect(self, slot: Slot, out: Outcome) -> None:
@@ -183,6 +223,8 @@ class Cycle:
         caps = capabilities(client)
         slot.session.attach(client, caps)
         out.connected_now, out.capabilities = True, caps
+        if slot.session.dialect is Dialect.GMAIL and slot.provider.budget is None:
+            slot.provider.budget = self._gmail_budget(cfg)
         if slot.resolving:
             self._adopt_folder(slot, out)
         out.status = metrics.timed_imap("examine", slot.session.examine)
@@ -203,5 +245,32 @@ class Cycle:
         folders = list(resolution.folders)
         if not folders:
             raise FolderError(f"no selectable folder matches {list(filters)}")
+        slot.provider.gmail_labels = None
+        if self.deps.settings.gmail_all_mail and slot.session.dialect is Dialect.GMAIL:
+            folders = self._watch_all_mail(slot, resolution)
         slot.session.folder = folders[0]
         out.other_folders = tuple(folders[1:])
+
+    def _watch_all_mail(self, slot: Slot, resolution: FolderResolution) -> list[str]:
+        """One connection on All Mail (by its ``\\All`` flag) instead of one per label
+        folder: Gmail allows 15 connections per account.  Its messages are then published
+        only when they carry one of the asked folders' labels."""
+        folders = list(resolution.folders)
+        all_mail = all_mail_folder(resolution.listing)
+        if all_mail is None:
+            log.warning("gmail_all_mail_missing", **slot.log_fields(), folders=folders)
+            return folders
+        if all_mail not in folders:  # All Mail itself asked for: everything is wanted
+            slot.provider.gmail_labels = labels_for_folders(resolution.listing, folders)
+        log.info("gmail_all_mail_watched", **slot.log_fields(), all_mail=all_mail,
+                 labels=sorted(slot.provider.gmail_labels or ()))  # fmt: skip
+        return [all_mail]
+
+    def _gmail_budget(self, cfg: ProviderConfig) -> DailyByteBudget | None:
+        s = self.deps.settings
+        if self.deps.redis is None or s.gmail_daily_bytes <= 0:
+            return None
+        return DailyByteBudget(
+            self.deps.redis, cfg.username, limit_bytes=s.gmail_daily_bytes,
+            reserve_bytes=s.gmail_live_reserve_bytes,
+        )  # fmt: skip

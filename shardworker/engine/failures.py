@@ -5,6 +5,8 @@
   threshold (no further logins until resumed);
 * folder missing or unselectable → park the folder and re-probe it later;
 * our side failed (Redis, PostgreSQL) → keep the IMAP session, retry the drain;
+* the server throttled us (Exchange, Gmail's bandwidth limit) → close, wait the time it
+  asked for; neither an error nor an auth failure, and the backoff counters stay;
 * anything else (network, protocol, secrets) → close, back off, report the error.
 
 :class:`FailurePolicy` only decides (it advances the backoff counters, which are its own
@@ -22,6 +24,7 @@ from shardworker.errors import (
     FencedError,
     FolderError,
     ImapAuthError,
+    ImapThrottledError,
     LeaseLostError,
     PublishError,
     SecretError,
@@ -38,6 +41,7 @@ class Action(enum.Enum):
     RETRY_DRAIN = "retry_drain"
     RECONNECT = "reconnect"
     WAIT = "wait"  # not a failure: try again shortly, backoff and status untouched
+    THROTTLE = "throttle"
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,9 @@ class FailurePolicy:
             return Decision(Action.WAIT, err.retry_s)
         if isinstance(err, FencedError | LeaseLostError):
             return Decision(Action.STOP_PROVIDER)
+        if isinstance(err, ImapThrottledError):
+            # Honoured as asked: Exchange often hangs up after the answer, so reconnect.
+            return Decision(Action.THROTTLE, err.retry_after_s)
         if isinstance(err, ImapAuthError):
             return self._auth(slot.provider, now)
         if isinstance(err, FolderError) and not slot.resolving:

@@ -46,9 +46,15 @@ from shardworker.engine.state import (
     make_backoff,
     snapshot,
 )
-from shardworker.errors import ImapAuthError, ShardworkerError, TokenRefreshError
+from shardworker.errors import (
+    ImapAuthError,
+    ImapThrottledError,
+    ShardworkerError,
+    TokenRefreshError,
+)
 from shardworker.imap.session import FolderSession
 from shardworker.logs import get_logger
+from shardworker.metrics import providers as provider_metrics
 from shardworker.sink.base import Fence
 
 log = get_logger(__name__)
@@ -460,6 +466,9 @@ class Engine:
             slot.move(SlotState.BACKOFF)
             self._set_timer(slot, decision.delay_s)
             return
+        if isinstance(err, ImapThrottledError):
+            self._on_throttled(slot, err, decision)
+            return
         rt, reason = slot.provider, error_reason(err)
         self.stats.errors[reason] += 1
         metrics.session_error(err)
@@ -471,6 +480,13 @@ class Engine:
         self._apply_failure(slot, err, decision)
         if was_connected and not slot.connected:
             log.info("disconnected", **slot.log_fields(), reason=reason)
+
+    def _on_throttled(self, slot: Slot, err: ImapThrottledError, decision: Decision) -> None:
+        """The server asked us to wait: not an error (no error count, no error status)."""
+        provider_metrics.imap_throttled()
+        log.info("imap_throttled", **slot.log_fields(), retry_after_s=err.retry_after_s,
+                 error=scrub_secret(str(err), slot.provider))  # fmt: skip
+        self._apply_failure(slot, err, decision)
 
     def _apply_failure(self, slot: Slot, err: ShardworkerError, decision: Decision) -> None:
         rt, action = slot.provider, decision.action
@@ -488,7 +504,12 @@ class Engine:
             self._report(rt, "connected", rt.parked_detail)
         elif action is Action.RECONNECT:
             self._report(rt, "error", slot.last_error)
+        elif action is Action.THROTTLE:
+            self._report(rt, "connected", rt.parked_detail)
         elif action is Action.AUTH_BACKOFF:
+            # What the server said (Exchange's "not connected" names its causes) is what
+            # the operator needs to fix the login.
+            self._report(rt, "error", slot.last_error)
             rt.credentials = None
             rt.force_token_refresh = True  # an OAuth2 token may have expired or been revoked
             if decision.count_auth_failure:

@@ -9,6 +9,11 @@ Two kinds:
   dedupe keys, fenced checkpoint).  A message published before is a duplicate, never a
   second event; the cursor does not move.
 
+On Gmail a backfill pays for each batch from the account's daily byte budget before it
+fetches (:mod:`shardworker.budget`); when the budget says no, the job waits in the slot
+(state ``waiting_budget``, with the budget's progress) and goes on at a later cycle once
+the day has reset.  Live mail keeps flowing meanwhile: it only counts against the budget.
+
 A request may span several folders; :class:`ResyncRequest` adds up their progress and
 reports it (state + counters) after every batch, so the command status shows it live.
 """
@@ -31,7 +36,7 @@ from shardworker.logs import get_logger
 log = get_logger(__name__)
 
 Report = Callable[[str, Mapping[str, Any]], None]
-StepState = Literal["done", "more", "backpressure"]
+StepState = Literal["done", "more", "backpressure", "budget"]
 
 
 @dataclass
@@ -44,6 +49,7 @@ class ResyncRequest:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _counts: dict[str, int] = field(default_factory=dict, repr=False)
     _folders: dict[str, str] = field(default_factory=dict, repr=False)
+    _budget: dict[str, Any] | None = field(default=None, repr=False)
 
     def matches(self, folder: str) -> bool:
         if self.folder is None:
@@ -59,14 +65,23 @@ class ResyncRequest:
     def fail(self, served: list[str]) -> None:
         self.report("failed", {"error": f"no served folder matches; served: {served}"})
 
-    def add(self, folder: str, state: str, **counts: int) -> None:
-        """Fold one folder's progress in and report the whole request."""
+    def add(
+        self, folder: str, state: str, *, budget: Mapping[str, Any] | None = None, **counts: int
+    ) -> None:
+        """Fold one folder's progress in and report the whole request.
+
+        ``budget``: Gmail's daily budget as it stands (``BudgetProgress.as_dict()``).
+        """
         with self._lock:
             self._folders[folder] = state
             for name, value in counts.items():
                 self._counts[name] = self._counts.get(name, 0) + value
+            if budget is not None:
+                self._budget = dict(budget)
             states = set(self._folders.values())
             fields: dict[str, Any] = {**self._counts, "folders": dict(self._folders)}
+            if self._budget is not None:
+                fields["gmail_budget"] = dict(self._budget)
         if "failed" in states:
             overall = "failed" if states <= {"failed", "done"} else "running"
         else:
@@ -131,9 +146,12 @@ class FolderJob:
                 return "more"  # give the watchdog and the other work a turn
             chunk = self.pending[:batch_size]
             infos = [i for i in session.message_infos(chunk) if _not_before(i, since)]
+            if infos and not _spend(sync, infos):
+                self._wait_for_budget(sync)
+                return "budget"
             result = SyncResult()
             if infos:
-                sync.publish_below_cursor(cursor, infos, result)
+                sync.publish_below_cursor(cursor, infos, result, prepaid=True)
                 metrics.record_sync(result, None)
             del self.pending[: len(chunk)]
             self._progress(sync, len(chunk), result)
@@ -142,13 +160,25 @@ class FolderJob:
         return "done"
 
     def _progress(self, sync: FolderSync, scanned: int, result: SyncResult) -> None:
+        budget = sync.ctx.budget
+        progress = budget.progress().as_dict() if budget is not None else None
         log.info("backfill_progress", **sync.log_fields, scanned=scanned,
                  published=result.published, duplicates=result.duplicates,
-                 remaining=len(self.pending or ()))  # fmt: skip
+                 skipped=result.skipped, remaining=len(self.pending or ()),
+                 gmail_budget=progress)  # fmt: skip
         self.request.add(
-            self.folder, "running", scanned=scanned, published=result.published,
-            duplicates=result.duplicates, dead_lettered=result.dead_lettered,
+            self.folder, "running", budget=progress, scanned=scanned,
+            published=result.published, duplicates=result.duplicates,
+            dead_lettered=result.dead_lettered, skipped=result.skipped,
         )  # fmt: skip
+
+    def _wait_for_budget(self, sync: FolderSync) -> None:
+        budget = sync.ctx.budget
+        assert budget is not None
+        progress = budget.progress().as_dict()
+        log.warning("backfill_waiting_budget", **sync.log_fields,
+                    remaining=len(self.pending or ()), **progress)  # fmt: skip
+        self.request.add(self.folder, "waiting_budget", budget=progress)
 
 
 def run_jobs(
@@ -165,6 +195,12 @@ def run_jobs(
             return cursor, state
         jobs.pop(0)
     return cursor, "done"
+
+
+def _spend(sync: FolderSync, infos: list[MessageInfo]) -> bool:
+    """Pay for a batch from Gmail's daily budget before fetching it (True: go ahead)."""
+    budget = sync.ctx.budget
+    return budget is None or budget.try_spend(sum(i.size for i in infos))
 
 
 def _uids_since(session: FolderSession, day: date, last_uid: int) -> list[int]:

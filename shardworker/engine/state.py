@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from shardworker.budget import DailyByteBudget
 from shardworker.config import Settings
 from shardworker.db.store import FolderCursor, ProviderConfig
 from shardworker.engine.backoff import Backoff
@@ -156,6 +157,10 @@ class ProviderRuntime:
     access_token: AccessToken | None = None
     force_token_refresh: bool = False
     credentials_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Gmail: the folder labels watched through All Mail (None: folders watched directly),
+    # and the account's daily download budget (None: not Gmail, or no Redis).
+    gmail_labels: frozenset[str] | None = None
+    budget: DailyByteBudget | None = field(default=None, repr=False)
     # Called (True) once a reconnect's replacement runtime started, (False) if dropped.
     after_restart: list[Callable[[bool], None]] = field(default_factory=list, repr=False)
 

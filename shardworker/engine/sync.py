@@ -14,13 +14,18 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from shardworker import metrics
+from shardworker.budget import DailyByteBudget
 from shardworker.config import Settings
 from shardworker.db.store import FolderCursor, LedgerEntry, ProviderConfig, Store
 from shardworker.errors import ParseError
+from shardworker.gate import MessageGate
+from shardworker.imap.dialects import apply_gmail, wanted_in_all_mail
 from shardworker.imap.session import FolderSession, FolderStatus, MessageInfo
 from shardworker.logs import get_logger
+from shardworker.metrics import providers as provider_metrics
 from shardworker.mime import (
     Caps,
     ParsedMail,
@@ -43,6 +48,7 @@ class SyncResult:
     published: int = 0
     duplicates: int = 0
     dead_lettered: int = 0
+    skipped: int = 0
     bytes: int = 0
     backpressured: bool = False
     reseeded: bool = False
@@ -70,11 +76,23 @@ class SyncContext:
     big_gate: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(2), repr=False
     )
+    # Loop protection (None: every message is published as parsed, tests and tools).
+    gate: MessageGate | None = field(default=None, repr=False)
+    # Gmail, All Mail watched: the labels of the folders the provider asked for.
+    gmail_labels: frozenset[str] | None = None
+    # Gmail: the account's daily download budget (live fetches are counted against it).
+    budget: DailyByteBudget | None = field(default=None, repr=False)
 
     @property
     def epoch(self) -> int | None:
         """The fencing epoch the checkpoint carries (None when running unfenced)."""
         return None if self.fence is None else self.fence.epoch
+
+
+def _identity(info: MessageInfo, mail: ParsedMail) -> str:
+    """The cross-folder dedupe identity: Gmail's X-GM-MSGID (one message in two labels is
+    one message), else the Message-ID."""
+    return info.gmail.dedupe_key if info.gmail is not None else mail.message_id
 
 
 def _batches(infos: Sequence[MessageInfo], count: int) -> Iterator[list[MessageInfo]]:
@@ -106,6 +124,7 @@ class FolderSync:
         # Called after every checkpoint: the engine's watchdog only aborts a job that has
         # stopped making progress, not a long drain that keeps committing.
         self.progress = progress
+        self.prepaid = False  # the current batch's bytes are already counted (a backfill)
         p = ctx.provider
         self.log_fields = {
             "provider_id": p.provider_id,
@@ -163,15 +182,21 @@ class FolderSync:
         return FolderCursor(uid_validity=cursor.uid_validity, last_uid=last_uid)
 
     def publish_below_cursor(
-        self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult
-    ) -> None:
+        self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult, *,
+        prepaid: bool = False,
+    ) -> None:  # fmt: skip
         """A backfill batch (UIDs the cursor already passed), exactly once; the cursor stays.
 
         The cursor never moves back within a UIDVALIDITY: this records the ledger only.
+        ``prepaid``: the batch's bytes were already spent from the Gmail budget.
         """
-        self._publish_and_commit(
-            cursor, batch, result, checkpoint_uid=cursor.last_uid, always=False, backfill=True
-        )
+        self.prepaid = prepaid
+        try:
+            self._publish_and_commit(
+                cursor, batch, result, checkpoint_uid=cursor.last_uid, always=False, backfill=True
+            )
+        finally:
+            self.prepaid = False
 
     def _publish_and_commit(
         self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult, *,
@@ -200,31 +225,36 @@ class FolderSync:
         self, uid_validity: int, todo: list[MessageInfo], result: SyncResult
     ) -> list[LedgerEntry]:
         parsed, entries = self._fetch_and_parse(uid_validity, todo, result)
+        info_of = {m.uid: m for m in todo}
+        keyed = [(info_of[uid], mail, _identity(info_of[uid], mail)) for uid, mail in parsed]
         mids = self.ctx.store.known_message_ids(
             self.ctx.provider.tenant,
             self.ctx.provider.provider_id,
-            [m.message_id for _, m in parsed],
+            [key for _, _, key in keyed],
         )
         outbound: list[Outbound] = []
-        for uid, mail in parsed:
-            if mail.message_id in mids:
-                entries.append(
-                    LedgerEntry(uid, mail.message_id, mids[mail.message_id], "duplicate")
-                )
+        for info, mail, key in keyed:
+            if key in mids:
+                entries.append(LedgerEntry(info.uid, key, mids[key], "duplicate"))
                 result.duplicates += 1
+                continue
+            admitted = self._admit(uid_validity, info, mail, key)
+            if isinstance(admitted, Outbound):
+                outbound.append(admitted)
             else:
-                outbound.append(self._outbound(uid_validity, uid, mail))
+                entries.append(admitted)
+                result.skipped += 1
         if outbound:
             results = self.ctx.sink.publish_batch(outbound, self.ctx.fence)
             done = time.monotonic()
             for out, res in zip(outbound, results, strict=True):
                 if res.dead_lettered:
                     # Dead-lettered by an earlier attempt that crashed before its checkpoint.
-                    entries.append(LedgerEntry(out.uid, out.message_id, None, "dead_lettered",
+                    entries.append(LedgerEntry(out.uid, out.identity, None, "dead_lettered",
                                                "dead-lettered earlier"))  # fmt: skip
                     continue
                 status = "duplicate" if res.duplicate else "published"
-                entries.append(LedgerEntry(out.uid, out.message_id, res.stream_id, status))
+                entries.append(LedgerEntry(out.uid, out.identity, res.stream_id, status))
                 if res.duplicate:
                     result.duplicates += 1
                 else:
@@ -232,11 +262,40 @@ class FolderSync:
                     result.published_at.append(done)
         return entries
 
-    def _outbound(self, uid_validity: int, uid: int, mail: ParsedMail) -> Outbound:
+    def _admit(
+        self, uid_validity: int, info: MessageInfo, mail: ParsedMail, key: str
+    ) -> Outbound | LedgerEntry:
+        """The message's event, or the ledger row that says why it is not published.
+
+        Only messages about to be published get here (never a duplicate), so a retried
+        batch or a second folder never counts against the sender's rate.
+        """
+        labels, gmail = self.ctx.gmail_labels, info.gmail
+        if labels is not None and gmail is not None and not wanted_in_all_mail(gmail, labels):
+            # All Mail also holds sent and archived mail: only the watched labels count.
+            return LedgerEntry(info.uid, key, None, "skipped", "gmail_label_not_watched")
+        gate, p = self.ctx.gate, self.ctx.provider
+        if gate is None:
+            data = mail.email_data if gmail is None else apply_gmail(mail.email_data, gmail)
+            return self._outbound(uid_validity, info.uid, mail, data, key)
+        adm = gate.admit(
+            tenant=p.tenant, provider_id=p.provider_id, mailbox=p.mailbox, message_key=key,
+            email_data=mail.email_data, gmail=gmail,
+        )  # fmt: skip
+        provider_metrics.loop_message(adm.decision.verdict.klass.value, adm.decision.action.value)
+        if not adm.publish:
+            log.info("message_skipped", **self.log_fields, uid=info.uid,
+                     reason=adm.ledger_reason)  # fmt: skip
+            return LedgerEntry(info.uid, key, None, "skipped", adm.ledger_reason)
+        return self._outbound(uid_validity, info.uid, mail, adm.email_data, key)
+
+    def _outbound(
+        self, uid_validity: int, uid: int, mail: ParsedMail, email_data: dict[str, Any], key: str
+    ) -> Outbound:
         p = self.ctx.provider
         now = datetime.now(UTC)
         payload = build_payload(
-            tenant=p.tenant, provider_id=p.provider_id, email_data=mail.email_data, occurred_at=now
+            tenant=p.tenant, provider_id=p.provider_id, email_data=email_data, occurred_at=now
         )
         return Outbound(
             tenant=p.tenant,
@@ -248,6 +307,7 @@ class FolderSync:
             message_id=mail.message_id,
             payload=payload,
             event_time=now,
+            dedupe_key=key,
         )
 
     def _fetch_and_parse(
@@ -270,7 +330,19 @@ class FolderSync:
             if info.size > caps.max_raw_bytes:
                 self._parse_large_one(info, got)
         got.parsed.sort(key=lambda item: item[0])
+        if not self.prepaid:
+            self._count_download(sum(m.size for m in todo))
         return got.parsed, got.dead
+
+    def _count_download(self, nbytes: int) -> None:
+        """Live fetches always run, but count against Gmail's daily budget (the backfill
+        pays before it fetches: ``FolderJob``)."""
+        budget = self.ctx.budget
+        if budget is None or nbytes <= 0:
+            return
+        used = budget.record(nbytes)
+        if budget.limit_bytes > 0:
+            provider_metrics.gmail_budget_used(used / budget.limit_bytes)
 
     def _parse_one(self, info: MessageInfo, raw: bytes | None, got: _Collected) -> None:
         if raw is None:

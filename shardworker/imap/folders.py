@@ -18,7 +18,7 @@ SELECT/EXAMINE), so they can be passed straight back to the client.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from imapclient import IMAPClient
@@ -51,6 +51,8 @@ class FolderResolution:
     folders: tuple[str, ...]
     missing: tuple[str, ...]
     unselectable: tuple[str, ...]
+    # imapclient's LIST answer it was resolved from (Gmail's All Mail and labels need it).
+    listing: tuple[tuple[Any, ...], ...] = field(default=(), repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,10 @@ def resolve_folders(client: IMAPClient, filters: Sequence[str]) -> FolderResolut
         listing = client.list_folders("", "*")
     except Exception as exc:
         raise classify_error(exc) from exc
-    return match_folders(listing, filters)
+    found = match_folders(listing, filters)
+    return FolderResolution(
+        found.folders, found.missing, found.unselectable, tuple(tuple(e) for e in listing)
+    )
 
 
 def match_folders(listing: Sequence[Sequence[Any]], filters: Sequence[str]) -> FolderResolution:

@@ -23,6 +23,14 @@ from imapclient.response_parser import parse_fetch_response
 
 from shardworker.errors import FolderError, ImapProtocolError
 from shardworker.imap.connect import classify_error
+from shardworker.imap.dialects import (
+    GMAIL_FETCH_ITEMS,
+    Dialect,
+    GmailAttrs,
+    detect_dialect,
+    gmail_attrs,
+    meta_fetch_items,
+)
 
 _LINE_BREAKING = re.compile(r"[\r\n\x00]")
 
@@ -39,6 +47,7 @@ class MessageInfo:
     uid: int
     size: int
     internal_date: datetime | None
+    gmail: GmailAttrs | None = None  # X-GM-MSGID / THRID / LABELS, on Gmail only
 
 
 @dataclass(frozen=True)
@@ -64,12 +73,15 @@ class FolderSession:
         self.sock: socket.socket | None = None
         self.idling = False
         self.has_idle = False
+        self.dialect = Dialect.GENERIC
 
     def attach(self, client: IMAPClient, capabilities: Iterable[str]) -> None:
         client.normalise_times = False
         self.client = client
         self.sock = client.socket()
-        self.has_idle = "IDLE" in {c.upper() for c in capabilities}
+        caps = tuple(capabilities)
+        self.has_idle = "IDLE" in {c.upper() for c in caps}
+        self.dialect = detect_dialect(caps, getattr(client, "welcome", b"") or b"")
         self.idling = False
 
     def _client(self) -> IMAPClient:
@@ -124,21 +136,23 @@ class FolderSession:
         """
         # What the server announces from here on is news to this check (see enter_idle).
         self._forget_untagged()
-        data = self._fetch_range(f"{after_uid + 1}:*", "(UID RFC822.SIZE INTERNALDATE)")
-        out: list[MessageInfo] = []
-        for uid, item in data.items():
-            if not isinstance(uid, int) or uid <= after_uid:
-                continue
-            size = item.get(b"RFC822.SIZE")
-            out.append(
-                MessageInfo(
-                    uid=uid,
-                    size=_as_int(size if size is not None else 0, "RFC822.SIZE"),
-                    internal_date=item.get(b"INTERNALDATE"),
-                )
-            )
+        data = self._fetch_range(f"{after_uid + 1}:*", meta_fetch_items(self.dialect))
+        out = [
+            self._info(uid, item)
+            for uid, item in data.items()
+            if isinstance(uid, int) and uid > after_uid
+        ]
         out.sort(key=lambda m: m.uid)
         return out
+
+    def _info(self, uid: Any, item: dict[bytes, Any]) -> MessageInfo:
+        size = item.get(b"RFC822.SIZE")
+        return MessageInfo(
+            uid=_as_int(uid, "UID"),
+            size=_as_int(size if size is not None else 0, "RFC822.SIZE"),
+            internal_date=item.get(b"INTERNALDATE"),
+            gmail=gmail_attrs(item) if self.dialect is Dialect.GMAIL else None,
+        )
 
     def uids_since(self, day: date) -> list[int]:
         """``UID SEARCH SINCE day`` (day granularity, in the server's zone), ascending."""
@@ -148,16 +162,11 @@ class FolderSession:
         """Sizes and INTERNALDATEs of these UIDs, in UID order (the backfill's listing)."""
         if not uids:
             return []
-        data = self._client().fetch(list(uids), ["RFC822.SIZE", "INTERNALDATE"])
-        out = [
-            MessageInfo(
-                uid=_as_int(uid, "UID"),
-                size=_as_int(item.get(b"RFC822.SIZE") or 0, "RFC822.SIZE"),
-                internal_date=item.get(b"INTERNALDATE"),
-            )
-            for uid, item in data.items()
-        ]
-        return sorted(out, key=lambda m: m.uid)
+        items = ["RFC822.SIZE", "INTERNALDATE"]
+        if self.dialect is Dialect.GMAIL:
+            items += GMAIL_FETCH_ITEMS
+        data = self._client().fetch(list(uids), items)
+        return sorted((self._info(uid, item) for uid, item in data.items()), key=lambda m: m.uid)
 
     def _fetch_range(self, uid_range: str, items: str) -> dict[int, dict[bytes, Any]]:
         # IMAPClient.fetch() drops every answer whose UID was not listed literally, so a

@@ -46,6 +46,7 @@ from prometheus_client.registry import Collector
 
 from shardworker import errors
 from shardworker.logs import get_logger
+from shardworker.metrics import providers
 
 log = get_logger(__name__)
 # `_created` series only exist in single-process mode; they would make in-process (test)
@@ -65,7 +66,7 @@ CONNECTION_STATES = (
 # A folder in these states is up to date (or making progress); any other state ages.
 _HEALTHY_STATES = frozenset({"idle", "poll_wait", "syncing"})
 _IGNORED_STATES = frozenset({"parked", "stopping", "stopped"})
-MESSAGE_RESULTS = ("published", "duplicate", "dead_lettered")
+MESSAGE_RESULTS = ("published", "duplicate", "dead_lettered", "skipped")
 PUBLISH_RESULTS = ("ok", "fenced", "error")
 DEAD_LETTER_REASONS = ("parse_error", "parser_crash", "fetch_returned_nothing")
 IMAP_COMMANDS = ("connect", "examine", "fetch_meta", "fetch_body", "fetch_large", "idle_enter",
@@ -101,6 +102,7 @@ class _Families:
         self._pool(self.registry)
         self._imap(self.registry)
         self._ingest(self.registry)
+        self.providers = providers.ProviderFamilies(self.registry)
         self._preset()
 
     def _pool(self, r: CollectorRegistry) -> None:
@@ -255,6 +257,9 @@ def _m() -> _Families:
             if _families is None:
                 _families = _Families()
     return _families
+
+
+providers.bind(lambda: _m().providers)
 
 
 def _leader_m() -> _LeaderFamilies:
@@ -426,6 +431,8 @@ class SyncCounts(Protocol):
     @property
     def dead_lettered(self) -> int: ...
     @property
+    def skipped(self) -> int: ...
+    @property
     def bytes(self) -> int: ...
     @property
     def published_at(self) -> Sequence[float]: ...
@@ -479,7 +486,9 @@ def session_error(err: BaseException) -> None:
 def record_sync(result: SyncCounts, exists_seen_at: float | None) -> None:
     m = _m()
     for label, count in zip(
-        MESSAGE_RESULTS, (result.published, result.duplicates, result.dead_lettered), strict=True
+        MESSAGE_RESULTS,
+        (result.published, result.duplicates, result.dead_lettered, result.skipped),
+        strict=True,
     ):
         if count:
             m.messages.labels(label).inc(count)

@@ -10,6 +10,7 @@ from typing import Any
 
 from mailparser.dates import parse_mail_date
 
+from shardworker import loops
 from shardworker.mime.fixups import decode_header_value, raw_header_text
 
 _MSG_ID = re.compile(r"<[^<>\s]+>")
@@ -34,6 +35,7 @@ _ESSENTIAL = frozenset(
         "sender",
     }
 )
+_ESSENTIAL |= loops.SIGNAL_HEADERS  # so a message stuffed with headers cannot hide its class
 
 
 def header_values(items: Iterable[tuple[str, str]]) -> dict[str, list[str]]:

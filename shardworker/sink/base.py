@@ -45,6 +45,13 @@ class Outbound:
     message_id: str
     payload: dict[str, Any]
     event_time: datetime
+    # The cross-folder identity the engine's ledger dedupes on: Gmail's ``gm:<X-GM-MSGID>``,
+    # else the Message-ID (None: the Message-ID).  ``message_id`` stays the RFC one.
+    dedupe_key: str | None = None
+
+    @property
+    def identity(self) -> str:
+        return self.dedupe_key if self.dedupe_key is not None else self.message_id
 
 
 @dataclass(frozen=True)

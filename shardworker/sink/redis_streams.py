@@ -220,7 +220,7 @@ class RedisStreamsSink:
         job = pointer_job(out, datetime.now(UTC)) if s.publish_pointer_queue else b""
         own_key = uid_key(out.provider_id, out.folder, out.uid_validity, out.uid)
         # No Message-ID means no identity across folders: the UID key stands in for it.
-        mid_key = message_id_key(out.provider_id, out.message_id) if out.message_id else own_key
+        mid_key = message_id_key(out.provider_id, out.identity) if out.identity else own_key
         keys = [
             WORKFLOW_STREAM,
             own_key,
