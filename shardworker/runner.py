@@ -14,14 +14,15 @@ from shardworker.config import Settings
 
 def run(settings: Settings) -> int:
     logs.configure(settings.log_level)
-    boot.preflight(settings)  # ConfigError (exit 2) or DependencyUnavailableError (exit 7)
-    boot.scrub_worker_environment()
     from shardworker.admin.api import AdminApi, start_admin_api
     from shardworker.pool.coordinator import Coordinator
     from shardworker.sink import sink_factory
     from shardworker.worker import worker_main
 
+    # Configuration first (exit 2 whatever the stores do), then the stores.
     sink_factory(settings)  # an unknown SHARDWORKER_SINK stops start-up, not every worker
+    boot.preflight(settings)  # ConfigError (exit 2) or DependencyUnavailableError (exit 7)
+    boot.scrub_worker_environment()
     with Coordinator(settings, worker_main) as coordinator:
         admin: AdminApi | None = None
         try:
