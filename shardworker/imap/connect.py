@@ -238,6 +238,7 @@ def open_client(
         )
     except Exception as exc:
         raise classify_error(exc, where=where) from exc
+    client._imap.debug = 0  # imapclient's 5 formats every response for a silent logger
     try:
         if security == "starttls":
             _start_tls(client, context, where)
