@@ -167,8 +167,11 @@ def wire_payload(part: Message) -> bytes | None:
 
 def limit_nesting(raw: bytes, defects: list[str]) -> bytes:
     """``raw`` cut where its multipart nesting would cost the feed parser too much."""
-    if _declarations_below_two(raw):
-        return raw  # at most one multipart: nothing can nest (the common case)
+    if _declarations_at_most(raw, min(CHECKS_PER_LINE, MAX_NESTING)):
+        # Each open multipart is one declaration, so at most this many are ever open:
+        # the line checks stay within CHECKS_PER_LINE per line and nothing is cut (the
+        # common case: a plain, alternative or mixed-with-alternative message).
+        return raw
     cut = _NestingScan(raw).cut_at()
     if cut is None:
         return raw
@@ -183,14 +186,14 @@ def _boundary_name(match: re.Match[bytes]) -> bytes:
     return _LINE_BREAK.sub(b"", quoted) if b"\n" in quoted else bytes(quoted)
 
 
-def _declarations_below_two(raw: bytes) -> bool:
-    """At most one ``boundary`` (any case) in ``raw``, counted window by window."""
+def _declarations_at_most(raw: bytes, limit: int) -> bool:
+    """At most ``limit`` ``boundary`` (any case) in ``raw``, counted window by window."""
     found = 0
     overlap = len(b"boundary") - 1
     for start in range(0, len(raw), _COUNT_WINDOW):
         window = raw[max(0, start - overlap) : start + _COUNT_WINDOW].lower()
         found += window.count(b"boundary")
-        if found >= 2:
+        if found > limit:
             return False
     return True
 
