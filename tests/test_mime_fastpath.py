@@ -6,12 +6,22 @@ paths over the whole corpus (tests/corpus) and the fuzzer's mutations of it, and
 
 from __future__ import annotations
 
+import random
+from email.message import Message
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bench.fuzz_mime import inputs, seed_corpus
-from shardworker.mime.message import CHECKS_PER_LINE, _NestingScan, limit_nesting
+from shardworker.mime.lean import parse_clean
+from shardworker.mime.message import (
+    CHECKS_PER_LINE,
+    BoundedMessage,
+    _feed,
+    _NestingScan,
+    limit_nesting,
+)
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 CORPUS_RAW = [p.read_bytes() for p in sorted(CORPUS.glob("*/*.eml"))]
@@ -43,3 +53,111 @@ def test_four_open_multiparts_stay_within_the_budget(depth: int) -> None:
     defects: list[str] = []
     assert (limit_nesting(raw, defects) == raw) == (depth <= CHECKS_PER_LINE)
     assert (defects == ["mime_too_deep"]) == (depth > CHECKS_PER_LINE)
+
+
+# ------------------------------------------------------- the lean structure parser
+
+
+def _state(msg: Message) -> dict[str, Any]:
+    """Everything a Message holds, its parts included (defects by type)."""
+    state = dict(vars(msg))
+    payload = state.pop("_payload")
+    state["defects"] = [type(d).__name__ for d in state["defects"]]
+    state["class"] = type(msg).__name__
+    state["payload"] = [_state(p) for p in payload] if isinstance(payload, list) else payload
+    return state
+
+
+def _same_tree_or_gave_up(raw: bytes) -> bool:
+    """True when parse_clean gave the feed parser's tree, False when it gave up."""
+    clean = parse_clean(raw, BoundedMessage)
+    if clean is None:
+        return False
+    assert _state(clean) == _state(_feed(raw)), raw[:300]
+    return True
+
+
+def test_clean_parse_is_the_feed_parsers_tree_on_the_corpus() -> None:
+    read = [_same_tree_or_gave_up(raw) for raw in CORPUS_RAW + SEEDS]
+    assert sum(read) > 0.8 * len(read)  # the corpus is mostly well-formed mail
+
+
+def test_clean_parse_is_the_feed_parsers_tree_on_mutations() -> None:
+    read = [_same_tree_or_gave_up(raw) for raw in MUTATED]
+    assert sum(read) > 200
+
+
+_BOUNDARIES = ("b", "b1", "b-x", "=_Part_1.2", "a:b", "with space", "b--", "'b'")
+_BODY_LINES = ("text", "", "--", "-- ", "--{b}x", "--{b}--x", "--{b} \t", "--{b}--  ",
+               "--{o}", "--{b}", "--{b}--", "From me", "a\rb", "Content-Type: text/plain",
+               " folded", ":colon", "caf\xe9")  # fmt: skip
+
+
+class _Builder:
+    """Random multipart messages near the edges of the feed parser's rules."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.eol = "\r\n"
+
+    def line(self, text: str) -> str:
+        eol = self.eol if self.rng.random() < 0.995 else self.rng.choice(("\n", "\r\n", "\r"))
+        return text + eol
+
+    def headers(self, ctype: str | None) -> str:
+        rng = self.rng
+        out = [self.line("X-Note: one") + self.line(" folded")] if rng.random() < 0.3 else []
+        if ctype is not None:
+            out.append(self.line(f"Content-Type: {ctype}"))
+        if rng.random() < 0.04:
+            out.append(self.line(rng.choice(("From x", "bad line", ":x", " lead", "Cte: 8bit"))))
+        rng.shuffle(out)
+        return "".join(out) + ("" if rng.random() < 0.03 else self.line(""))
+
+    def body(self, boundary: str, outer: str) -> str:
+        picks = self.rng.choices(_BODY_LINES, k=self.rng.randint(0, 4))
+        weights = [0.9 if p in ("text", "", "caf\xe9") else 0.08 for p in picks]
+        kept = [p for p, w in zip(picks, weights, strict=True) if self.rng.random() < w]
+        return "".join(self.line(p.format(b=boundary, o=outer)) for p in kept)
+
+    def multipart(self, depth: int, outer: str) -> str:
+        rng = self.rng
+        boundary = rng.choice(_BOUNDARIES) if rng.random() < 0.95 else outer
+        sub = rng.choices(("mixed", "alternative", "related", "digest"), (5, 5, 3, 1))[0]
+        quoted = f'"{boundary}"' if rng.random() < 0.7 or " " in boundary else boundary
+        extra = rng.choice(("Content-Transfer-Encoding: base64", "Cte: 7bit"))
+        head = self.headers(f"multipart/{sub}; boundary={quoted}")
+        if rng.random() < 0.05:
+            head = self.line(extra) + head
+        parts = []
+        for i in range(rng.choices((0, 1, 2, 3), (1, 4, 4, 2))[0]):
+            end = rng.choices(("", " ", "\t", "--"), (20, 2, 2, 1 if i else 0))[0]
+            delimiter = "--" + boundary + end
+            if depth < 3 and rng.random() < 0.3:
+                inner = self.multipart(depth + 1, boundary)
+            else:
+                ctype = rng.choice((None, "text/plain", "text/html; charset=utf-8",
+                                    "message/rfc822", "application/octet-stream"))  # fmt: skip
+                inner = self.headers(ctype) + self.body(boundary, outer)
+            parts.append(self.line(delimiter) + inner)
+            if rng.random() < 0.02:
+                parts.append(self.line(delimiter))
+        close = "--" + boundary + "--" + rng.choices(("", " ", "x"), (20, 3, 1))[0]
+        ending = rng.choices(
+            (self.line(close), close, "", self.line(close) + "epilogue"), (12, 2, 1, 3)
+        )[0]
+        preamble = self.body(boundary, outer) if rng.random() < 0.3 else ""
+        return head + preamble + "".join(parts) + ending + self.body(boundary, outer)
+
+    def message(self) -> bytes:
+        self.eol = self.rng.choice(("\r\n", "\n"))
+        head = self.line("From: a@example.com") + self.line("Subject: s")
+        text = head + self.multipart(0, "outer")
+        return text.encode("utf-8", "surrogateescape")
+
+
+def test_clean_parse_is_the_feed_parsers_tree_near_the_edges() -> None:
+    """Delimiters with trailing blanks, close delimiters, reused and prefix boundaries,
+    missing blank lines and close delimiters, bare CRs, digests: same tree or none."""
+    read = [_same_tree_or_gave_up(_Builder(seed).message()) for seed in range(4000)]
+    assert 1000 < sum(read) < 3600  # both paths are exercised
