@@ -40,6 +40,7 @@ import re
 from email import errors
 from email.feedparser import FeedParser
 from email.message import Message
+from email.utils import unquote
 from typing import Any
 
 from shardworker.mime.lean import parse_clean
@@ -67,6 +68,7 @@ _DELIMITER = re.compile(rb"(?:\A|(?<=[\r\n]))--[^\r\n]*")
 # counting with ``bytes.count`` (memchr-fast) takes under 1 ms.
 _COUNT_WINDOW = 1024 * 1024
 _PARAM_HEADERS = frozenset({"content-type", "content-disposition"})
+_MISSING = object()
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 # What the feed parser is told a message/* part is, so that it keeps the part as text.
 _OPAQUE_TYPE = "application/x-shardworker-message"
@@ -96,10 +98,48 @@ class BoundedMessage(Message):
         cut = text.rfind(";", 0, MAX_PARAM_HEADER_CHARS)
         return text[: cut if cut > 0 else MAX_PARAM_HEADER_CHARS]
 
+    def get_param(
+        self, param: str, failobj: Any = None, header: str = "content-type", unquote: bool = True
+    ) -> Any:
+        """``Message.get_param``, each header's parameter list parsed once.
+
+        The stdlib parses the whole header again for each parameter asked for (boundary,
+        charset, name, filename): nine parses for a two-part message.  The list is kept
+        per header text, so a changed header is parsed again.
+        """
+        params = self._param_list(header)
+        if params is None:
+            return failobj
+        wanted = param.lower()
+        for name, value in params:
+            if name.lower() == wanted:
+                return _unquote_param(value) if unquote else value
+        return failobj
+
+    def _param_list(self, header: str) -> list[tuple[str, Any]] | None:
+        value = self.get(header, _MISSING)
+        if value is _MISSING:
+            return None
+        key = (header.lower(), value if isinstance(value, str) else str(value))
+        cache: dict[tuple[str, str], list[tuple[str, Any]]] = self.__dict__.setdefault(
+            "_sw_params", {}
+        )
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = list(super().get_params([], header, unquote=False))
+        return found
+
     def get_content_type(self) -> str:
         """The type the feed parser acts on: ``message/*`` is reported as an opaque leaf."""
         ctype = super().get_content_type()
         return _OPAQUE_TYPE if ctype.startswith("message/") else ctype
+
+
+def _unquote_param(value: Any) -> Any:
+    """``email.message._unquotevalue``: RFC 2231 triples keep their charset and language."""
+    if isinstance(value, tuple):
+        return value[0], value[1], unquote(value[2])
+    return unquote(value)
 
 
 def content_type(part: Message) -> str:
