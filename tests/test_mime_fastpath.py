@@ -7,6 +7,7 @@ paths over the whole corpus (tests/corpus) and the fuzzer's mutations of it, and
 from __future__ import annotations
 
 import random
+import re
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from bench.fuzz_mime import inputs, seed_corpus
+from shardworker.mime.fixups import scrub_strings
 from shardworker.mime.lean import parse_clean
 from shardworker.mime.message import (
     CHECKS_PER_LINE,
@@ -196,3 +198,29 @@ def test_a_changed_header_is_parsed_again() -> None:
     assert part.get_param("charset") == "koi8-r"
     del part["Content-Type"]
     assert part.get_param("charset", "gone") == "gone"
+
+
+# ------------------------------------------------------------ the string scrubber
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain ascii",
+        "café " * 100,  # Latin-1 only: no surrogate can be there
+        "naïve — “quotes” € " * 100,  # beyond Latin-1
+        "日本語のテキスト" * 200,
+        "emoji 😀 " * 100,  # astral characters are not surrogates in a str
+        "x" * 300 + "\udce9",  # a lone surrogate (8-bit byte) at the end
+        "\ud800" + "é" * 300,  # at the start
+        "é" * 300_000 + "\udcff" + "é" * 10,  # in the second piece
+        "short \udce9",
+        "nul\x00inside " * 20,
+        "nul\x00 and \udce9 " * 20,
+    ],
+)
+def test_scrub_strings_finds_every_surrogate_and_nul(text: str) -> None:
+    defects: list[str] = []
+    expected = re.sub("[\ud800-\udfff]", "\ufffd", text.replace("\x00", ""))
+    assert scrub_strings({"k": [text]}, defects) == {"k": [expected]}
+    assert ("nul_removed" in defects) == ("\x00" in text)
