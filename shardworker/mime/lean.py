@@ -40,6 +40,14 @@ from email.policy import compat32
 MAX_DEPTH = 8
 # The feed parser's header line (headerRE), less the From_ and continuation cases.
 _HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+# The common header block, read in one match: header lines (a name not starting with "-",
+# so never a delimiter line) with their continuation lines, no bare CR, then the blank
+# line.  Anything else is read line by line.
+_CLEAN_BLOCK = re.compile(
+    rb"(?:[\x21-\x2c\x2e-\x39\x3b-\x7e][\x21-\x39\x3b-\x7e]*+:[^\r\n]*+\r?\n"
+    rb"(?:[ \t][^\r\n]*+\r?\n)*+)*+\r?\n"
+)
+_FIELD = re.compile(r"[^ \t\r\n][^\n]*\n(?:[ \t][^\n]*\n)*")
 _MULTIPART_ENCODINGS = ("7bit", "8bit", "binary")
 
 
@@ -118,8 +126,6 @@ class _Reader:
         """One message or part from ``pos``: the tree and where its text ends."""
         msg = self.factory()
         if parent is not None:
-            if parent.get_content_type() == "multipart/digest":
-                raise _GiveUp
             parent.attach(msg)
         pos = self.headers(msg, pos, separators)
         maintype = msg.get_content_maintype()
@@ -138,6 +144,13 @@ class _Reader:
 
     def headers(self, msg: Message, pos: int, separators: tuple[bytes, ...]) -> int:
         """Read the header block at ``pos`` into ``msg``; where its body starts."""
+        block = _CLEAN_BLOCK.match(self.raw, pos)
+        if block is not None:
+            # One field's lines joined are what header_source_parse makes of the list.
+            text = _text(self.view[pos : block.end()])
+            for field in _FIELD.finditer(text):
+                msg.set_raw(*compat32.header_source_parse([field.group()]))
+            return block.end()
         raw = self.raw
         fields: list[list[str]] = []
         while pos < self.size:
@@ -165,6 +178,8 @@ class _Reader:
 
     def multipart(self, msg: Message, pos: int, separators: tuple[bytes, ...], depth: int) -> int:
         """Read the parts of ``msg`` from ``pos``; where its epilogue ends."""
+        if msg.get_content_type() == "multipart/digest":
+            raise _GiveUp  # the feed parser gives its parts the default type message/rfc822
         separator = self.separator(msg, depth)
         inner = (*separators, separator)
         first = self.next_stop(pos, inner)
