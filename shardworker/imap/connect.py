@@ -238,8 +238,8 @@ def open_client(
         )
     except Exception as exc:
         raise classify_error(exc, where=where) from exc
-    client._imap.debug = 0  # imapclient's 5 formats every response for a silent logger
     try:
+        client._imap.debug = 0  # imapclient's 5 formats every response for a silent logger
         if security == "starttls":
             _start_tls(client, context, where)
         client.socket().settimeout(timeout_s)
