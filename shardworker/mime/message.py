@@ -83,8 +83,16 @@ class ParamHeaderTruncated(errors.MessageDefect):
 
 class BoundedMessage(Message):
     def get(self, name: str, failobj: Any = None) -> Any:
-        value = super().get(name, failobj)
-        if value is failobj or name.lower() not in _PARAM_HEADERS:
+        # Message.get's loop, inlined: the parser and the walker look headers up ~30
+        # times per message.
+        wanted = name.lower()
+        for key, raw in self.raw_items():
+            if key.lower() == wanted:
+                value = self.policy.header_fetch_parse(key, raw)
+                break
+        else:
+            return failobj
+        if wanted not in _PARAM_HEADERS:
             return value
         # A header with 8-bit bytes comes back as an email.header.Header; the parameter
         # parser stringifies it, so its length counts the same way.
