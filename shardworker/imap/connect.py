@@ -288,6 +288,7 @@ def _open(
     except Exception as exc:
         raise classify_greeting_error(exc, where=where) from None
     try:
+        client._imap.debug = 0  # imapclient's 5 formats every response for a silent logger
         if security == "starttls":
             _start_tls(client, context, where)
         _log_in(client, creds, where)

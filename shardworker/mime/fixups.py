@@ -151,6 +151,34 @@ _SURROGATES = re.compile("[\ud800-\udfff]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BASE64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
 
+# Pieces for the surrogate test: encoding a piece copies it, so memory stays bounded.
+_SCRUB_PIECE_CHARS = 256 * 1024
+# Below this length the regex is cheaper than the encoders' exceptions.
+_SCRUB_REGEX_CHARS = 128
+
+
+def _has_surrogates(value: str) -> bool:
+    """Whether ``value`` holds a surrogate code point, tested at memory speed.
+
+    A regex test took 100 us for 5 KB of HTML with one accent (10 % of a whole parse).
+    A string of Latin-1 characters copies to Latin-1 bytes in one memcpy; the UTF-8
+    encoder refuses exactly the surrogates.
+    """
+    if len(value) < _SCRUB_REGEX_CHARS:
+        return _SURROGATES.search(value) is not None
+    for start in range(0, len(value), _SCRUB_PIECE_CHARS):
+        piece = value[start : start + _SCRUB_PIECE_CHARS]  # the string itself if short
+        try:
+            piece.encode("latin-1")
+            continue
+        except UnicodeEncodeError:
+            pass
+        try:
+            piece.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+    return False
+
 
 @functools.lru_cache(maxsize=512)
 def resolve_charset(label: str | None) -> str | None:
@@ -413,9 +441,6 @@ def html_to_text(markup: str, defects: list[str]) -> str:
     return _BLANK_LINES.sub("\n\n", text).strip()
 
 
-_NUL_OR_SURROGATE = re.compile("[\x00\ud800-\udfff]")
-
-
 def scrub_strings(value: object, defects: list[str]) -> object:
     """Replace lone surrogates and drop NULs in every string of a JSON-like value.
 
@@ -423,11 +448,9 @@ def scrub_strings(value: object, defects: list[str]) -> object:
     PostgreSQL text columns downstream; both come only from broken input.
     """
     if isinstance(value, str):
-        # isascii() and the NUL test run at memory speed; the regex does not (base64
-        # attachment content is megabytes of ASCII).
-        if value.isascii() and "\x00" not in value:
-            return value
-        if _NUL_OR_SURROGATE.search(value) is None:
+        # isascii() and the NUL test run at memory speed (base64 attachment content is
+        # megabytes of ASCII).
+        if "\x00" not in value and (value.isascii() or not _has_surrogates(value)):
             return value
         if "\x00" in value:
             defects.append("nul_removed")

@@ -40,7 +40,10 @@ import re
 from email import errors
 from email.feedparser import FeedParser
 from email.message import Message
+from email.utils import unquote
 from typing import Any
+
+from shardworker.mime.lean import parse_clean
 
 MAX_PARAM_HEADER_CHARS = 8 * 1024
 MAX_NESTING = 40  # the walker's MAX_DEPTH: content below it is dropped either way
@@ -65,6 +68,7 @@ _DELIMITER = re.compile(rb"(?:\A|(?<=[\r\n]))--[^\r\n]*")
 # counting with ``bytes.count`` (memchr-fast) takes under 1 ms.
 _COUNT_WINDOW = 1024 * 1024
 _PARAM_HEADERS = frozenset({"content-type", "content-disposition"})
+_MISSING = object()
 _FOLD = re.compile(r"\r?\n(?=[ \t])")
 # What the feed parser is told a message/* part is, so that it keeps the part as text.
 _OPAQUE_TYPE = "application/x-shardworker-message"
@@ -79,8 +83,16 @@ class ParamHeaderTruncated(errors.MessageDefect):
 
 class BoundedMessage(Message):
     def get(self, name: str, failobj: Any = None) -> Any:
-        value = super().get(name, failobj)
-        if value is failobj or name.lower() not in _PARAM_HEADERS:
+        # Message.get's loop, inlined: the parser and the walker look headers up ~30
+        # times per message.
+        wanted = name.lower()
+        for key, raw in self.raw_items():
+            if key.lower() == wanted:
+                value = self.policy.header_fetch_parse(key, raw)
+                break
+        else:
+            return failobj
+        if wanted not in _PARAM_HEADERS:
             return value
         # A header with 8-bit bytes comes back as an email.header.Header; the parameter
         # parser stringifies it, so its length counts the same way.
@@ -94,10 +106,48 @@ class BoundedMessage(Message):
         cut = text.rfind(";", 0, MAX_PARAM_HEADER_CHARS)
         return text[: cut if cut > 0 else MAX_PARAM_HEADER_CHARS]
 
+    def get_param(
+        self, param: str, failobj: Any = None, header: str = "content-type", unquote: bool = True
+    ) -> Any:
+        """``Message.get_param``, each header's parameter list parsed once.
+
+        The stdlib parses the whole header again for each parameter asked for (boundary,
+        charset, name, filename): nine parses for a two-part message.  The list is kept
+        per header text, so a changed header is parsed again.
+        """
+        params = self._param_list(header)
+        if params is None:
+            return failobj
+        wanted = param.lower()
+        for name, value in params:
+            if name.lower() == wanted:
+                return _unquote_param(value) if unquote else value
+        return failobj
+
+    def _param_list(self, header: str) -> list[tuple[str, Any]] | None:
+        value = self.get(header, _MISSING)
+        if value is _MISSING:
+            return None
+        key = (header.lower(), value if isinstance(value, str) else str(value))
+        cache: dict[tuple[str, str], list[tuple[str, Any]]] = self.__dict__.setdefault(
+            "_sw_params", {}
+        )
+        found = cache.get(key)
+        if found is None:
+            found = cache[key] = list(super().get_params([], header, unquote=False))
+        return found
+
     def get_content_type(self) -> str:
         """The type the feed parser acts on: ``message/*`` is reported as an opaque leaf."""
         ctype = super().get_content_type()
         return _OPAQUE_TYPE if ctype.startswith("message/") else ctype
+
+
+def _unquote_param(value: Any) -> Any:
+    """``email.message._unquotevalue``: RFC 2231 triples keep their charset and language."""
+    if isinstance(value, tuple):
+        return value[0], value[1], unquote(value[2])
+    return unquote(value)
 
 
 def content_type(part: Message) -> str:
@@ -108,11 +158,15 @@ def content_type(part: Message) -> str:
 def parse_bytes(raw: bytes) -> Message:
     """``email.message_from_bytes(raw, _class=BoundedMessage)`` without the text copies.
 
-    Fast path: a message that is one part (most mail) has only its header block parsed;
-    the body is the rest of the text, which is exactly what the feed parser would have
-    joined from its lines (at 50-90 bytes of line objects per line: a 2 MB body of short
-    lines peaked at 7 times its size).
+    Fast paths: well-formed mail is read by :func:`~shardworker.mime.lean.parse_clean`,
+    which gives the feed parser's tree without its per-line work.  Otherwise a message
+    that is one part has only its header block parsed; the body is the rest of the text,
+    which is exactly what the feed parser would have joined from its lines (at 50-90
+    bytes of line objects per line: a 2 MB body of short lines peaked at 7 times its size).
     """
+    clean = parse_clean(raw, BoundedMessage)
+    if clean is not None:
+        return clean
     single = _single_part(raw)
     if single is not None:
         return single
@@ -167,8 +221,11 @@ def wire_payload(part: Message) -> bytes | None:
 
 def limit_nesting(raw: bytes, defects: list[str]) -> bytes:
     """``raw`` cut where its multipart nesting would cost the feed parser too much."""
-    if _declarations_below_two(raw):
-        return raw  # at most one multipart: nothing can nest (the common case)
+    if _declarations_at_most(raw, min(CHECKS_PER_LINE, MAX_NESTING)):
+        # Each open multipart is one declaration, so at most this many are ever open:
+        # the line checks stay within CHECKS_PER_LINE per line and nothing is cut (the
+        # common case: a plain, alternative or mixed-with-alternative message).
+        return raw
     cut = _NestingScan(raw).cut_at()
     if cut is None:
         return raw
@@ -183,14 +240,14 @@ def _boundary_name(match: re.Match[bytes]) -> bytes:
     return _LINE_BREAK.sub(b"", quoted) if b"\n" in quoted else bytes(quoted)
 
 
-def _declarations_below_two(raw: bytes) -> bool:
-    """At most one ``boundary`` (any case) in ``raw``, counted window by window."""
+def _declarations_at_most(raw: bytes, limit: int) -> bool:
+    """At most ``limit`` ``boundary`` (any case) in ``raw``, counted window by window."""
     found = 0
     overlap = len(b"boundary") - 1
     for start in range(0, len(raw), _COUNT_WINDOW):
         window = raw[max(0, start - overlap) : start + _COUNT_WINDOW].lower()
         found += window.count(b"boundary")
-        if found >= 2:
+        if found > limit:
             return False
     return True
 
