@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import redis
 from psycopg_pool import ConnectionPool
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from shardworker.config import Settings
 from shardworker.db.status import StatusWriter
@@ -25,6 +23,7 @@ from shardworker.logs import get_logger
 from shardworker.mime import Caps
 from shardworker.oauth import TokenRefresher
 from shardworker.publish import Publisher
+from shardworker.redisconn import redis_client as redis_client  # noqa: PLC0414 (re-export)
 from shardworker.secrets.store import SecretStore
 
 log = get_logger(__name__)
@@ -39,18 +38,6 @@ class WorkerContext:
     redis: redis.Redis
     pool: ConnectionPool
     close: Callable[[], None]
-
-
-def redis_client(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.net_timeout_s,
-        socket_connect_timeout=settings.connect_timeout_s,
-        health_check_interval=30,
-        # redis-py retries 10 times by default; an outage must surface quickly as a
-        # PublishError so the engine backs off instead of blocking a sync thread.
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
-    )
 
 
 def build_worker(

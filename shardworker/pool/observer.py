@@ -44,6 +44,7 @@ from shardworker.pool.leader import Leader
 from shardworker.pool.registry import Registry
 from shardworker.pool.supervisor import Supervisor, SupervisorStats
 from shardworker.publish import WORKFLOW_STREAM, Publisher
+from shardworker.redisconn import redis_client
 
 log = get_logger(__name__)
 
@@ -81,11 +82,7 @@ class PodObserver:
         self.clock = clock
         self.store = Store(pool)
         self._pool = pool
-        self._redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=PROBE_TIMEOUT_S,
-            socket_connect_timeout=PROBE_TIMEOUT_S,
-        )
+        self._redis = redis_client(settings, timeout_s=PROBE_TIMEOUT_S)
         self._registry = Registry(self._redis)
         self._publisher = Publisher(self._redis, settings)
         self._stats: SupervisorStats | None = None
