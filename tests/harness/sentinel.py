@@ -3,17 +3,19 @@
     rs = SentinelRedis(listen=("127.0.0.1", svc_addr), announce=svc_addr).start()
     rs.sentinel_setting                # "10.213.1.253:41001,...", for SHARDWORKER_REDIS_SENTINELS
     lost = rs.lossy_failover(write_window_s=3.0)   # the replica misses the last 3 s of writes
-    rs.restore_replica()               # the old primary back, as a replica of the new one
+    rs.restore_replica()               # the old primary back (empty), a replica of the new one
     rs.close()
 
 Redis replicates asynchronously: a primary acknowledges a write before any replica has it.
-To lose writes deterministically the replica reaches its primary through the fault proxy
-(tests/faultproxy.py).  ``lossy_failover`` black-holes that link (the replica's link stays
-"up": no byte says otherwise, as in a real partition), lets clients write for
-``write_window_s``, SIGKILLs the primary, discards what the proxy held, and waits until
-the Sentinels have promoted the replica and answer with its address.  Every write of the
-window (leases renewed, dedupe keys, stream entries, pointer jobs) is gone; the promoted
-replica's keys that carry a TTL expire at the absolute time their last replicated write
+To lose writes deterministically, ``lossy_failover`` drops every packet of the replication
+connection (an nftables table of its own in this namespace, matching only that
+connection's two ports; removed after), so the replica's link stays "up" with no byte
+saying otherwise, as in a real partition.  Clients write for ``write_window_s``, the
+primary is SIGKILLed (its FIN is dropped too), and the Sentinels promote the replica.
+(A proxy between replica and primary does not work: the Sentinels see a replica following
+another address than the primary's and reconfigure it to follow the primary directly.)
+Every write of the window (leases renewed, dedupe keys, stream entries, pointer jobs) is
+gone; the promoted replica's keys that carry a TTL expire at the absolute time their last replicated write
 gave them (Redis 7 replicates expiries as PEXPIREAT).
 
 Every server announces ``announce`` (the topology's service address), so the addresses the
@@ -34,13 +36,20 @@ from pathlib import Path
 
 import redis
 
-from tests.faultproxy import ProxyProcess
 from tests.harness.net import free_ports, wait_for_port
 
 MASTER = "swmaster"
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_S = 30.0
-BLACKHOLE_S = 3600.0  # longer than any test: the link is cut, not delayed
+REPL_TABLE = """\
+table inet {name} {{
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    tcp sport {primary} tcp dport {replica} drop
+    tcp sport {replica} tcp dport {primary} drop
+  }}
+}}
+"""
 
 
 class SentinelError(RuntimeError):
@@ -80,7 +89,8 @@ class SentinelRedis:
         self.sentinel_ports = ports[2:]
         self.quorum = sentinels // 2 + 1
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
-        self._proxy: ProxyProcess | None = None
+        self._table = f"swrepl{self.primary_port}"
+        self._table_made = False
 
     # ----------------------------------------------------------------- addresses
 
@@ -141,8 +151,7 @@ class SentinelRedis:
     def start(self) -> SentinelRedis:
         try:
             self._server(self.primary_port)
-            self._proxy = ProxyProcess("127.0.0.1", self.primary_port)
-            self._server(self.replica_port, "--replicaof", "127.0.0.1", str(self._proxy.port))
+            self._server(self.replica_port, "--replicaof", self.announce, str(self.primary_port))
             self._wait_replica_synced()
             for port in self.sentinel_ports:
                 self._sentinel(port)
@@ -187,24 +196,51 @@ class SentinelRedis:
         with self.client(port) as c:
             return int(c.info("replication").get(field, 0))
 
+    def _replication_port(self, primary: int) -> int:
+        """The replica's end (client port) of its replication connection to ``primary``."""
+        with self.client(primary) as c:
+            clients = c.client_list(_type="replica")
+        if len(clients) != 1:
+            raise SentinelError(f"expected one replica connection, found {len(clients)}")
+        return int(clients[0]["addr"].rsplit(":", 1)[1])
+
+    def _nft(self, text: str) -> None:
+        nft = shutil.which("nft", path="/usr/sbin:/sbin:/usr/bin")
+        if nft is None:
+            raise SentinelError("nft is not installed (scripts/install-deps.sh installs it)")
+        done = subprocess.run([nft, "-f", "-"], input=text, capture_output=True, text=True,
+                              timeout=10, check=False)  # fmt: skip
+        if done.returncode != 0:
+            raise SentinelError(f"nft: {done.stderr.strip()}")
+
+    def _cut_replication(self, primary: int) -> None:
+        port = self._replication_port(primary)
+        self._nft(REPL_TABLE.format(name=self._table, primary=primary, replica=port))
+        self._table_made = True
+
+    def _heal_replication(self) -> None:
+        if self._table_made:
+            self._nft(f"delete table inet {self._table}\n")
+            self._table_made = False
+
     def lossy_failover(self, write_window_s: float) -> FailoverReport:
         """Promote a replica that lacks the last ``write_window_s`` of the primary's writes."""
-        old, new = self.master_port(), self.replica_port
-        if old != self.primary_port or self._proxy is None:
-            raise SentinelError("lossy_failover needs the original primary/replica pair")
-        self._proxy.blackhole(BLACKHOLE_S)
-        time.sleep(write_window_s)
-        replica_offset = self._offset(new, "slave_repl_offset")
-        primary_offset = self._offset(old, "master_repl_offset")
-        self._procs[old].send_signal(signal.SIGKILL)
-        self._procs[old].wait(10)
-        killed = time.monotonic()
-        self._proxy.close()  # what it held for the replica is dropped, never delivered
-        self._proxy = None
-        self._wait("failover", lambda: self.master_port() == new, FAILOVER_TIMEOUT_S)
-        with self.client(new) as r:
-            self._wait("promoted replica is a primary",
-                       lambda: r.info("replication")["role"] == "master")  # fmt: skip
+        old = self.master_port()
+        new = self.replica_port if old == self.primary_port else self.primary_port
+        self._cut_replication(old)
+        try:
+            time.sleep(write_window_s)
+            replica_offset = self._offset(new, "slave_repl_offset")
+            primary_offset = self._offset(old, "master_repl_offset")
+            self._procs[old].send_signal(signal.SIGKILL)
+            self._procs[old].wait(10)
+            killed = time.monotonic()
+            self._wait("failover", lambda: self.master_port() == new, FAILOVER_TIMEOUT_S)
+            with self.client(new) as r:
+                self._wait("promoted replica is a primary",
+                           lambda: r.info("replication")["role"] == "master")  # fmt: skip
+        finally:
+            self._heal_replication()
         return FailoverReport(old, new, primary_offset, replica_offset, time.monotonic() - killed)
 
     def restore_replica(self) -> None:
@@ -231,9 +267,8 @@ class SentinelRedis:
                 proc.kill()
                 proc.wait(5)
         self._procs.clear()
-        if self._proxy is not None:
-            self._proxy.close()
-            self._proxy = None
+        with contextlib.suppress(SentinelError):
+            self._heal_replication()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> SentinelRedis:
