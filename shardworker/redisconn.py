@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
 from redis.retry import Retry
 from redis.sentinel import Sentinel
@@ -29,8 +29,23 @@ from shardworker.errors import ConfigError
 # Health checks catch a connection that a NAT or a failover silently dropped.
 HEALTH_CHECK_S = 30
 # redis-py retries 10 times by default; an outage must surface quickly as a PublishError
-# so the engine backs off instead of blocking a sync thread.
-RETRIES = 2
+# so the engine backs off instead of blocking a sync thread, and a silent Redis must not
+# hold the lease keeper (heartbeat, then renewal) past the lease TTL.
+RETRIES = 1
+SENTINEL_TIMEOUT_S = 0.5
+BLOCK_MARGIN_S = 1.0  # above the longest XREAD BLOCK the pool issues (assignment_poll_s)
+
+
+def call_timeout_s(settings: Settings) -> float:
+    """Socket timeout of a worker's Redis calls: within one renewal period.
+
+    Redis answers in milliseconds or not at all; what matters is that the keeper's
+    heartbeat and renewal, (1 + RETRIES) attempts each, fit in the lease TTL (at least two
+    renewal periods, checked by config), so a partitioned owner notices its lost leases
+    and closes its IMAP sessions before a successor opens its own.
+    """
+    bound = max(settings.lease_renew_s / (1 + RETRIES), settings.assignment_poll_s + BLOCK_MARGIN_S)
+    return min(settings.net_timeout_s, bound)
 
 
 def sentinel_addresses(settings: Settings) -> list[tuple[str, int]]:
@@ -53,9 +68,10 @@ def redis_client(
     settings: Settings, *, timeout_s: float | None = None, retries: int = RETRIES
 ) -> redis.Redis:
     """A client for the configured Redis; ``timeout_s`` overrides the network timeouts."""
+    call_s = call_timeout_s(settings) if timeout_s is None else timeout_s
     options: dict[str, Any] = {
-        "socket_timeout": settings.net_timeout_s if timeout_s is None else timeout_s,
-        "socket_connect_timeout": settings.connect_timeout_s if timeout_s is None else timeout_s,
+        "socket_timeout": call_s,
+        "socket_connect_timeout": min(settings.connect_timeout_s, call_s),
         "health_check_interval": HEALTH_CHECK_S,
         "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
     }
@@ -67,13 +83,16 @@ def redis_client(
     if "path" in url:
         raise ConfigError(f"{env_name('redis_url')}: a unix socket cannot be used with Sentinel")
     url = {k: v for k, v in url.items() if k not in ("host", "port")}
-    # Sentinels answer from memory: the connect timeout bounds a dead one, and redis-py
-    # moves on to the next.
+    # Sentinels answer from memory, in milliseconds: each is asked once, briefly, and
+    # redis-py moves on to the next (redis-py's default retries made one call against
+    # three silent Sentinels block for 100 s).
+    sentinel_s = min(call_s, SENTINEL_TIMEOUT_S)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         sentinels,
         sentinel_kwargs={
-            "socket_timeout": options["socket_connect_timeout"],
-            "socket_connect_timeout": options["socket_connect_timeout"],
+            "socket_timeout": sentinel_s,
+            "socket_connect_timeout": sentinel_s,
+            "retry": Retry(NoBackoff(), 0),
         },
     )
     client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]

@@ -71,3 +71,32 @@ def test_the_client_follows_a_failover_and_keeps_the_db_index(
         assert direct.get("after") == b"2"
         assert direct.get("before") == b"1"
     client.close()
+
+
+@pytest.mark.timeout(60)
+def test_silent_sentinels_fail_a_call_well_within_the_lease_ttl() -> None:
+    # A partition drops packets: connect() completes (the kernel's backlog), no reply comes.
+    import socket
+
+    silent = [socket.socket() for _ in range(3)]
+    try:
+        for sock in silent:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(8)
+        settings = load_settings({
+            "SHARDWORKER_REDIS_SENTINELS": ",".join(
+                f"127.0.0.1:{s.getsockname()[1]}" for s in silent),
+            "SHARDWORKER_REDIS_SENTINEL_MASTER": MASTER,
+            "SHARDWORKER_LEASE_TTL_S": "6", "SHARDWORKER_LEASE_RENEW_S": "1.5",
+        })  # fmt: skip
+        client = redis_client(settings)
+        started = time.monotonic()
+        with pytest.raises(redis.RedisError):
+            client.ping()
+        took = time.monotonic() - started
+        # The keeper waits a renewal period, heartbeats, then renews (bounded by the leases'
+        # validity): the heartbeat must end before the TTL runs out. It took 100 s before.
+        assert took < settings.lease_ttl_s - settings.lease_renew_s, f"a call blocked {took:.1f}s"
+    finally:
+        for sock in silent:
+            sock.close()

@@ -15,8 +15,8 @@ primary is SIGKILLed (its FIN is dropped too), and the Sentinels promote the rep
 (A proxy between replica and primary does not work: the Sentinels see a replica following
 another address than the primary's and reconfigure it to follow the primary directly.)
 Every write of the window (leases renewed, dedupe keys, stream entries, pointer jobs) is
-gone; the promoted replica's keys that carry a TTL expire at the absolute time their last replicated write
-gave them (Redis 7 replicates expiries as PEXPIREAT).
+gone; the promoted replica's keys that carry a TTL expire at the absolute time their last
+replicated write gave them (Redis 7 replicates expiries as PEXPIREAT).
 
 Every server announces ``announce`` (the topology's service address), so the addresses the
 Sentinels hand out are reachable from the test process and from every pod's namespace.
