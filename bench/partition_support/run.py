@@ -115,6 +115,8 @@ class PhaseResult:
     heal_at: str = ""
     # IMAP sessions the cut-off pod still had open once others served all its providers
     stale_sessions_max: int = 0
+    # What the PostgreSQL ledger says of each lost message: (Message-ID, status, stream id)
+    ledger_of_lost: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -280,6 +282,19 @@ class PhaseRunner:
         result.pointer = count(sent, read_pointers(self.pool.redis))
         seen = self.tail.seen()
         result.consumer_duplicates = sum(seen[m] - 1 for m in sent if seen.get(m, 0) > 1)
+        if result.stream.lost:
+            result.ledger_of_lost = self.ledger_rows(result.stream.lost_ids)
+
+    def ledger_rows(self, mids: list[str]) -> list[tuple[str, str, str]]:
+        import psycopg
+
+        with psycopg.connect(self.pool.settings.database_url) as conn:
+            rows = conn.execute(
+                "SELECT message_id, status, coalesce(stream_id, '') FROM shardworker_ledger "
+                "WHERE tenant = %s AND message_id = ANY(%s) ORDER BY message_id",
+                (self.pool.tenant, [f"<{m}>" for m in mids] + mids),
+            ).fetchall()
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
 
     def stale_check(self, pod: str, cut_wall: float, heal_wall: float) -> StaleCheck:
         """Per worker pid: a ``published`` line for a provider it had given up is stale."""
@@ -384,4 +399,5 @@ def phase_line(p: PhaseResult) -> str:
         f"{p.stale.published_after_loss + p.stale.published_while_cut}, stale sessions "
         f"{p.stale_sessions_max} (cut {p.cut_at}, heal {p.heal_at} UTC)"
         + (f"; before the heal: {p.unserved}" if p.takeover_s is None and p.unserved else "")
+        + (f"; ledger of lost: {p.ledger_of_lost[:3]}" if p.ledger_of_lost else "")
     )
