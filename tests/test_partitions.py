@@ -66,10 +66,25 @@ def test_a_pod_cut_off_from_redis_is_replaced_and_publishes_nothing_stale(
     assert p.stale_sessions_max == 0, "the cut-off pod kept IMAP sessions after the takeover"
 
 
-def test_a_pod_cut_off_from_postgres_loses_and_repeats_nothing(runner: PhaseRunner) -> None:
-    p = runner.run(FAULTS["postgres_cut"])
-    assert_exactly_once(p)
-    assert p.stale.published_after_loss == 0
+@pytest.fixture(scope="module")
+def postgres_cut(runner: PhaseRunner) -> PhaseResult:
+    return runner.run(FAULTS["postgres_cut"])
+
+
+def test_a_pod_cut_off_from_postgres_loses_and_repeats_nothing(postgres_cut: PhaseResult) -> None:
+    assert_exactly_once(postgres_cut)
+    assert postgres_cut.stale.published_after_loss == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a pod that cannot reach PostgreSQL keeps renewing its leases in Redis while every "
+    "sync of its providers hangs on a silent connection (no tcp_user_timeout/keepalives in "
+    "db.store.open_pool): its providers stall for the whole cut plus TCP backoff instead of "
+    "moving to a pod that can checkpoint (docs/partitions.md, Open)",
+)
+def test_a_pod_cut_off_from_postgres_hands_its_providers_over(postgres_cut: PhaseResult) -> None:
+    assert postgres_cut.takeover_s is not None, postgres_cut.unserved
 
 
 @pytest.mark.xfail(
