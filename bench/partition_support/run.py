@@ -208,7 +208,7 @@ class PhaseRunner:
         sent_before_heal = set(deliverer.result.sent_ms)
         result.recovered_s = self._wait_recovered(sent_before_heal, heal_at)
         deliverer.join(span_s + 60)
-        self._wait_published(set(deliverer.result.sent_ms), heal_at + self.plan.recovery_s + 60)
+        self._wait_published(set(deliverer.result.sent_ms), heal_at + self.plan.recovery_s + 30)
         time.sleep(3.0)  # a late duplicate would show up now
         self.sent_all |= set(deliverer.result.sent_ms)
         self.account(result, set(deliverer.result.sent_ms))
