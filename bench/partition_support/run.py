@@ -247,9 +247,10 @@ class PhaseRunner:
                 net.heal() if net.cut_now else net.cut(*fault.deps)
         time.sleep(max(0.0, started + fault.cut_s - time.monotonic()))
         net.heal()
+        healed = time.time()  # before the join: a slow check under load must not move it
         self._cutting = False
         watch.join(30)
-        return time.time()
+        return healed
 
     def _watch_takeover(self, fault: Fault, pod: str, result: PhaseResult, started: float) -> None:
         """While the cut lasts: when others serve all of ``pod``'s providers, and what it
