@@ -329,7 +329,7 @@ class PhaseRunner:
                 out.leases_lost += event == "lease_lost" and cut_wall <= e["t"]
                 mine.discard(provider)
             elif event == "session_error" and e.get("error_type") == "FencedError":
-                out.fenced += 1
+                out.fenced += cut_wall <= e["t"]
             elif event == "published" and e["t"] >= cut_wall:
                 out.published_after_loss += provider not in mine
                 out.published_while_cut += cut_wall + self.ttl_s < e["t"] < heal_wall
