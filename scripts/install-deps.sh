@@ -103,4 +103,10 @@ install_packages
 start_postgres
 start_redis
 install_node_modules
+# Partition tests (tests/harness/netns.py, tests/harness/sentinel.py): ip netns + nftables, Sentinel.
+missing_packages() {
+    command -v nft >/dev/null || echo nftables
+    command -v redis-sentinel >/dev/null || echo redis-sentinel
+}
+install_packages
 scripts/install-browser.sh

@@ -62,6 +62,14 @@ class Settings:
     redis_url: str = _setting(
         "redis://127.0.0.1:6379/0", "Redis URL, password included if any.", secret=True
     )
+    redis_sentinels: tuple[str, ...] = _setting(
+        (),
+        "Sentinels as `host:port[,host:port...]`: when set, the Redis primary is found "
+        "through them (the URL then gives only db and password). See docs/partitions.md.",
+    )
+    redis_sentinel_master: str = _setting(
+        "", "Sentinel master name to connect to; required with `SHARDWORKER_REDIS_SENTINELS`."
+    )
     # Secrets
     secret_keys: str = _setting(
         "",

@@ -138,3 +138,28 @@ def test_members_live_within_the_grace_period(env: dict[str, Any]) -> None:
     assert reg.live_members(0.5) == ["pod-b/0"]
     reg.leave("pod-b/0")
     assert reg.live_members(0.5) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_silent_redis_cannot_hold_a_renewal_past_the_ttl(env: dict[str, Any]) -> None:
+    # A partition drops packets: connect() succeeds here, and no reply ever comes.
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        a = manager(env, "pod-a/0", ttl_s=1.0)
+        a.acquire([(env["tenant"], p) for p in env["pids"]])
+        a.client = redis.Redis(port=silent.getsockname()[1], socket_timeout=20)
+        a._renew = a.client.register_script("return 1")
+        started = time.monotonic()
+        lost = []
+        while len(lost) < len(env["pids"]) and time.monotonic() - started < 10:
+            lost += a.renew()
+        took = time.monotonic() - started
+        assert sorted(x.provider_id for x in lost) == sorted(env["pids"])
+        assert took < 1.5, f"renewal blocked {took:.1f}s past a 1 s TTL (socket timeout 20 s)"
+        assert a.renew() == []  # nothing held; the stuck call is not waited for again
+    finally:
+        silent.close()

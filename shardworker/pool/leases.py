@@ -16,6 +16,13 @@ round trips, not thousands:
 Validity is tracked locally from the moment a call was *sent*: if renewals stop
 succeeding, the lease is treated as lost when its TTL could have run out, whatever Redis
 says later.  Time comes from an injectable monotonic clock.
+
+A renewal never waits past the first validity it could save.  When Redis is silent (a
+partition drops packets; nothing is refused) a call blocks for the client's socket
+timeout and its retries, which can be several times the TTL: the owner would go on
+serving, with its IMAP sessions open, long after a successor took over.  So the call runs
+on a short-lived daemon thread and is waited for only until the earliest ``valid_until``;
+while it is still stuck, later rounds only expire leases locally.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -81,6 +89,7 @@ class LeaseManager:
         self._swap = client.register_script(lua_source("lease_swap.lua"))
         self._renew = client.register_script(lua_source("lease_renew.lua"))
         self._release = client.register_script(lua_source("lease_release.lua"))
+        self._renewing: threading.Thread | None = None  # a renewal call Redis has not answered
 
     # -- reading the map -----------------------------------------------------------------
 
@@ -134,11 +143,19 @@ class LeaseManager:
             leases = list(self._held.values())
         if not leases:
             return []
+        if self._renewing is not None and self._renewing.is_alive():
+            return self.expire_local()  # the last call is still stuck in a silent Redis
         sent = self.clock()
+        budget_s = min(x.valid_until for x in leases) - sent
+        if budget_s <= 0:
+            return self.expire_local()
         try:
-            kept = self._renew(keys=[x.key for x in leases],
-                               args=[self.ttl_ms, *[x.token for x in leases]])  # fmt: skip
-        except redis.RedisError:
+            kept = self._call_within(
+                lambda: self._renew(keys=[x.key for x in leases],
+                                    args=[self.ttl_ms, *[x.token for x in leases]]),
+                budget_s,
+            )  # fmt: skip
+        except (redis.RedisError, TimeoutError):
             return self.expire_local()
         lost = []
         with self._lock:
@@ -150,6 +167,31 @@ class LeaseManager:
                 else:
                     lost.append(self._held.pop(lease.provider_id))
         return lost + self.expire_local()
+
+    def _call_within(self, call: Callable[[], Any], timeout_s: float) -> Any:
+        """``call()`` on a daemon thread; TimeoutError if it has not returned in ``timeout_s``.
+
+        The thread ends by itself when the client's own socket timeout fires; a reply that
+        comes after we gave up is ignored (the leases it extended run out in Redis).
+        """
+        outcome: list[tuple[bool, Any]] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, call()))
+            except Exception as exc:  # handed to the caller below
+                outcome.append((False, exc))
+
+        thread = threading.Thread(target=run, name="lease-renewal", daemon=True)
+        self._renewing = thread
+        thread.start()
+        thread.join(timeout_s)
+        if not outcome:
+            raise TimeoutError(f"lease renewal unanswered after {timeout_s:.1f}s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     def expire_local(self) -> list[Lease]:
         """Leases whose TTL may have run out since the last successful renewal."""

@@ -43,6 +43,7 @@ from shardworker.metrics.pod import (
 from shardworker.pool.leader import Leader
 from shardworker.pool.registry import Registry
 from shardworker.pool.supervisor import Supervisor, SupervisorStats
+from shardworker.redisconn import redis_client
 from shardworker.sink.redis_streams import WORKFLOW_STREAM, RedisStreamsSink
 
 log = get_logger(__name__)
@@ -81,11 +82,7 @@ class PodObserver:
         self.clock = clock
         self.store = Store(pool)
         self._pool = pool
-        self._redis = redis.Redis.from_url(
-            settings.redis_url,
-            socket_timeout=PROBE_TIMEOUT_S,
-            socket_connect_timeout=PROBE_TIMEOUT_S,
-        )
+        self._redis = redis_client(settings, timeout_s=PROBE_TIMEOUT_S)
         self._registry = Registry(self._redis)
         # The pod samples Alga's stream itself, whichever sink the workers write to.
         self._stream_sink = RedisStreamsSink(self._redis, settings)
