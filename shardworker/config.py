@@ -163,6 +163,14 @@ class Settings:
     dlq_max_raw_bytes: int = _setting(
         1024 * 1024, "Raw bytes kept in a DLQ entry; larger messages keep a pointer only."
     )
+    dlq_max_entries: int = _setting(
+        10_000, "Most entries the dead-letter stream keeps; the oldest make room (1..10^9)."
+    )
+    dlq_max_bytes: int = _setting(
+        256 * 1024 * 1024,
+        "Most bytes (field sizes) the dead-letter stream keeps; the oldest make room. "
+        "At least 2 entries of `SHARDWORKER_DLQ_MAX_RAW_BYTES` in base64, at most 64 GiB.",
+    )
     # Providers and mail loops (docs/providers.md)
     gmail_all_mail: bool = _setting(
         False,
@@ -298,10 +306,26 @@ def _validate(s: Settings) -> None:
             f"{env_name('backpressure_max_lag')}: must be below SHARDWORKER_STREAM_MAXLEN, "
             "or unread entries could be trimmed"
         )
+    _validate_footprint(s)
     if s.idle_refresh_s > 29 * 60 or s.idle_refresh_s >= s.dead_after_s:
         raise ConfigError(
             f"{env_name('idle_refresh_s')}: must be at most 29 min and below "
             "SHARDWORKER_DEAD_AFTER_S"
+        )
+
+
+DLQ_ENTRY_OVERHEAD_BYTES = 64 * 1024  # reason, pointer and the other small fields
+
+
+def _validate_footprint(s: Settings) -> None:
+    """Bounds of what shardworker keeps in the Redis it shares with Alga (docs/redis-sizing.md)."""
+    if not 1 <= s.dlq_max_entries <= 10**9:
+        raise ConfigError(f"{env_name('dlq_max_entries')}: must be 1..10^9")
+    one_entry = s.dlq_max_raw_bytes * 4 // 3 + DLQ_ENTRY_OVERHEAD_BYTES
+    if not 2 * one_entry <= s.dlq_max_bytes <= 64 * 1024**3:
+        raise ConfigError(
+            f"{env_name('dlq_max_bytes')}: must hold two entries of SHARDWORKER_DLQ_MAX_RAW_BYTES "
+            f"({2 * one_entry} bytes) and be at most 64 GiB"
         )
 
 

@@ -92,8 +92,9 @@ def with_memory_sink(sink: MemorySink) -> Mapping[str, SinkFactory]:
 class RedisHarness:
     """Drives and observes the Redis Streams sink for the interface tests."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, tenant: str) -> None:
         self.client = client
+        self.tenant = tenant
         self.sink = RedisStreamsSink(client, settings)
 
     def hold(self, fence: Fence, token: str | None = None) -> None:
@@ -114,11 +115,11 @@ class RedisHarness:
         )
 
     def known(self, provider_id: str, folder: str, uid_validity: int, uid: int) -> str | None:
-        raw = self.client.get(uid_key(provider_id, folder, uid_validity, uid))
+        raw = self.client.get(uid_key(self.tenant, provider_id, folder, uid_validity, uid))
         return None if raw is None else raw.decode()
 
     def message_id_known(self, provider_id: str, message_id: str) -> bool:
-        return bool(self.client.exists(message_id_key(provider_id, message_id)))
+        return bool(self.client.exists(message_id_key(self.tenant, provider_id, message_id)))
 
 
 class MemoryHarness:

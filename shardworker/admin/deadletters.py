@@ -181,7 +181,7 @@ class DeadLetters:
         known = self.store.known_message_ids(out.tenant, out.provider_id, [out.message_id])
         if out.message_id in known:
             return "duplicate", known[out.message_id]
-        key = uid_key(out.provider_id, out.folder, out.uid_validity, out.uid)
+        key = uid_key(out.tenant, out.provider_id, out.folder, out.uid_validity, out.uid)
         self._clear(keys=[key], args=["dlq:" + entry_id])
         [result] = RedisStreamsSink(self.client, self.settings).publish_batch([out], None)
         if result.dead_lettered:

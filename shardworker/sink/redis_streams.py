@@ -50,13 +50,20 @@ _STATUS_WRITTEN, _STATUS_DUPLICATE, _STATUS_DEAD_LETTERED = 0, 1, 2
 _URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
 
 
-def uid_key(provider_id: str, folder: str, uid_validity: int, uid: int) -> str:
-    return f"sw:pub:{{{provider_id}}}:{folder}:{uid_validity}:{uid}"
+def uid_key(tenant: str, provider_id: str, folder: str, uid_validity: int, uid: int) -> str:
+    """The per-UID dedupe key.  It carries the tenant: provider ids are unique per tenant
+    only, and two tenants' providers must never answer for each other."""
+    return f"sw:pub:{{{tenant}:{provider_id}}}:{folder}:{uid_validity}:{uid}"
 
 
-def message_id_key(provider_id: str, message_id: str) -> str:
+def message_id_key(tenant: str, provider_id: str, message_id: str) -> str:
     digest = hashlib.sha1(message_id.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"sw:mid:{{{provider_id}}}:{digest}"
+    return f"sw:mid:{{{tenant}:{provider_id}}}:{digest}"
+
+
+def dlq_bytes_key(dlq_stream: str) -> str:
+    """The dead-letter stream's byte counter (``lua/dead_letter.lua``)."""
+    return f"{dlq_stream}:bytes"
 
 
 def iso_ms(moment: datetime) -> str:
@@ -218,9 +225,13 @@ class RedisStreamsSink:
         except orjson.JSONEncodeError as exc:
             raise PublishError(f"payload of UID {out.uid} is not JSON-serialisable: {exc}") from exc
         job = pointer_job(out, datetime.now(UTC)) if s.publish_pointer_queue else b""
-        own_key = uid_key(out.provider_id, out.folder, out.uid_validity, out.uid)
+        own_key = uid_key(out.tenant, out.provider_id, out.folder, out.uid_validity, out.uid)
         # No Message-ID means no identity across folders: the UID key stands in for it.
-        mid_key = message_id_key(out.provider_id, out.message_id) if out.message_id else own_key
+        mid_key = (
+            message_id_key(out.tenant, out.provider_id, out.message_id)
+            if out.message_id
+            else own_key
+        )
         keys = [
             WORKFLOW_STREAM,
             own_key,
@@ -312,16 +323,29 @@ class RedisStreamsSink:
             fields += ["pointer", imap_pointer(provider_id, folder, uid_validity, uid)]
         keys = [
             self._settings.dlq_stream,
-            uid_key(provider_id, folder, uid_validity, uid),
+            uid_key(tenant, provider_id, folder, uid_validity, uid),
             fence.lease_key if fence else "",
+            dlq_bytes_key(self._settings.dlq_stream),
         ]
-        args: list[str | bytes] = [fence.token if fence else "", self._ttl_ms, *fields]
+        args: list[str | bytes] = [
+            fence.token if fence else "",
+            self._ttl_ms,
+            str(self._settings.dlq_max_entries),
+            str(self._settings.dlq_max_bytes),
+            *fields,
+        ]
         replies = self._run(self._dead_letter, [(keys, args)], "dead-letter")
         self._raise_fenced(replies, fence, 1)
         if isinstance(replies[0], Exception):
             raise PublishError(f"dead-letter of UID {uid} failed: {_scrub(str(replies[0]))}")
+        entry_id, trimmed = _text(replies[0][0]), int(replies[0][1])
         metrics.dead_lettered(letter.reason)
-        return _text(replies[0])
+        if trimmed:
+            metrics.dead_letters_trimmed(trimmed)
+            log.warning("dead_letters_trimmed", count=trimmed, provider_id=provider_id,
+                        folder=folder, max_entries=self._settings.dlq_max_entries,
+                        max_bytes=self._settings.dlq_max_bytes)  # fmt: skip
+        return entry_id
 
     # Consumer groups and backpressure
 
