@@ -19,7 +19,7 @@ import redis
 from shardworker.config import Settings
 from shardworker.errors import FencedError
 from shardworker.sink import SINKS, SinkFactory
-from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult
+from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult, Settled
 from shardworker.sink.redis_streams import (
     POINTER_QUEUE,
     WORKFLOW_STREAM,
@@ -46,6 +46,13 @@ class MemorySink:
 
     def backpressured(self) -> bool:
         return self.lagging
+
+    def settle(self, settled: Sequence[Settled]) -> None:
+        with self.lock:
+            for s in settled:
+                self.by_uid.pop((s.provider_id, s.folder, s.uid_validity, s.uid), None)
+                if s.message_id:
+                    self.by_message_id.pop((s.provider_id, s.message_id), None)
 
     def _check(self, fence: Fence | None, count: int) -> None:
         if fence is not None and self.leases.get(fence.lease_key) != fence.token:

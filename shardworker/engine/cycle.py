@@ -16,6 +16,7 @@ from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.db.status import StatusWriter
 from shardworker.db.store import FolderCursor, Store
+from shardworker.engine.claims import MessageIdClaims
 from shardworker.engine.resync import run_jobs
 from shardworker.engine.state import ProviderRuntime, Slot
 from shardworker.engine.sync import FolderSync, SyncContext, SyncResult
@@ -66,6 +67,8 @@ class CycleDeps:
     big_gate: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(2), repr=False
     )
+    # Message-IDs between their ledger check and their commit (engine/claims.py).
+    claims: MessageIdClaims = field(default_factory=MessageIdClaims, repr=False)
 
 
 def load_credentials(deps: CycleDeps, provider: ProviderRuntime) -> Credentials:
@@ -155,6 +158,7 @@ class Cycle:
             provider.config,
             provider.fence,
             d.big_gate,
+            d.claims,
         )
 
     def _connect(self, slot: Slot, out: Outcome) -> None:

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.db.store import FolderCursor, LedgerEntry, ProviderConfig, Store
+from shardworker.engine.claims import MessageIdClaims
 from shardworker.errors import ParseError
 from shardworker.imap.session import FolderSession, FolderStatus, MessageInfo
 from shardworker.logs import get_logger
@@ -29,7 +30,7 @@ from shardworker.mime import (
     parse_message,
     plan_large_fetch,
 )
-from shardworker.sink.base import DeadLetter, Fence, Outbound, Sink
+from shardworker.sink.base import DeadLetter, Fence, Outbound, Settled, Sink
 
 log = get_logger(__name__)
 
@@ -70,6 +71,8 @@ class SyncContext:
     big_gate: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(2), repr=False
     )
+    # Shared by every sync thread of the process (engine.claims): one provider's folders.
+    claims: MessageIdClaims = field(default_factory=MessageIdClaims, repr=False)
 
     @property
     def epoch(self) -> int | None:
@@ -183,23 +186,45 @@ class FolderSync:
             p.tenant, p.provider_id, folder, cursor.uid_validity, [m.uid for m in batch]
         )
         todo = [m for m in batch if m.uid not in known]
-        entries = self._publish(cursor.uid_validity, todo, result) if todo else []
-        if not entries and not always:
-            return
-        self.ctx.store.commit_batch(
-            p.tenant, p.provider_id, folder, cursor.uid_validity, entries, checkpoint_uid,
-            self.ctx.epoch,
-        )  # fmt: skip
+        with contextlib.ExitStack() as claims:
+            entries = self._publish(cursor.uid_validity, todo, result, claims) if todo else []
+            if not entries and not always:
+                return
+            self.ctx.store.commit_batch(
+                p.tenant, p.provider_id, folder, cursor.uid_validity, entries, checkpoint_uid,
+                self.ctx.epoch,
+            )  # fmt: skip
+            self._settle(cursor.uid_validity, entries)
         if entries:
             log.info(
                 "published", **self.log_fields, count=len(entries), first_uid=batch[0].uid,
                 last_uid=batch[-1].uid, epoch=self.ctx.epoch, backfill=backfill,
             )  # fmt: skip
 
+    def _settle(self, uid_validity: int, entries: list[LedgerEntry]) -> None:
+        """The ledger holds these now: the sink may drop its dedupe state for them."""
+        p, folder = self.ctx.provider, self.session.folder
+        settled = [
+            Settled(p.tenant, p.provider_id, folder, uid_validity, e.uid,
+                    "" if e.status == "dead_lettered" else e.message_id)
+            for e in entries
+        ]  # fmt: skip
+        if settled:
+            self.ctx.sink.settle(settled)
+
     def _publish(
-        self, uid_validity: int, todo: list[MessageInfo], result: SyncResult
-    ) -> list[LedgerEntry]:
+        self, uid_validity: int, todo: list[MessageInfo], result: SyncResult,
+        claims: contextlib.ExitStack,
+    ) -> list[LedgerEntry]:  # fmt: skip
         parsed, entries = self._fetch_and_parse(uid_validity, todo, result)
+        # Claimed before the ledger is asked, held until the commit (engine/claims.py).
+        claims.enter_context(
+            self.ctx.claims.hold(
+                self.ctx.provider.tenant,
+                self.ctx.provider.provider_id,
+                [m.message_id for _, m in parsed],
+            )
+        )
         mids = self.ctx.store.known_message_ids(
             self.ctx.provider.tenant,
             self.ctx.provider.provider_id,

@@ -34,7 +34,7 @@ from shardworker.config import Settings
 from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.logs import get_logger
 from shardworker.luasource import lua_source
-from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult
+from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult, Settled
 
 log = get_logger(__name__)
 
@@ -295,6 +295,24 @@ class RedisStreamsSink:
                 script.load(self._client)
             pending = missing
         raise PublishError(f"Redis keeps losing the {script.name} script (SCRIPT FLUSH loop?)")
+
+    def settle(self, settled: Sequence[Settled]) -> None:
+        """Delete the per-UID and per-Message-ID keys of committed messages in one round trip.
+
+        The keys exist only for the window between the XADD and the ledger commit; once the
+        ledger holds a message, it answers for it (docs/DESIGN.md, "Lean dedupe state").
+        """
+        keys = [uid_key(s.tenant, s.provider_id, s.folder, s.uid_validity, s.uid) for s in settled]
+        keys += [
+            message_id_key(s.tenant, s.provider_id, s.message_id) for s in settled if s.message_id
+        ]
+        if not keys:
+            return
+        try:
+            self._client.unlink(*keys)
+        except RedisError as exc:
+            # Harmless: the keys expire after dedupe_ttl_s, and the ledger answers already.
+            log.warning("dedupe_settle_failed", keys=len(keys), error=_scrub(str(exc)))
 
     # Dead letters
 
