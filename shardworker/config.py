@@ -131,6 +131,22 @@ class Settings:
         "How long a backlog reading is reused; the lag bound can overshoot by what "
         "one process publishes in this time.",
     )
+    trim_groups: tuple[str, ...] = _setting(
+        (),
+        "Consumer groups, besides the backpressure group, whose unread entries the workflow "
+        "stream keeps (comma-separated); read entries are trimmed (docs/redis-sizing.md).",
+    )
+    stream_keep_without_group: int = _setting(
+        10_000, "Entries the workflow stream keeps while none of those groups exists."
+    )
+    stream_max_bytes: int = _setting(
+        2 * 1024**3,
+        "Memory cap of the workflow stream: above it fetching stops (nothing unread is "
+        "trimmed); 0 disables it.",
+    )
+    housekeeping_s: float = _setting(
+        10.0, "How often the leader trims streams and samples Redis memory (1..3600 s)."
+    )
     sink: str = _setting(
         "redis-streams", "Where events go: `redis-streams` (Alga's workflow stream)."
     )
@@ -319,6 +335,12 @@ DLQ_ENTRY_OVERHEAD_BYTES = 64 * 1024  # reason, pointer and the other small fiel
 
 def _validate_footprint(s: Settings) -> None:
     """Bounds of what shardworker keeps in the Redis it shares with Alga (docs/redis-sizing.md)."""
+    if not 1 <= s.housekeeping_s <= 3600:  # also refuses NaN
+        raise ConfigError(f"{env_name('housekeeping_s')}: must be 1..3600 seconds")
+    if not 0 <= s.stream_keep_without_group <= 10**9:
+        raise ConfigError(f"{env_name('stream_keep_without_group')}: must be 0..10^9")
+    if s.stream_max_bytes > 1024**4:
+        raise ConfigError(f"{env_name('stream_max_bytes')}: must be at most 1 TiB")
     if not 1 <= s.dlq_max_entries <= 10**9:
         raise ConfigError(f"{env_name('dlq_max_entries')}: must be 1..10^9")
     one_entry = s.dlq_max_raw_bytes * 4 // 3 + DLQ_ENTRY_OVERHEAD_BYTES

@@ -25,6 +25,7 @@ import redis
 
 from shardworker.sink import SinkFactory
 from shardworker.sink.base import Fence, Outbound, PublishResult
+from shardworker.sink.housekeeping import Housekeeper
 from shardworker.sink.redis_streams import RedisStreamsSink
 from tests.harness.net import free_port, wait_for_port
 from tests.support import Rig, events, make_mail, message_ids, rig_settings, wait_until
@@ -241,3 +242,29 @@ def test_redis_restart_without_persistence_keeps_exactly_once(
         time.sleep(0.5)
         assert consumer.read == Counter(dict.fromkeys(before + during + after, 1))
     assert len(events(r.redis)) == 40  # what the new, empty Redis received
+
+
+def test_a_stopped_consumer_group_stops_fetching_and_loses_nothing(
+    make_rig: Any, dovecot: Any, redis_url: str
+) -> None:
+    r = make_rig(redis_url, backpressure_max_lag="5", backpressure_check_s="0")
+    house = Housekeeper(r.redis, r.settings)
+    user, password = dovecot.add_user()
+    pid = r.add_provider(user, password, max_per_sync=2)
+    r.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)  # nobody reads it yet
+    r.start()
+    wait_until(lambda: bool(r.row(pid)["folder_state"]), timeout_s=20)
+    mids = [f"<stalled{i}@example.com>" for i in range(20)]
+    dovecot.append_many(user, "INBOX", [make_mail(message_id=m) for m in mids])
+    time.sleep(3.0)
+    held = len(events(r.redis))
+    assert 5 <= held <= 6  # the bound plus at most one batch in flight
+    for _ in range(3):
+        house.run()
+    assert len(events(r.redis)) == held  # unread: never trimmed
+    with Consumer(redis_url) as consumer:
+        wait_until(lambda: len(consumer.read) == 20, timeout_s=30)
+        assert consumer.read == Counter(dict.fromkeys(mids, 1))
+    house.run()
+    assert r.redis.xlen(STREAM) <= 1  # everything read is gone (MINID keeps the last one)
+    assert dedupe_keys(r.redis) == []

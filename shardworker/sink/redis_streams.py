@@ -61,6 +61,15 @@ def message_id_key(tenant: str, provider_id: str, message_id: str) -> str:
     return f"sw:mid:{{{tenant}:{provider_id}}}:{digest}"
 
 
+def event_bus_stream(settings: Settings) -> str:
+    return f"{settings.redis_prefix}{settings.event_stream_prefix}{EVENT_BUS_CHANNEL}:{EVENT_TYPE}"
+
+
+# Set by the leader's housekeeping (sink/housekeeping.py) while the workflow stream is over
+# SHARDWORKER_STREAM_MAX_BYTES; expires by itself.  Read by every backpressure check.
+FULL_FLAG = "sw:footprint:full"
+
+
 def dlq_bytes_key(dlq_stream: str) -> str:
     """The dead-letter stream's byte counter (``lua/dead_letter.lua``)."""
     return f"{dlq_stream}:bytes"
@@ -193,9 +202,7 @@ class RedisStreamsSink:
         self._clock = clock
         self._publish = _Script("publish.lua")
         self._dead_letter = _Script("dead_letter.lua")
-        self._event_bus_stream = (
-            f"{settings.redis_prefix}{settings.event_stream_prefix}{EVENT_BUS_CHANNEL}:{EVENT_TYPE}"
-        )
+        self._event_bus_stream = event_bus_stream(settings)
         self._ttl_ms = str(settings.dedupe_ttl_s * 1000)
         self._backpressure: tuple[float, bool] | None = None
 
@@ -420,14 +427,19 @@ class RedisStreamsSink:
         return max(0, min(length, int(added) - int(read)))
 
     def backpressured(self) -> bool:
-        """``backlog() > backpressure_max_lag``, cached for a second: cheap per batch."""
+        """``backlog() > backpressure_max_lag``, or the stream is over its byte cap (the
+        housekeeping flag); cached for ``backpressure_check_s``: cheap per batch."""
         now = self._clock()
         cached = self._backpressure
         if cached is not None and now - cached[0] < self._settings.backpressure_check_s:
             return cached[1]
-        verdict = self.backlog() > self._settings.backpressure_max_lag
+        verdict = self.backlog() > self._settings.backpressure_max_lag or self._stream_full()
         self._backpressure = (now, verdict)
         return verdict
+
+    def _stream_full(self) -> bool:
+        with _redis_errors("EXISTS"):
+            return bool(self._client.exists(FULL_FLAG))
 
 
 def _is_fenced(error: ResponseError) -> bool:
