@@ -171,6 +171,12 @@ class Settings:
         True, "Put attachment content (base64) in events, within the caps."
     )
     include_raw_mime: bool = _setting(False, "Put `rawMimeBase64` in events, within the cap.")
+    payload_mode: str = _setting(
+        "full",
+        "`full`: events carry attachment content (and raw MIME when enabled) within the caps; "
+        "`pointer`: neither, the consumer fetches them through the pointer-queue job "
+        "(needs `SHARDWORKER_PUBLISH_POINTER_QUEUE`; docs/redis-sizing.md).",
+    )
     resolve_list_original_sender: bool = _setting(
         True,
         "Recover the author of a list-rewritten From when authentication results vouch for "
@@ -330,11 +336,19 @@ def _validate(s: Settings) -> None:
         )
 
 
+PAYLOAD_MODES = ("full", "pointer")
 DLQ_ENTRY_OVERHEAD_BYTES = 64 * 1024  # reason, pointer and the other small fields
 
 
 def _validate_footprint(s: Settings) -> None:
     """Bounds of what shardworker keeps in the Redis it shares with Alga (docs/redis-sizing.md)."""
+    if s.payload_mode not in PAYLOAD_MODES:
+        raise ConfigError(f"{env_name('payload_mode')}: expected one of {list(PAYLOAD_MODES)}")
+    if s.payload_mode == "pointer" and not s.publish_pointer_queue:
+        raise ConfigError(
+            f"{env_name('payload_mode')}: pointer needs SHARDWORKER_PUBLISH_POINTER_QUEUE=true, "
+            "or nobody could fetch the attachments"
+        )
     if not 1 <= s.housekeeping_s <= 3600:  # also refuses NaN
         raise ConfigError(f"{env_name('housekeeping_s')}: must be 1..3600 seconds")
     if not 0 <= s.stream_keep_without_group <= 10**9:
