@@ -100,7 +100,7 @@ def test_memory_by_kind_counts_dedupe_keys_and_streams(redis_client: redis.Redis
     )
     assert by_kind["dedupe"] == pytest.approx(exact, rel=0.2)
     assert by_kind["stream"] > 20 * 500 and by_kind["pointer_queue"] > 0
-    assert footprint.families().stream_length._value.get() == 20
+    assert footprint.families().bytes.labels("dedupe")._value.get() == by_kind["dedupe"]
 
 
 def test_evictions_and_restarts_are_counted(redis_client: redis.Redis) -> None:

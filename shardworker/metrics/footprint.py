@@ -1,5 +1,8 @@
 """Metrics of what shardworker keeps in the Redis it shares with Alga (docs/redis-sizing.md).
 
+The stream lengths (``shardworker_stream_length``, ``shardworker_dead_letter_stream_length``)
+are the pod collector's (``metrics/pod.py``), read at scrape time.
+
 The leader's housekeeping round (:mod:`shardworker.sink.housekeeping`) sets the gauges; a
 worker counts the dead letters its script trimmed.  ``kind`` is one of :data:`KINDS`.
 """
@@ -24,14 +27,6 @@ class _Families:
         )  # fmt: skip
         self.used_memory = Gauge(
             "shardworker_redis_used_memory_bytes", "Redis INFO used_memory (the whole server).",
-            multiprocess_mode="max", registry=r,
-        )  # fmt: skip
-        self.dlq_length = Gauge(
-            "shardworker_dead_letter_stream_length", "Entries in the dead-letter stream.",
-            multiprocess_mode="max", registry=r,
-        )  # fmt: skip
-        self.stream_length = Gauge(
-            "shardworker_workflow_stream_length", "Entries in workflow:events:global.",
             multiprocess_mode="max", registry=r,
         )  # fmt: skip
         self.trimmed = Counter(
@@ -84,12 +79,6 @@ def redis_bytes(by_kind: Mapping[str, int]) -> None:
 
 def redis_used_memory(size: int) -> None:
     families().used_memory.set(size)
-
-
-def stream_lengths(workflow: int, dead_letters: int) -> None:
-    m = families()
-    m.stream_length.set(workflow)
-    m.dlq_length.set(dead_letters)
 
 
 def stream_trimmed(count: int) -> None:

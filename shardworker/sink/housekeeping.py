@@ -193,9 +193,6 @@ class Housekeeper:
             "dedupe": self.estimate_dedupe_bytes(),
         }
         metrics.redis_bytes(by_kind)
-        metrics.stream_lengths(
-            int(self.client.xlen(WORKFLOW_STREAM)), int(self.client.xlen(s.dlq_stream))
-        )
         return by_kind
 
     def _usage(self, key: str) -> int:
