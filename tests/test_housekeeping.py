@@ -127,3 +127,19 @@ def test_evictions_and_restarts_are_counted(redis_client: redis.Redis) -> None:
 def test_bounds_are_validated(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(env)
+
+
+def test_a_long_read_backlog_is_trimmed_in_bounded_steps(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shardworker.sink import housekeeping
+
+    monkeypatch.setattr(housekeeping, "TRIM_LIMIT", 200)
+    ids = fill(redis_client, 1000)
+    redis_client.xgroup_create(WORKFLOW_STREAM, GROUP, id="$")  # everything counts as read
+    house = keeper(redis_client)
+    first = house.trim()[0].trimmed
+    assert 0 < first <= 200
+    while house.trim()[0].trimmed:
+        pass
+    assert [e for e, _ in redis_client.xrange(WORKFLOW_STREAM)] == ids[-1:]

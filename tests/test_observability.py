@@ -64,7 +64,7 @@ MAX_LAG = 6
 # What Grafana's $__rate_interval becomes here: the whole run fits in it.
 RATE_WINDOW = "5m"
 ALLOWED_LABELS = {"state", "result", "command", "error_type", "reason", "process", "worker",
-                  "group", "dependency", "version", "python", "pid", "le"}  # fmt: skip
+                  "group", "dependency", "version", "python", "pid", "le", "kind"}  # fmt: skip
 
 
 # ---------------------------------------------------------------- helpers

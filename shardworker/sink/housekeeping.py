@@ -43,6 +43,7 @@ from shardworker.sink.redis_streams import (
 
 log = get_logger(__name__)
 
+TRIM_LIMIT = 50_000  # entries one XTRIM may drop per round
 SCAN_SAMPLE_STEPS = 5  # SCAN calls per round for the dedupe estimate
 SCAN_STEP_COUNT = 1000
 SIZE_SAMPLES = 5  # MEMORY USAGE of that many dedupe keys, averaged
@@ -117,10 +118,17 @@ class Housekeeper:
         floor = self.read_floor(stream, frozenset(honoured))
         if floor is None:
             keep = self.settings.stream_keep_without_group
-            trimmed = int(self.client.xtrim(stream, maxlen=keep, approximate=False))
-            return TrimResult(stream, trimmed, None)
-        trimmed = int(self.client.xtrim(stream, minid=floor, approximate=False))
-        return TrimResult(stream, trimmed, floor)
+            return TrimResult(stream, self._xtrim(stream, maxlen=keep), None)
+        return TrimResult(stream, self._xtrim(stream, minid=floor), floor)
+
+    def _xtrim(self, stream: str, **bound: Any) -> int:
+        """Whole nodes first, at most TRIM_LIMIT entries a round (the Redis is shared: no
+        long command after an upgrade finds a million read entries); then, once caught up,
+        the few read entries left in the oldest node exactly."""
+        trimmed = int(self.client.xtrim(stream, approximate=True, limit=TRIM_LIMIT, **bound))
+        if trimmed < TRIM_LIMIT:
+            trimmed += int(self.client.xtrim(stream, approximate=False, **bound))
+        return trimmed
 
     def read_floor(self, stream: str, honoured: frozenset[str]) -> str | None:
         """The lowest id some honoured group still needs; None when none of them exists.
