@@ -256,7 +256,8 @@ def test_a_stopped_consumer_group_stops_fetching_and_loses_nothing(
     wait_until(lambda: bool(r.row(pid)["folder_state"]), timeout_s=20)
     mids = [f"<stalled{i}@example.com>" for i in range(20)]
     dovecot.append_many(user, "INBOX", [make_mail(message_id=m) for m in mids])
-    time.sleep(3.0)
+    wait_until(lambda: len(events(r.redis)) >= 5, timeout_s=30)
+    time.sleep(2.0)  # time to overshoot, if it would
     held = len(events(r.redis))
     assert 5 <= held <= 6  # the bound plus at most one batch in flight
     for _ in range(3):
