@@ -268,6 +268,22 @@ class Settings:
         lo=0,
         hi=60,
     )
+    trim_groups: tuple[str, ...] = _setting(
+        (),
+        "Consumer groups, besides the backpressure group, whose unread entries the workflow "
+        "stream keeps (comma-separated); read entries are trimmed (docs/redis-sizing.md).",
+    )
+    stream_keep_without_group: int = _setting(
+        10_000, "Entries the workflow stream keeps while none of those groups exists."
+    )
+    stream_max_bytes: int = _setting(
+        2 * 1024**3,
+        "Memory cap of the workflow stream: above it fetching stops (nothing unread is "
+        "trimmed); 0 disables it.",
+    )
+    housekeeping_s: float = _setting(
+        10.0, "How often the leader trims streams and samples Redis memory (1..3600 s)."
+    )
     sink: str = _setting(
         "redis-streams", "Where events go: `redis-streams` (Alga's workflow stream)."
     )
@@ -299,6 +315,12 @@ class Settings:
         True, "Put attachment content (base64) in events, within the caps."
     )
     include_raw_mime: bool = _setting(False, "Put `rawMimeBase64` in events, within the cap.")
+    payload_mode: str = _setting(
+        "full",
+        "`full`: events carry attachment content (and raw MIME when enabled) within the caps; "
+        "`pointer`: neither, the consumer fetches them through the pointer-queue job "
+        "(needs `SHARDWORKER_PUBLISH_POINTER_QUEUE`; docs/redis-sizing.md).",
+    )
     resolve_list_original_sender: bool = _setting(
         True,
         "Recover the author of a list-rewritten From when authentication results vouch for "
@@ -309,6 +331,14 @@ class Settings:
         "Raw bytes kept in a DLQ entry; larger messages keep a pointer only.",
         lo=0,
         hi=64 * 1024 * 1024,
+    )
+    dlq_max_entries: int = _setting(
+        10_000, "Most entries the dead-letter stream keeps; the oldest make room (1..10^9)."
+    )
+    dlq_max_bytes: int = _setting(
+        256 * 1024 * 1024,
+        "Most bytes (field sizes) the dead-letter stream keeps; the oldest make room. "
+        "At least 2 entries of `SHARDWORKER_DLQ_MAX_RAW_BYTES` in base64, at most 64 GiB.",
     )
     # Providers and mail loops (docs/providers.md)
     gmail_all_mail: bool = _setting(
@@ -513,6 +543,7 @@ def _check_cross_fields(s: Settings) -> None:
             f"{env_name('backpressure_max_lag')}: must be below SHARDWORKER_STREAM_MAXLEN, "
             "or unread entries could be trimmed"
         )
+    _validate_footprint(s)
     if s.idle_refresh_s > 29 * 60 or s.idle_refresh_s >= s.dead_after_s:
         raise ConfigError(
             f"{env_name('idle_refresh_s')}: must be at most 29 min and below "
@@ -538,6 +569,35 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"{env_name('log_level')}: expected one of {sorted(_LOG_LEVELS)}")
     _check_connections(s)
     _check_cross_fields(s)
+
+
+PAYLOAD_MODES = ("full", "pointer")
+DLQ_ENTRY_OVERHEAD_BYTES = 64 * 1024  # reason, pointer and the other small fields
+
+
+def _validate_footprint(s: Settings) -> None:
+    """Bounds of what shardworker keeps in the Redis it shares with Alga (docs/redis-sizing.md)."""
+    if s.payload_mode not in PAYLOAD_MODES:
+        raise ConfigError(f"{env_name('payload_mode')}: expected one of {list(PAYLOAD_MODES)}")
+    if s.payload_mode == "pointer" and not s.publish_pointer_queue:
+        raise ConfigError(
+            f"{env_name('payload_mode')}: pointer needs SHARDWORKER_PUBLISH_POINTER_QUEUE=true, "
+            "or nobody could fetch the attachments"
+        )
+    if not 1 <= s.housekeeping_s <= 3600:  # also refuses NaN
+        raise ConfigError(f"{env_name('housekeeping_s')}: must be 1..3600 seconds")
+    if not 0 <= s.stream_keep_without_group <= 10**9:
+        raise ConfigError(f"{env_name('stream_keep_without_group')}: must be 0..10^9")
+    if s.stream_max_bytes > 1024**4:
+        raise ConfigError(f"{env_name('stream_max_bytes')}: must be at most 1 TiB")
+    if not 1 <= s.dlq_max_entries <= 10**9:
+        raise ConfigError(f"{env_name('dlq_max_entries')}: must be 1..10^9")
+    one_entry = s.dlq_max_raw_bytes * 4 // 3 + DLQ_ENTRY_OVERHEAD_BYTES
+    if not 2 * one_entry <= s.dlq_max_bytes <= 64 * 1024**3:
+        raise ConfigError(
+            f"{env_name('dlq_max_bytes')}: must hold two entries of SHARDWORKER_DLQ_MAX_RAW_BYTES "
+            f"({2 * one_entry} bytes) and be at most 64 GiB"
+        )
 
 
 def _validate_loops(s: Settings) -> None:

@@ -19,7 +19,7 @@ import redis
 from shardworker.config import Settings
 from shardworker.errors import FencedError
 from shardworker.sink import SINKS, SinkFactory
-from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult
+from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult, Settled
 from shardworker.sink.redis_streams import (
     POINTER_QUEUE,
     WORKFLOW_STREAM,
@@ -46,6 +46,13 @@ class MemorySink:
 
     def backpressured(self) -> bool:
         return self.lagging
+
+    def settle(self, settled: Sequence[Settled]) -> None:
+        with self.lock:
+            for s in settled:
+                self.by_uid.pop((s.provider_id, s.folder, s.uid_validity, s.uid), None)
+                if s.message_id:
+                    self.by_message_id.pop((s.provider_id, s.message_id), None)
 
     def _check(self, fence: Fence | None, count: int) -> None:
         if fence is not None and self.leases.get(fence.lease_key) != fence.token:
@@ -92,8 +99,9 @@ def with_memory_sink(sink: MemorySink) -> Mapping[str, SinkFactory]:
 class RedisHarness:
     """Drives and observes the Redis Streams sink for the interface tests."""
 
-    def __init__(self, client: redis.Redis, settings: Settings) -> None:
+    def __init__(self, client: redis.Redis, settings: Settings, tenant: str) -> None:
         self.client = client
+        self.tenant = tenant
         self.sink = RedisStreamsSink(client, settings)
 
     def hold(self, fence: Fence, token: str | None = None) -> None:
@@ -114,11 +122,11 @@ class RedisHarness:
         )
 
     def known(self, provider_id: str, folder: str, uid_validity: int, uid: int) -> str | None:
-        raw = self.client.get(uid_key(provider_id, folder, uid_validity, uid))
+        raw = self.client.get(uid_key(self.tenant, provider_id, folder, uid_validity, uid))
         return None if raw is None else raw.decode()
 
     def message_id_known(self, provider_id: str, message_id: str) -> bool:
-        return bool(self.client.exists(message_id_key(provider_id, message_id)))
+        return bool(self.client.exists(message_id_key(self.tenant, provider_id, message_id)))
 
 
 class MemoryHarness:

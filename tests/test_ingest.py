@@ -154,7 +154,7 @@ def test_published_but_not_checkpointed_is_not_published_again(make_rig: Any, do
     r.stop()
     uid = dovecot.append(user, "INBOX", make_mail(message_id="<crash@example.com>"))
     validity = dovecot.folder_status(user, "INBOX")["UIDVALIDITY"]
-    r.redis.set(uid_key(pid, "INBOX", validity, uid), "1700000000000-0")
+    r.redis.set(uid_key(r.tenant, pid, "INBOX", validity, uid), "1700000000000-0")
     r.start()
     wait_until(lambda: r.ledger(pid), timeout_s=10)
     assert events(r.redis) == []

@@ -5,6 +5,7 @@ The exactly-once and fencing rules every sink keeps are tested in test_sink.py."
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import shutil
 import subprocess
@@ -104,10 +105,22 @@ def test_iso_ms_formats_milliseconds_in_utc() -> None:
     assert iso_ms(datetime(2026, 1, 1, 0, 0, 0, 999999)) == "2026-01-01T00:00:00.999Z"
 
 
-def test_dedupe_keys_share_the_provider_hash_tag() -> None:
-    assert uid_key(PROVIDER, "INBOX", 42, 7) == f"sw:pub:{{{PROVIDER}}}:INBOX:42:7"
+def test_dedupe_keys_carry_tenant_and_provider_in_one_hash_tag() -> None:
+    tag = f"{{{TENANT}:{PROVIDER}}}"
+    assert uid_key(TENANT, PROVIDER, "INBOX", 42, 7) == f"sw:pub:{tag}:INBOX:42:7"
     digest = hashlib.sha1(b"<a@b>").hexdigest()
-    assert message_id_key(PROVIDER, "<a@b>") == f"sw:mid:{{{PROVIDER}}}:{digest}"
+    assert message_id_key(TENANT, PROVIDER, "<a@b>") == f"sw:mid:{tag}:{digest}"
+
+
+def test_the_same_provider_id_in_two_tenants_never_dedupes_across(
+    redis_client: redis.Redis,
+) -> None:
+    sink = RedisStreamsSink(redis_client, make_settings())
+    [mine] = sink.publish_batch([outbound(1)], None)
+    other = dataclasses.replace(outbound(1), tenant="1c2d3e4f-0000-4000-8000-000000000001")
+    [theirs] = sink.publish_batch([other], None)
+    assert not mine.duplicate and not theirs.duplicate
+    assert theirs.stream_id != mine.stream_id
 
 
 def test_zero_dedupe_ttl_is_refused(redis_client: redis.Redis) -> None:
@@ -196,7 +209,7 @@ def test_duplicates_write_no_pointer_job_and_dedupe_keys_expire(redis_client: re
     sink.publish_batch([outbound(1), outbound(2)], None)
     sink.publish_batch([outbound(2), outbound(1), outbound(3)], None)
     assert redis_client.llen(POINTER_QUEUE) == 3
-    ttl_ms = redis_client.pttl(uid_key(PROVIDER, "INBOX", 42, 1))
+    ttl_ms = redis_client.pttl(uid_key(TENANT, PROVIDER, "INBOX", 42, 1))
     assert 0 < ttl_ms <= 7 * 86400 * 1000
 
 
@@ -204,7 +217,9 @@ def test_a_copy_in_another_folder_records_its_own_uid_key(redis_client: redis.Re
     sink = RedisStreamsSink(redis_client, make_settings())
     [first] = sink.publish_batch([outbound(5, folder="INBOX")], None)
     sink.publish_batch([outbound(900, folder="Archive", message_id="<msg-5@example.com>")], None)
-    assert redis_client.get(uid_key(PROVIDER, "Archive", 42, 900)) == first.stream_id.encode()
+    assert (
+        redis_client.get(uid_key(TENANT, PROVIDER, "Archive", 42, 900)) == first.stream_id.encode()
+    )
 
 
 # Dead letters

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 STREAM = "workflow:events:global"
-UID_KEY = "sw:pub:{p}:INBOX:1:1"
-MID_KEY = "sw:mid:{p}:abc"
+UID_KEY = "sw:pub:{t:p}:INBOX:1:1"
+MID_KEY = "sw:mid:{t:p}:abc"
 BUS = "alga-psa:event-stream:global:INBOUND_EMAIL_RECEIVED"
 QUEUE = "email:inbound:unified:pointer:ready"
 FIELDS = ["event_id", "e1", "payload_json", "{}"]

@@ -32,7 +32,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Any]:
         yield MemoryHarness()
     else:
         client: redis.Redis = request.getfixturevalue("redis_client")
-        yield RedisHarness(client, make_settings())
+        yield RedisHarness(client, make_settings(), TENANT)
 
 
 def letter(uid: int, folder: str = "Spam Box") -> DeadLetter:

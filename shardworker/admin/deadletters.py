@@ -34,7 +34,7 @@ from shardworker.db.store import Pool, Store
 from shardworker.errors import ConflictError, NotFoundError, ParseError
 from shardworker.logs import get_logger
 from shardworker.mime import Caps, build_payload, parse_message
-from shardworker.sink.base import Outbound
+from shardworker.sink.base import Outbound, Settled
 from shardworker.sink.redis_streams import RedisStreamsSink, uid_key
 
 log = get_logger(__name__)
@@ -153,6 +153,9 @@ class DeadLetters:
                           "message_id": outbound.message_id,
                           "reason": _replay_reason(entry_id)}  # fmt: skip
                 conn.execute(_SET_ROW, {**row, **change})
+        if locked is not None:  # committed: the ledger answers for it now
+            settled = Settled(tenant, pid, folder, uv, uid, outbound.message_id)
+            RedisStreamsSink(self.client, self.settings).settle([settled])
         log.info("dead_letter_replayed", provider_id=pid, folder=folder, uid=uid,
                  entry_id=entry_id, status=status)  # fmt: skip
         return {"entry_id": entry_id, "status": status, "stream_id": stream_id,
@@ -181,7 +184,7 @@ class DeadLetters:
         known = self.store.known_message_ids(out.tenant, out.provider_id, [out.message_id])
         if out.message_id in known:
             return "duplicate", known[out.message_id]
-        key = uid_key(out.provider_id, out.folder, out.uid_validity, out.uid)
+        key = uid_key(out.tenant, out.provider_id, out.folder, out.uid_validity, out.uid)
         self._clear(keys=[key], args=["dlq:" + entry_id])
         [result] = RedisStreamsSink(self.client, self.settings).publish_batch([out], None)
         if result.dead_lettered:

@@ -19,6 +19,7 @@ from shardworker.budget import DailyByteBudget
 from shardworker.config import Settings
 from shardworker.db.status import StatusWriter
 from shardworker.db.store import FolderCursor, ProviderConfig, Store
+from shardworker.engine.claims import MessageIdClaims
 from shardworker.engine.resync import run_jobs
 from shardworker.engine.state import ProviderRuntime, Slot
 from shardworker.engine.sync import FolderSync, SyncContext, SyncResult
@@ -91,6 +92,8 @@ class CycleDeps:
     gate: MessageGate | None = field(default=None, repr=False)
     # Where Gmail's daily byte budgets are counted (None: no budget).
     redis: redis.Redis | None = field(default=None, repr=False)
+    # Message-IDs between their ledger check and their commit (engine/claims.py).
+    claims: MessageIdClaims = field(default_factory=MessageIdClaims, repr=False)
 
 
 def provider_error(err: ShardworkerError, cfg: ProviderConfig) -> ShardworkerError:
@@ -197,6 +200,7 @@ class Cycle:
             gate=d.gate,
             gmail_labels=provider.gmail_labels,
             budget=provider.budget,
+            claims=d.claims,
         )
 
     def _connect(self, slot: Slot, out: Outcome) -> None:

@@ -20,6 +20,7 @@ from shardworker import metrics
 from shardworker.budget import DailyByteBudget
 from shardworker.config import Settings
 from shardworker.db.store import FolderCursor, LedgerEntry, ProviderConfig, Store
+from shardworker.engine.claims import MessageIdClaims
 from shardworker.errors import ParseError
 from shardworker.gate import MessageGate
 from shardworker.imap.dialects import apply_gmail, wanted_in_all_mail
@@ -34,7 +35,7 @@ from shardworker.mime import (
     parse_message,
     plan_large_fetch,
 )
-from shardworker.sink.base import DeadLetter, Fence, Outbound, Sink
+from shardworker.sink.base import DeadLetter, Fence, Outbound, Settled, Sink
 
 log = get_logger(__name__)
 
@@ -82,6 +83,8 @@ class SyncContext:
     gmail_labels: frozenset[str] | None = None
     # Gmail: the account's daily download budget (live fetches are counted against it).
     budget: DailyByteBudget | None = field(default=None, repr=False)
+    # Shared by every sync thread of the process (engine.claims): one provider's folders.
+    claims: MessageIdClaims = field(default_factory=MessageIdClaims, repr=False)
 
     @property
     def epoch(self) -> int | None:
@@ -208,25 +211,47 @@ class FolderSync:
             p.tenant, p.provider_id, folder, cursor.uid_validity, [m.uid for m in batch]
         )
         todo = [m for m in batch if m.uid not in known]
-        entries = self._publish(cursor.uid_validity, todo, result) if todo else []
-        if not entries and not always:
-            return
-        self.ctx.store.commit_batch(
-            p.tenant, p.provider_id, folder, cursor.uid_validity, entries, checkpoint_uid,
-            self.ctx.epoch,
-        )  # fmt: skip
+        with contextlib.ExitStack() as claims:
+            entries = self._publish(cursor.uid_validity, todo, result, claims) if todo else []
+            if not entries and not always:
+                return
+            self.ctx.store.commit_batch(
+                p.tenant, p.provider_id, folder, cursor.uid_validity, entries, checkpoint_uid,
+                self.ctx.epoch,
+            )  # fmt: skip
+            self._settle(cursor.uid_validity, entries)
         if entries:
             log.info(
                 "published", **self.log_fields, count=len(entries), first_uid=batch[0].uid,
                 last_uid=batch[-1].uid, epoch=self.ctx.epoch, backfill=backfill,
             )  # fmt: skip
 
+    def _settle(self, uid_validity: int, entries: list[LedgerEntry]) -> None:
+        """The ledger holds these now: the sink may drop its dedupe state for them."""
+        p, folder = self.ctx.provider, self.session.folder
+        settled = [
+            Settled(p.tenant, p.provider_id, folder, uid_validity, e.uid,
+                    "" if e.status == "dead_lettered" else e.message_id)
+            for e in entries
+        ]  # fmt: skip
+        if settled:
+            self.ctx.sink.settle(settled)
+
     def _publish(
-        self, uid_validity: int, todo: list[MessageInfo], result: SyncResult
-    ) -> list[LedgerEntry]:
+        self, uid_validity: int, todo: list[MessageInfo], result: SyncResult,
+        claims: contextlib.ExitStack,
+    ) -> list[LedgerEntry]:  # fmt: skip
         parsed, entries = self._fetch_and_parse(uid_validity, todo, result)
         info_of = {m.uid: m for m in todo}
         keyed = [(info_of[uid], mail, _identity(info_of[uid], mail)) for uid, mail in parsed]
+        # Claimed before the ledger is asked, held until the commit (engine/claims.py).
+        claims.enter_context(
+            self.ctx.claims.hold(
+                self.ctx.provider.tenant,
+                self.ctx.provider.provider_id,
+                [key for _, _, key in keyed],
+            )
+        )
         mids = self.ctx.store.known_message_ids(
             self.ctx.provider.tenant,
             self.ctx.provider.provider_id,

@@ -4,8 +4,8 @@
 -- atomically, so a crash or a retried pipeline can never write an event twice.
 --
 -- KEYS[1]  workflow stream (workflow:events:global)
--- KEYS[2]  per-UID dedupe key    sw:pub:{<provider_id>}:<folder>:<uidvalidity>:<uid>
--- KEYS[3]  per-Message-ID key    sw:mid:{<provider_id>}:<sha1 hex of Message-ID>
+-- KEYS[2]  per-UID dedupe key    sw:pub:{<tenant>:<provider_id>}:<folder>:<uidvalidity>:<uid>
+-- KEYS[3]  per-Message-ID key    sw:mid:{<tenant>:<provider_id>}:<sha1 hex of Message-ID>
 --          (equal to KEYS[2] when the message has no Message-ID)
 -- KEYS[4]  lease key sw:lease:<tenant>:<provider_id>; read only when ARGV[1] ~= ''
 -- KEYS[5]  event-bus stream; written only when ARGV[4] == '1'

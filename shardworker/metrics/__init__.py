@@ -46,7 +46,8 @@ from prometheus_client.registry import Collector
 
 from shardworker import errors
 from shardworker.logs import get_logger
-from shardworker.metrics import providers
+from shardworker.metrics import footprint, providers
+from shardworker.metrics.footprint import dead_letters_trimmed as dead_letters_trimmed
 
 log = get_logger(__name__)
 # `_created` series only exist in single-process mode; they would make in-process (test)
@@ -311,6 +312,7 @@ def use_multiprocess_dir(configured: str) -> MultiprocessDir:
         # The value class is chosen per metric at creation: rebuild with the mmap one.
         values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
         _families = _leader_families = None
+    footprint.reset()
     return target
 
 
@@ -331,6 +333,7 @@ def render(extra: Collector | None = None) -> bytes:
         registry.register(_m().registry)
         if _leader_families is not None:
             registry.register(_leader_families.registry)
+        registry.register(footprint.families().registry)
     if extra is not None:
         registry.register(extra)
     return generate_latest(registry)

@@ -38,8 +38,9 @@ class Caps:
             max_attachment_bytes=s.max_attachment_bytes,
             max_total_attachment_bytes=s.max_total_attachment_bytes,
             max_attachments=s.max_attachments,
-            include_attachment_content=s.include_attachment_content,
-            include_raw_mime=s.include_raw_mime,
+            # payload_mode=pointer: content stays on the server, behind the pointer job.
+            include_attachment_content=s.include_attachment_content and s.payload_mode == "full",
+            include_raw_mime=s.include_raw_mime and s.payload_mode == "full",
             resolve_list_sender=s.resolve_list_original_sender,
         )
 

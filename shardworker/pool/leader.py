@@ -32,6 +32,7 @@ from shardworker.errors import LeaseLostError, ShardworkerError
 from shardworker.logs import get_logger
 from shardworker.pool.assign import plan_assignment
 from shardworker.pool.registry import Assignment, Registry
+from shardworker.sink.housekeeping import Housekeeper
 
 log = get_logger(__name__)
 
@@ -66,6 +67,7 @@ class Leader:
         self._last_mirror = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.housekeeping = Housekeeper(registry.client, settings, clock)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -114,6 +116,7 @@ class Leader:
         self.rebalance(token)
         self.stats.last_round_s = self.clock() - started
         metrics.observe_rebalance(self.stats.last_round_s)
+        self.housekeeping.run_due()
 
     def _step_down(self, reason: str) -> None:
         if self.token is not None:

@@ -82,6 +82,22 @@ class DeadLetter:
     raw: bytes | None
 
 
+@dataclass(frozen=True)
+class Settled:
+    """A message the ledger now records (published, duplicate or dead-lettered).
+
+    ``message_id`` is '' when the sink keeps no Message-ID state for it (none, or a
+    dead letter).
+    """
+
+    tenant: str
+    provider_id: str
+    folder: str
+    uid_validity: int
+    uid: int
+    message_id: str
+
+
 class Sink(Protocol):
     """Where events go.  One instance per process, safe to share between sync threads."""
 
@@ -101,6 +117,14 @@ class Sink(Protocol):
         """Record a poison message once per UID and mark the UID done; returns its id.
 
         A second call for the same UID returns the first id.  FencedError as above.
+        """
+        ...
+
+    def settle(self, settled: Sequence[Settled]) -> None:
+        """The ledger committed these: drop the dedupe state kept for them.
+
+        Called after the ledger commit, never before; best effort (a failure leaves the
+        state to expire on its own).  From then on the ledger answers for them.
         """
         ...
 

@@ -34,7 +34,7 @@ from shardworker.config import Settings
 from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.logs import get_logger
 from shardworker.luasource import lua_source
-from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult
+from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult, Settled
 
 log = get_logger(__name__)
 
@@ -50,13 +50,29 @@ _STATUS_WRITTEN, _STATUS_DUPLICATE, _STATUS_DEAD_LETTERED = 0, 1, 2
 _URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
 
 
-def uid_key(provider_id: str, folder: str, uid_validity: int, uid: int) -> str:
-    return f"sw:pub:{{{provider_id}}}:{folder}:{uid_validity}:{uid}"
+def uid_key(tenant: str, provider_id: str, folder: str, uid_validity: int, uid: int) -> str:
+    """The per-UID dedupe key.  It carries the tenant: provider ids are unique per tenant
+    only, and two tenants' providers must never answer for each other."""
+    return f"sw:pub:{{{tenant}:{provider_id}}}:{folder}:{uid_validity}:{uid}"
 
 
-def message_id_key(provider_id: str, message_id: str) -> str:
+def message_id_key(tenant: str, provider_id: str, message_id: str) -> str:
     digest = hashlib.sha1(message_id.encode("utf-8", "surrogatepass")).hexdigest()
-    return f"sw:mid:{{{provider_id}}}:{digest}"
+    return f"sw:mid:{{{tenant}:{provider_id}}}:{digest}"
+
+
+def event_bus_stream(settings: Settings) -> str:
+    return f"{settings.redis_prefix}{settings.event_stream_prefix}{EVENT_BUS_CHANNEL}:{EVENT_TYPE}"
+
+
+# Set by the leader's housekeeping (sink/housekeeping.py) while the workflow stream is over
+# SHARDWORKER_STREAM_MAX_BYTES; expires by itself.  Read by every backpressure check.
+FULL_FLAG = "sw:footprint:full"
+
+
+def dlq_bytes_key(dlq_stream: str) -> str:
+    """The dead-letter stream's byte counter (``lua/dead_letter.lua``)."""
+    return f"{dlq_stream}:bytes"
 
 
 def iso_ms(moment: datetime) -> str:
@@ -186,9 +202,7 @@ class RedisStreamsSink:
         self._clock = clock
         self._publish = _Script("publish.lua")
         self._dead_letter = _Script("dead_letter.lua")
-        self._event_bus_stream = (
-            f"{settings.redis_prefix}{settings.event_stream_prefix}{EVENT_BUS_CHANNEL}:{EVENT_TYPE}"
-        )
+        self._event_bus_stream = event_bus_stream(settings)
         self._ttl_ms = str(settings.dedupe_ttl_s * 1000)
         self._backpressure: tuple[float, bool] | None = None
 
@@ -218,9 +232,11 @@ class RedisStreamsSink:
         except orjson.JSONEncodeError as exc:
             raise PublishError(f"payload of UID {out.uid} is not JSON-serialisable: {exc}") from exc
         job = pointer_job(out, datetime.now(UTC)) if s.publish_pointer_queue else b""
-        own_key = uid_key(out.provider_id, out.folder, out.uid_validity, out.uid)
+        own_key = uid_key(out.tenant, out.provider_id, out.folder, out.uid_validity, out.uid)
         # No Message-ID means no identity across folders: the UID key stands in for it.
-        mid_key = message_id_key(out.provider_id, out.identity) if out.identity else own_key
+        mid_key = (
+            message_id_key(out.tenant, out.provider_id, out.identity) if out.identity else own_key
+        )
         keys = [
             WORKFLOW_STREAM,
             own_key,
@@ -285,6 +301,24 @@ class RedisStreamsSink:
             pending = missing
         raise PublishError(f"Redis keeps losing the {script.name} script (SCRIPT FLUSH loop?)")
 
+    def settle(self, settled: Sequence[Settled]) -> None:
+        """Delete the per-UID and per-Message-ID keys of committed messages in one round trip.
+
+        The keys exist only for the window between the XADD and the ledger commit; once the
+        ledger holds a message, it answers for it (docs/DESIGN.md, "Lean dedupe state").
+        """
+        keys = [uid_key(s.tenant, s.provider_id, s.folder, s.uid_validity, s.uid) for s in settled]
+        keys += [
+            message_id_key(s.tenant, s.provider_id, s.message_id) for s in settled if s.message_id
+        ]
+        if not keys:
+            return
+        try:
+            self._client.unlink(*keys)
+        except RedisError as exc:
+            # Harmless: the keys expire after dedupe_ttl_s, and the ledger answers already.
+            log.warning("dedupe_settle_failed", keys=len(keys), error=_scrub(str(exc)))
+
     # Dead letters
 
     def dead_letter(self, letter: DeadLetter, fence: Fence | None) -> str:
@@ -312,16 +346,29 @@ class RedisStreamsSink:
             fields += ["pointer", imap_pointer(provider_id, folder, uid_validity, uid)]
         keys = [
             self._settings.dlq_stream,
-            uid_key(provider_id, folder, uid_validity, uid),
+            uid_key(tenant, provider_id, folder, uid_validity, uid),
             fence.lease_key if fence else "",
+            dlq_bytes_key(self._settings.dlq_stream),
         ]
-        args: list[str | bytes] = [fence.token if fence else "", self._ttl_ms, *fields]
+        args: list[str | bytes] = [
+            fence.token if fence else "",
+            self._ttl_ms,
+            str(self._settings.dlq_max_entries),
+            str(self._settings.dlq_max_bytes),
+            *fields,
+        ]
         replies = self._run(self._dead_letter, [(keys, args)], "dead-letter")
         self._raise_fenced(replies, fence, 1)
         if isinstance(replies[0], Exception):
             raise PublishError(f"dead-letter of UID {uid} failed: {_scrub(str(replies[0]))}")
+        entry_id, trimmed = _text(replies[0][0]), int(replies[0][1])
         metrics.dead_lettered(letter.reason)
-        return _text(replies[0])
+        if trimmed:
+            metrics.dead_letters_trimmed(trimmed)
+            log.warning("dead_letters_trimmed", count=trimmed, provider_id=provider_id,
+                        folder=folder, max_entries=self._settings.dlq_max_entries,
+                        max_bytes=self._settings.dlq_max_bytes)  # fmt: skip
+        return entry_id
 
     # Consumer groups and backpressure
 
@@ -378,14 +425,19 @@ class RedisStreamsSink:
         return max(0, min(length, int(added) - int(read)))
 
     def backpressured(self) -> bool:
-        """``backlog() > backpressure_max_lag``, cached for a second: cheap per batch."""
+        """``backlog() > backpressure_max_lag``, or the stream is over its byte cap (the
+        housekeeping flag); cached for ``backpressure_check_s``: cheap per batch."""
         now = self._clock()
         cached = self._backpressure
         if cached is not None and now - cached[0] < self._settings.backpressure_check_s:
             return cached[1]
-        verdict = self.backlog() > self._settings.backpressure_max_lag
+        verdict = self.backlog() > self._settings.backpressure_max_lag or self._stream_full()
         self._backpressure = (now, verdict)
         return verdict
+
+    def _stream_full(self) -> bool:
+        with _redis_errors("EXISTS"):
+            return bool(self._client.exists(FULL_FLAG))
 
 
 def _is_fenced(error: ResponseError) -> bool:
