@@ -274,15 +274,23 @@ class Settings:
         "stream keeps (comma-separated); read entries are trimmed (docs/redis-sizing.md).",
     )
     stream_keep_without_group: int = _setting(
-        10_000, "Entries the workflow stream keeps while none of those groups exists."
+        10_000,
+        "Entries the workflow stream keeps while none of those groups exists.",
+        lo=1,
+        hi=1e9,
     )
     stream_max_bytes: int = _setting(
         2 * 1024**3,
         "Memory cap of the workflow stream: above it fetching stops (nothing unread is "
         "trimmed); 0 disables it.",
+        lo=0,
+        hi=1024 * _GIB,
     )
     housekeeping_s: float = _setting(
-        10.0, "How often the leader trims streams and samples Redis memory (1..3600 s)."
+        10.0,
+        "How often the leader trims streams and samples Redis memory (1..3600 s).",
+        lo=1,
+        hi=3600,
     )
     sink: str = _setting(
         "redis-streams", "Where events go: `redis-streams` (Alga's workflow stream)."
@@ -333,12 +341,17 @@ class Settings:
         hi=64 * 1024 * 1024,
     )
     dlq_max_entries: int = _setting(
-        10_000, "Most entries the dead-letter stream keeps; the oldest make room (1..10^9)."
+        10_000,
+        "Most entries the dead-letter stream keeps; the oldest make room (1..10^9).",
+        lo=1,
+        hi=1e9,
     )
     dlq_max_bytes: int = _setting(
         256 * 1024 * 1024,
         "Most bytes (field sizes) the dead-letter stream keeps; the oldest make room. "
         "At least 2 entries of `SHARDWORKER_DLQ_MAX_RAW_BYTES` in base64, at most 64 GiB.",
+        lo=1,
+        hi=64 * _GIB,
     )
     # Providers and mail loops (docs/providers.md)
     gmail_all_mail: bool = _setting(

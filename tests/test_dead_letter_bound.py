@@ -66,9 +66,9 @@ def test_the_uid_mark_carries_the_tenant(redis_client: redis.Redis) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"SHARDWORKER_DLQ_MAX_ENTRIES": "0"}, "SHARDWORKER_DLQ_MAX_ENTRIES: must be 1..10"),
+        ({"SHARDWORKER_DLQ_MAX_ENTRIES": "0"}, "SHARDWORKER_DLQ_MAX_ENTRIES: must be at least 1"),
         ({"SHARDWORKER_DLQ_MAX_BYTES": "1000"}, "SHARDWORKER_DLQ_MAX_BYTES: must hold two"),
-        ({"SHARDWORKER_DLQ_MAX_BYTES": str(65 * 1024**3)}, "at most 64 GiB"),
+        ({"SHARDWORKER_DLQ_MAX_BYTES": str(65 * 1024**3)}, "DLQ_MAX_BYTES: must be at most"),
     ],
 )
 def test_bounds_are_validated(env: dict[str, str], message: str) -> None:

@@ -119,9 +119,9 @@ def test_evictions_and_restarts_are_counted(redis_client: redis.Redis) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"SHARDWORKER_HOUSEKEEPING_S": "0.5"}, "HOUSEKEEPING_S: must be 1..3600"),
+        ({"SHARDWORKER_HOUSEKEEPING_S": "0.5"}, "HOUSEKEEPING_S: must be at least 1"),
         ({"SHARDWORKER_HOUSEKEEPING_S": "nan"}, "HOUSEKEEPING_S"),
-        ({"SHARDWORKER_STREAM_MAX_BYTES": str(2 * 1024**4)}, "at most 1 TiB"),
+        ({"SHARDWORKER_STREAM_MAX_BYTES": str(2 * 1024**4)}, "STREAM_MAX_BYTES: must be at most"),
     ],
 )
 def test_bounds_are_validated(env: dict[str, str], message: str) -> None:
