@@ -70,6 +70,20 @@ class Settings:
     redis_sentinel_master: str = _setting(
         "", "Sentinel master name to connect to; required with `SHARDWORKER_REDIS_SENTINELS`."
     )
+    redis_wait_replicas: int = _setting(
+        -1,
+        "Replicas that must acknowledge a publish (Redis `WAIT`) before it is checkpointed, "
+        "so a failover cannot lose it; -1: one when `SHARDWORKER_REDIS_SENTINELS` is set, "
+        "none otherwise. Only replicas the primary sees connected are waited for.",
+        lo=-1,
+        hi=16,
+    )
+    redis_wait_ms: int = _setting(
+        1000,
+        "How long a publish waits for those replicas before it fails and is retried.",
+        lo=1,
+        hi=60_000,
+    )
     # Secrets
     secret_keys: str = _setting(
         "",

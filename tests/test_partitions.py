@@ -87,12 +87,6 @@ def test_a_pod_cut_off_from_postgres_hands_its_providers_over(postgres_cut: Phas
     assert postgres_cut.takeover_s is not None, postgres_cut.unserved
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a checkpoint is committed before the stream entry reached a replica: a failover "
-    "to a replica that missed it loses the message for good (docs/partitions.md); needs WAIT "
-    "before commit_batch in the publish path",
-)
 def test_a_lossy_redis_failover_loses_and_repeats_nothing(runner: PhaseRunner) -> None:
     p = runner.run(FAULTS["redis_failover"])
     assert p.failover["lost_replication_bytes"] > 0, "the replica was not behind"

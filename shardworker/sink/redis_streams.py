@@ -35,6 +35,7 @@ from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.logs import get_logger
 from shardworker.luasource import lua_source
 from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult, Settled
+from shardworker.sink.replication import ReplicaWait
 
 log = get_logger(__name__)
 
@@ -198,6 +199,7 @@ class RedisStreamsSink:
             # PX 0 would fail inside the script after the XADD: published but not deduped.
             raise ConfigError("SHARDWORKER_DEDUPE_TTL_S: must be at least 1 second")
         self._client = client
+        self._replicas = ReplicaWait(client, settings, clock)
         self._settings = settings
         self._clock = clock
         self._publish = _Script("publish.lua")
@@ -221,7 +223,9 @@ class RedisStreamsSink:
         with metrics.publish_round_trip():
             replies = self._run(self._publish, calls, "publish")
             self._raise_fenced(replies, fence, len(batch))
-            return [self._publish_result(o, r) for o, r in zip(batch, replies, strict=True)]
+            results = [self._publish_result(o, r) for o, r in zip(batch, replies, strict=True)]
+            self._replicas.ensure("publish")
+            return results
 
     def _publish_call(self, out: Outbound, fence: Fence | None) -> _Call:
         s = self._settings
@@ -362,6 +366,7 @@ class RedisStreamsSink:
         if isinstance(replies[0], Exception):
             raise PublishError(f"dead-letter of UID {uid} failed: {_scrub(str(replies[0]))}")
         entry_id, trimmed = _text(replies[0][0]), int(replies[0][1])
+        self._replicas.ensure("dead-letter")
         metrics.dead_lettered(letter.reason)
         if trimmed:
             metrics.dead_letters_trimmed(trimmed)
