@@ -94,8 +94,22 @@ def test_release_never_deletes_a_successors_lease(env: dict[str, Any]) -> None:
     a.acquire([(tenant, pid)])
     time.sleep(0.3)
     [lease] = b.acquire([(tenant, pid)])
-    assert a.release([pid]) == 0
+    assert a.holds(f"{tenant}:{pid}")  # a has not noticed yet
+    assert a.release([f"{tenant}:{pid}"]) == 0
     assert env["redis"].get(lease_key(tenant, pid)).decode() == lease.token
+
+
+def test_the_same_provider_id_in_two_tenants_is_two_leases(env: dict[str, Any]) -> None:
+    pid, tenants = str(uuid.uuid4()), [env["tenant"], str(uuid.uuid4())]
+    a, b = manager(env, "pod-a/0"), manager(env, "pod-b/0")
+    [first] = a.acquire([(tenants[0], pid)])
+    [second] = b.acquire([(tenants[1], pid)])  # not blocked by the other tenant's lease
+    assert first.key != second.key and {first.epoch, second.epoch} == {1}
+    assert a.holds(f"{tenants[0]}:{pid}") and not a.holds(f"{tenants[1]}:{pid}")
+    assert a.release([f"{tenants[1]}:{pid}"]) == 0  # not a's: nothing released
+    assert env["redis"].get(second.key).decode() == second.token
+    assert a.release([f"{tenants[0]}:{pid}"]) == 1
+    assert env["redis"].get(first.key) is None and b.renew() == []
 
 
 def test_leases_count_as_lost_when_renewals_fail_past_the_ttl(env: dict[str, Any]) -> None:

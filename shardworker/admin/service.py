@@ -33,6 +33,7 @@ from shardworker.admin.validate import (
     validate_patch,
 )
 from shardworker.config import Settings
+from shardworker.db.models import provider_key
 from shardworker.db.store import Pool, Store
 from shardworker.errors import SecretNotFoundError, ValidationError
 from shardworker.imap.connect import Credentials, security_mode, tls_context
@@ -139,7 +140,7 @@ class AdminService:
             kind: "stored" if secret_name(kind, pid) in stored else "external"
             for kind in _SECRETS_BY_AUTH.get(row["auth_type"], ())
         }
-        row["owner"] = owners.get(pid)
+        row["owner"] = owners.get(provider_key(row["tenant"], pid))
         return row
 
     # -- writing -------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class AdminService:
 
     def _reconnect_after_update(self, tenant: str, pid: str) -> dict[str, Any] | None:
         """New credentials must replace the owner's cached ones now, not at the next failure."""
-        if self.bus.owner(pid) is None:
+        if self.bus.owner(tenant, pid) is None:
             return None  # not served: the next owner reads the new row anyway
         return self.bus.send(tenant, pid, "reconnect", {})
 

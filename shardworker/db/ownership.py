@@ -17,8 +17,10 @@ class OwnershipStore:
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
 
-    def acquire_epochs(self, items: Sequence[tuple[str, str]], owner: str) -> dict[str, int]:
-        """New, larger fencing epochs for (tenant, provider_id) pairs; provider_id → epoch."""
+    def acquire_epochs(
+        self, items: Sequence[tuple[str, str]], owner: str
+    ) -> dict[tuple[str, str], int]:
+        """New, larger fencing epochs for (tenant, provider_id) pairs, keyed by the pair."""
         if not items:
             return {}
         tenants = [t for t, _ in items]
@@ -31,10 +33,10 @@ class OwnershipStore:
                 "AS x(t, p) ON CONFLICT (tenant, provider_id) DO UPDATE SET "
                 "fencing_epoch = shardworker_provider_state.fencing_epoch + 1, "
                 "owner = EXCLUDED.owner, updated_at = now() "
-                "RETURNING provider_id::text, fencing_epoch",
+                "RETURNING tenant::text, provider_id::text, fencing_epoch",
                 {"owner": owner, "tenants": tenants, "pids": pids},
             ).fetchall()
-        return {str(pid): int(epoch) for pid, epoch in rows}
+        return {(str(t), str(pid)): int(epoch) for t, pid, epoch in rows}
 
     def servable(self) -> list[tuple[str, str]]:
         """(tenant, provider_id) of every active, unpaused IMAP provider not leased elsewhere.
@@ -54,16 +56,16 @@ class OwnershipStore:
             ).fetchall()
         return [(str(t), str(p)) for t, p in rows]
 
-    def alga_leased(self) -> set[str]:
-        """Providers held by a live lease of another service (Alga's own listener)."""
+    def alga_leased(self) -> set[tuple[str, str]]:
+        """(tenant, provider_id) held by a live lease of another service (Alga's listener)."""
         with self._pool.connection() as conn:
             rows = conn.execute(
-                "SELECT email_provider_id::text FROM imap_email_provider_config "
+                "SELECT tenant::text, email_provider_id::text FROM imap_email_provider_config "
                 "WHERE lease_owner IS NOT NULL AND lease_owner NOT LIKE %s "
                 "AND lease_expires_at > now()",
                 (OWNER_PREFIX + "%",),
             ).fetchall()
-        return {r[0] for r in rows}
+        return {(str(r[0]), str(r[1])) for r in rows}
 
     def mirror_leases(self, owners: Sequence[tuple[str, str, str]], ttl_s: float) -> int:
         """Write (tenant, provider_id, member) into Alga's lease columns, never stealing.
@@ -87,13 +89,18 @@ class OwnershipStore:
             )  # fmt: skip
             return cur.rowcount
 
-    def clear_leases(self, keep: Sequence[str]) -> int:
-        """Drop shardworker's mirrored leases except on the providers in ``keep``."""
+    def clear_leases(self, keep: Sequence[tuple[str, str]]) -> int:
+        """Drop shardworker's mirrored leases except on the (tenant, provider_id) in ``keep``.
+
+        The pair matters: another tenant's provider with the same id is not kept by it.
+        """
         with self._pool.connection() as conn:
             cur = conn.execute(
-                "UPDATE imap_email_provider_config SET lease_owner = NULL, "
-                "lease_expires_at = NULL WHERE lease_owner LIKE %s "
-                "AND NOT (email_provider_id = ANY(%s::uuid[]))",
-                (OWNER_PREFIX + "%", list(keep)),
-            )
+                "UPDATE imap_email_provider_config c SET lease_owner = NULL, "
+                "lease_expires_at = NULL WHERE c.lease_owner LIKE %(like)s AND NOT EXISTS "
+                "(SELECT 1 FROM unnest(%(tenants)s::uuid[], %(pids)s::uuid[]) AS k(t, p) "
+                "WHERE k.t = c.tenant AND k.p = c.email_provider_id)",
+                {"like": OWNER_PREFIX + "%", "tenants": [t for t, _ in keep],
+                 "pids": [p for _, p in keep]},
+            )  # fmt: skip
             return cur.rowcount

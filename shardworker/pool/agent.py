@@ -50,7 +50,7 @@ class PoolAgent:
         self.leases = leases
         self.store = store
         self.engine = engine
-        # Provider ids the engine has drained (fed by Engine(on_released=released.put)).
+        # ``tenant:provider_id`` keys the engine has drained (Engine(on_released=...put)).
         self.released = released
         self.draining = threading.Event()
         self._stop = threading.Event()
@@ -110,9 +110,9 @@ class PoolAgent:
             lost = self.leases.renew()
             metrics.lease_renewal(self.leases.count(), len(lost))
             for lease in lost:
-                log.warning("lease_lost", provider_id=lease.provider_id, member=self.member,
-                            epoch=lease.epoch)  # fmt: skip
-                self.engine.drop_provider_now(lease.provider_id)
+                log.warning("lease_lost", provider_id=lease.provider_id, tenant=lease.tenant,
+                            member=self.member, epoch=lease.epoch)  # fmt: skip
+                self.engine.drop_provider_now(lease.provider)
                 if self.on_lease_lost is not None:
                     self.on_lease_lost(lease)
 
@@ -138,8 +138,9 @@ class PoolAgent:
 
     # -- what the command inbox asks -----------------------------------------------------
 
-    def holds(self, provider_id: str) -> bool:
-        return self.leases.holds(provider_id)
+    def holds(self, provider: str) -> bool:
+        """Whether this member holds the lease of ``provider`` (``tenant:provider_id``)."""
+        return self.leases.holds(provider)
 
     def invalidate_configs(self) -> None:
         self._configs_at = float("-inf")
@@ -157,7 +158,8 @@ class PoolAgent:
             got = self.leases.acquire(wanted[start : start + ACQUIRE_BATCH])
             metrics.leases_acquired(len(got))
             for lease in got:
-                log.info("lease_acquired", provider_id=lease.provider_id, epoch=lease.epoch)
+                log.info("lease_acquired", provider_id=lease.provider_id, tenant=lease.tenant,
+                         epoch=lease.epoch)  # fmt: skip
         held_now = self.leases.held()
         metrics.set_leases_held(len(held_now))
         serve = [c for p, c in configs.items() if p in held_now]
@@ -169,8 +171,8 @@ class PoolAgent:
         stale = now - self._configs_at >= self.settings.provider_refresh_s
         if desired != self._configs_for or stale:
             every = self.store.load_providers()
-            self._configs = {c.provider_id: c for c in every
-                             if c.provider_id in desired and not c.paused}  # fmt: skip
+            self._configs = {c.key: c for c in every
+                             if c.key in desired and not c.paused}  # fmt: skip
             self._configs_for = desired
             self._configs_at = now
         return self._configs

@@ -27,6 +27,7 @@ import redis
 
 from shardworker import metrics
 from shardworker.config import Settings
+from shardworker.db.models import provider_key, split_key
 from shardworker.db.ownership import OwnershipStore
 from shardworker.errors import LeaseLostError, ShardworkerError
 from shardworker.logs import get_logger
@@ -147,9 +148,9 @@ class Leader:
         servable = self.ownership.servable()
         if len(servable) != self.stats.providers or len(members) != self.stats.members:
             log.info("providers_loaded", providers=len(servable), members=len(members))
-        tenants = dict((p, t) for t, p in servable)
+        # Provider ids are unique only within a tenant: plan over ``tenant:provider_id``.
         plan = plan_assignment(
-            [p for _, p in servable], members, current,
+            [provider_key(t, p) for t, p in servable], members, current,
             max_rebalance_moves=self.settings.max_rebalance_moves,
         )  # fmt: skip
         self._record(plan.moves, plan.imbalance, len(members), len(servable))
@@ -165,9 +166,9 @@ class Leader:
                 log.info("assignment_published", version=version, moves=len(plan.moves),
                          members=len(members), providers=len(servable),
                          imbalance=round(plan.imbalance, 3))  # fmt: skip
-            self._mirror(plan.assignment, tenants, force=True)
+            self._mirror(plan.assignment, force=True)
         else:
-            self._mirror(plan.assignment, tenants, force=False)
+            self._mirror(plan.assignment, force=False)
 
     def _record(
         self, moves: tuple[object, ...], imbalance: float, members: int, providers: int
@@ -179,12 +180,12 @@ class Leader:
         self.stats.providers = providers
         self.stats.unowned = providers if members == 0 else 0
 
-    def _mirror(self, owners: dict[str, str], tenants: dict[str, str], *, force: bool) -> None:
+    def _mirror(self, owners: dict[str, str], *, force: bool) -> None:
         """Keep Alga's lease columns saying who serves each provider (and for how long)."""
         now = self.clock()
         if not force and now - self._last_mirror < self.settings.alga_lease_ttl_s / 4:
             return
         self._last_mirror = now
-        rows = [(tenants[p], p, m) for p, m in owners.items() if p in tenants]
+        rows = [(*split_key(key), m) for key, m in owners.items()]
         self.ownership.mirror_leases(rows, self.settings.alga_lease_ttl_s)
-        self.ownership.clear_leases([p for _, p, _ in rows])
+        self.ownership.clear_leases([(t, p) for t, p, _ in rows])

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import redis
 
+from shardworker.db.models import provider_key
 from shardworker.db.ownership import OwnershipStore
 from shardworker.errors import LeaseError
 from shardworker.luasource import lua_source
@@ -49,6 +50,11 @@ class Lease:
     @property
     def key(self) -> str:
         return lease_key(self.tenant, self.provider_id)
+
+    @property
+    def provider(self) -> str:
+        """The provider's identity, ``<tenant>:<provider_id>``: the held map's key."""
+        return provider_key(self.tenant, self.provider_id)
 
     @property
     def fence(self) -> Fence:
@@ -84,12 +90,13 @@ class LeaseManager:
 
     # -- reading the map -----------------------------------------------------------------
 
-    def holds(self, provider_id: str) -> bool:
+    def holds(self, provider: str) -> bool:
+        """Whether the lease of ``provider`` (``tenant:provider_id``) is held."""
         with self._lock:
-            return provider_id in self._held
+            return provider in self._held
 
     def held(self) -> dict[str, Lease]:
-        """A copy of the map: provider_id -> lease."""
+        """A copy of the map: ``tenant:provider_id`` -> lease."""
         with self._lock:
             return dict(self._held)
 
@@ -102,7 +109,7 @@ class LeaseManager:
     def acquire(self, wanted: Sequence[tuple[str, str]]) -> list[Lease]:
         """Try to take these (tenant, provider_id) leases; returns the ones now held."""
         with self._lock:
-            todo = [(t, p) for t, p in wanted if p not in self._held]
+            todo = [(t, p) for t, p in wanted if provider_key(t, p) not in self._held]
         if not todo:
             return []
         sent = self.clock()
@@ -113,19 +120,19 @@ class LeaseManager:
         if not mine:
             return []
         epochs = self.ownership.acquire_epochs([item for item, _ in mine], self.member)
-        final = [(t, p, tok, f"{self.member}|{epochs[p]}") for (t, p), tok in mine]
+        final = [(t, p, tok, f"{self.member}|{epochs[t, p]}") for (t, p), tok in mine]
         swapped = self._swap(
             keys=[lease_key(t, p) for t, p, _, _ in final],
             args=[self.ttl_ms, *[x for _, _, old, new in final for x in (old, new)]],
         )
         out = [
-            Lease(t, p, token, epochs[p], sent + self.ttl_s)
+            Lease(t, p, token, epochs[t, p], sent + self.ttl_s)
             for (t, p, _, token), ok in zip(final, swapped, strict=True)
             if ok
         ]
         with self._lock:
             for lease in out:
-                self._held[lease.provider_id] = lease
+                self._held[lease.provider] = lease
         return out
 
     def renew(self) -> list[Lease]:
@@ -143,12 +150,12 @@ class LeaseManager:
         lost = []
         with self._lock:
             for lease, ok in zip(leases, kept, strict=True):
-                if self._held.get(lease.provider_id) is not lease:
+                if self._held.get(lease.provider) is not lease:
                     continue  # released (or replaced) while the renewal was in flight
                 if ok:
                     lease.valid_until = sent + self.ttl_s
                 else:
-                    lost.append(self._held.pop(lease.provider_id))
+                    lost.append(self._held.pop(lease.provider))
         return lost + self.expire_local()
 
     def expire_local(self) -> list[Lease]:
@@ -158,9 +165,10 @@ class LeaseManager:
             gone = [p for p, lease in self._held.items() if lease.valid_until <= now]
             return [self._held.pop(p) for p in gone]
 
-    def release(self, provider_ids: Sequence[str]) -> int:
+    def release(self, providers: Sequence[str]) -> int:
+        """Give up the leases of these ``tenant:provider_id`` keys (those held)."""
         with self._lock:
-            leases = [self._held.pop(p) for p in provider_ids if p in self._held]
+            leases = [self._held.pop(p) for p in providers if p in self._held]
         if not leases:
             return 0
         try:
