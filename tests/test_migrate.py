@@ -17,6 +17,7 @@ FULL = [
     "created Alga table email_providers (absent)",
     "created Alga table imap_email_provider_config (absent)",
     "v1: shardworker tables: schema_version, ledger, secrets, provider_state",
+    "v2: indexes for incremental provider reads (updated_at, lease expiry)",
 ]
 
 
@@ -87,11 +88,13 @@ def test_plan_distributes_every_tenant_table_on_citus() -> None:
 def test_plan_without_citus_or_with_everything_applied() -> None:
     plain = schema.plan(["email_providers"], set(), citus=False)
     assert not any("citus" in s.sql for s in plain)
-    assert [s.description for s in plain] == [FULL[0], FULL[2]]
-    assert schema.plan([], {1}, citus=True) == []
+    assert [s.description for s in plain] == [FULL[0], FULL[2], FULL[3]]
+    assert schema.plan([], {1, 2}, citus=True) == []
+    assert [s.description for s in schema.plan([], {1}, citus=False)] == [FULL[3]]
     # Alga's existing tables are left to Alga: only shardworker's own get distributed.
     alga_present = [s.sql for s in schema.plan([], set(), citus=True)]
-    assert not any("email_providers" in s for s in alga_present)
+    assert not any("create_distributed_table('email_providers'" in s for s in alga_present)
+    assert not any("create_distributed_table('imap_email" in s for s in alga_present)
 
 
 def test_migrate_creates_everything_then_is_a_no_op(fresh_dsn: str) -> None:
@@ -111,7 +114,7 @@ def test_migrate_creates_everything_then_is_a_no_op(fresh_dsn: str) -> None:
     with psycopg.connect(fresh_dsn) as conn:
         verify_schema(conn)
         versions = conn.execute("SELECT version FROM shardworker_schema_version").fetchall()
-    assert versions == [(1,)]
+    assert sorted(versions) == [(1,), (2,)]
 
 
 def test_created_alga_tables_match_the_contract(fresh_dsn: str) -> None:
@@ -182,7 +185,7 @@ def test_concurrent_migrations_both_succeed(fresh_dsn: str) -> None:
 def test_alga_tables_are_left_untouched_and_accepted(fresh_dsn: str) -> None:
     run_sql(fresh_dsn, alga_shaped())
     alga_before = catalog(fresh_dsn)
-    assert migrate(fresh_dsn) == [FULL[2]]
+    assert migrate(fresh_dsn) == [FULL[2], FULL[3]]  # v2 only adds indexes
     after = catalog(fresh_dsn)
     for part, rows in alga_before.items():
         assert [r for r in after[part] if r in rows] == rows
@@ -201,7 +204,7 @@ def test_missing_required_column_is_named_and_nothing_changes(fresh_dsn: str) ->
 
 def test_only_the_absent_alga_table_is_created(fresh_dsn: str) -> None:
     run_sql(fresh_dsn, schema.ALGA_EMAIL_PROVIDERS)
-    assert migrate(fresh_dsn) == [FULL[1], FULL[2]]
+    assert migrate(fresh_dsn) == [FULL[1], FULL[2], FULL[3]]
 
 
 def test_email_processed_messages_is_never_touched(fresh_dsn: str) -> None:

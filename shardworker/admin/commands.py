@@ -49,9 +49,7 @@ class CommandBus:
 
     def owner(self, tenant: str, provider_id: str) -> str | None:
         """The member the provider ``(tenant, provider_id)`` is assigned to, if any."""
-        assignment = self.registry.read_assignment()
-        key = provider_key(tenant, provider_id)
-        return None if assignment is None else assignment.owners.get(key)
+        return self.registry.owner_of(provider_key(tenant, provider_id))
 
     def send(
         self, tenant: str, provider_id: str, op: str, args: Mapping[str, Any]

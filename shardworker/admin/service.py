@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -110,12 +110,12 @@ class AdminService:
         tenant = None if tenant is None else uuid_text("tenant", tenant)
         with self.pool.connection() as conn:
             found = rows.find_all(conn, tenant)
-        owners = self._owners()
+        owners = self._owners(found)
         return [self._public(row, owners) for row in found]
 
     def show(self, provider_id: str, tenant: str | None = None) -> dict[str, Any]:
         row = self._find(provider_id, tenant)
-        return self._public(row, self._owners())
+        return self._public(row, self._owners([row]))
 
     def command(self, command_id: str) -> dict[str, Any]:
         return self.bus.status(command_id)
@@ -124,14 +124,15 @@ class AdminService:
         with self.pool.connection() as conn:
             return rows.find(conn, *_ids(provider_id, tenant))
 
-    def _owners(self) -> Mapping[str, str]:
+    def _owners(self, found: Sequence[Mapping[str, Any]]) -> Mapping[str, str]:
+        """The owners of exactly the rows shown (``tenant:provider_id`` → member)."""
+        keys = [provider_key(r["tenant"], r["provider_id"]) for r in found]
         try:
-            assignment = self.bus.registry.read_assignment()
+            return self.bus.registry.owners_for(keys)
         except redis.RedisError as exc:
             # Listing must work without Redis; only the owner column is unknown then.
             log.warning("owners_unavailable", error_type=type(exc).__name__)
             return {}
-        return {} if assignment is None else assignment.owners
 
     def _public(self, row: dict[str, Any], owners: Mapping[str, str]) -> dict[str, Any]:
         stored = set(row.pop("stored_secrets") or ())
