@@ -128,7 +128,8 @@ def copy_providers(dsn: str, n: int) -> None:
         with (
             conn.cursor() as cur,
             cur.copy(
-                "COPY email_providers (id, tenant, provider_type, provider_name, mailbox) FROM STDIN"
+                "COPY email_providers (id, tenant, provider_type, provider_name, mailbox) "
+                "FROM STDIN"
             ) as copy,
         ):
             for i, (tenant, pid) in enumerate(rows):
