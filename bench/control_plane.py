@@ -422,6 +422,13 @@ def table(out: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
+def _exit_on_sigterm() -> None:
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--providers", type=int, default=100_000)
@@ -441,6 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.role == "members":
         run_members(load_settings(), args.names.split(","))
     else:
+        _exit_on_sigterm()
         out = run(args)
         print(table(out))
         if args.json:

@@ -116,6 +116,24 @@ class Leader:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="leader", daemon=True)
         self._thread.start()
+        renewer = threading.Thread(target=self._keep_lease, name="leader-lease", daemon=True)
+        renewer.start()
+
+    def _keep_lease(self) -> None:
+        """Renew the leader lease on its own clock: a long round (a cold start's plan over
+        every provider) must not let it lapse and hand the work to a standby that would
+        start over.  Publishing still checks the token, so this cannot keep a deposed
+        leader writing."""
+        every = self.settings.leader_ttl_s / 3
+        while not self._stop.wait(every):
+            token = self.token
+            if token is None:
+                continue
+            try:
+                if self.registry.elect(self.identity, self.settings.leader_ttl_s, token) != token:
+                    log.warning("leader_lease_lost", identity=self.identity)
+            except redis.RedisError as exc:
+                log.warning("leader_lease_renew_failed", error_type=type(exc).__name__)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
