@@ -42,6 +42,7 @@ import psycopg
 import redis
 
 from bench.common import bench_settings, private_redis, settings_env, throwaway_database
+from shardworker import logs
 from shardworker.config import Settings, load_settings
 from shardworker.db.ownership import OwnershipStore
 from shardworker.db.store import ProviderConfig, Store, open_pool
@@ -86,7 +87,9 @@ class NullEngine:
 
 
 def run_members(settings: Settings, names: list[str]) -> None:
-    client = redis.Redis.from_url(settings.redis_url, max_connections=4 * len(names) + 8)
+    logs.configure("WARNING", stream=sys.stderr)
+    client = redis.Redis.from_url(settings.redis_url, max_connections=4 * len(names) + 8,
+                                  socket_timeout=30)  # fmt: skip
     pool = open_pool(settings.database_url, max_size=4)
     ownership, store = OwnershipStore(pool), Store(pool)
     agents = []
@@ -102,7 +105,8 @@ def run_members(settings: Settings, names: list[str]) -> None:
 
 
 def run_leader(settings: Settings, name: str) -> None:
-    client = redis.Redis.from_url(settings.redis_url)
+    logs.configure("INFO", stream=sys.stderr)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
     pool = open_pool(settings.database_url, max_size=2)
     ownership = OwnershipStore(pool)
     leader = Leader(settings, Registry(client), ownership, name)
@@ -110,11 +114,11 @@ def run_leader(settings: Settings, name: str) -> None:
     while True:
         time.sleep(0.5)
         s = leader.stats
-        line = {"leader": s.is_leader, "version": s.version, "plans": s.plans,
+        line = {"stats": True, "leader": s.is_leader, "version": s.version, "plans": s.plans,
                 "full_scans": ownership.full_scans, "last_round_s": s.last_round_s,
                 "members": s.members, "providers": s.providers, "unowned": s.unowned,
                 "moves": dict(s.moves), "t": time.time()}  # fmt: skip
-        print(json.dumps(line), flush=True)
+        print(json.dumps(line), file=sys.stdout, flush=True)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -170,12 +174,14 @@ class Proc:
             self.proc.wait(10)
 
     def last(self) -> dict[str, Any]:
-        for line in reversed(self.log.read_bytes().splitlines()[-50:]):
+        for line in reversed(self.log.read_bytes().splitlines()[-400:]):
             if line.startswith(b"{"):
                 try:
-                    return dict(json.loads(line))
+                    found = dict(json.loads(line))
                 except ValueError:
                     continue
+                if found.get("stats"):
+                    return found
         return {}
 
 
@@ -286,10 +292,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["copy_s"] = round(time.monotonic() - started, 1)
         settings = bench_settings(dsn, f"{base}/0", "", provider_refresh_s="5")
         env = {**os.environ, **settings_env(settings)}
-        client = redis.Redis.from_url(f"{base}/0")
+        client = redis.Redis.from_url(f"{base}/0", socket_timeout=120)
         probe = Probe(client, dsn)
         logdir = Path(args.logdir)
         logdir.mkdir(parents=True, exist_ok=True)
+        for old in logdir.glob("*.log"):
+            old.unlink()
         procs: list[Proc] = []
         stack.callback(lambda: [p.stop() for p in procs])
         leaders = [Proc("leader", env, ["--name", f"coord-{i}"], logdir / f"leader{i}.log")
