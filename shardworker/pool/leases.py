@@ -34,6 +34,8 @@ from shardworker.errors import LeaseError
 from shardworker.luasource import lua_source
 from shardworker.sink.base import Fence
 
+HELD_PREFIX = "sw:held:"
+
 
 def lease_key(tenant: str, provider_id: str) -> str:
     return f"sw:lease:{tenant}:{provider_id}"
@@ -86,6 +88,13 @@ class LeaseManager:
         self._acquire = client.register_script(lua_source("lease_acquire.lua"))
         self._swap = client.register_script(lua_source("lease_swap.lua"))
         self._renew = client.register_script(lua_source("lease_renew.lua"))
+        self._renew_held = client.register_script(lua_source("lease_renew_held.lua"))
+        # The held leases recorded in Redis (lease key -> token), so that a renewal is one
+        # small call however many leases the member holds.  A previous incarnation's
+        # record (same member id) is dropped before the first acquisition.
+        self.held_key = HELD_PREFIX + member
+        self._record_fresh = False
+        self._record_dirty = False
         self._release = client.register_script(lua_source("lease_release.lua"))
 
     # -- reading the map -----------------------------------------------------------------
@@ -112,6 +121,9 @@ class LeaseManager:
             todo = [(t, p) for t, p in wanted if provider_key(t, p) not in self._held]
         if not todo:
             return []
+        if not self._record_fresh:
+            self.client.delete(self.held_key)
+            self._record_fresh = True
         sent = self.clock()
         provisional = [f"{self.member}|p|{uuid.uuid4().hex}" for _ in todo]
         won = self._acquire(keys=[lease_key(t, p) for t, p in todo],
@@ -130,6 +142,11 @@ class LeaseManager:
             for (t, p, _, token), ok in zip(final, swapped, strict=True)
             if ok
         ]
+        if out:
+            try:
+                self.client.hset(self.held_key, mapping={x.key: x.token for x in out})
+            except redis.RedisError:
+                self._record_dirty = True
         with self._lock:
             for lease in out:
                 self._held[lease.provider] = lease
@@ -143,9 +160,9 @@ class LeaseManager:
             return []
         sent = self.clock()
         try:
-            kept = self._renew(keys=[x.key for x in leases],
-                               args=[self.ttl_ms, *[x.token for x in leases]])  # fmt: skip
+            kept = self._renew_recorded(leases)
         except redis.RedisError:
+            self._record_dirty = True  # whatever the script did, rewrite the record
             return self.expire_local()
         lost = []
         with self._lock:
@@ -156,7 +173,39 @@ class LeaseManager:
                     lease.valid_until = sent + self.ttl_s
                 else:
                     lost.append(self._held.pop(lease.provider))
-        return lost + self.expire_local()
+        gone = lost + self.expire_local()
+        self._forget_recorded(gone)
+        return gone
+
+    def _renew_recorded(self, leases: list[Lease]) -> list[bool]:
+        """Renew through the record in Redis.  If a write of the record failed, or the
+        record and our map disagree, renew these leases by name this once and rewrite
+        the record from them (a stray entry was extended by one TTL at most)."""
+        if not self._record_dirty:
+            got = self._renew_held(keys=[self.held_key], args=[self.ttl_ms])
+            lost = {k.decode() if isinstance(k, bytes) else str(k) for k in got[1:]}
+            if int(got[0]) == sum(1 for x in leases if x.key not in lost):
+                return [x.key not in lost for x in leases]
+        kept = self._renew(keys=[x.key for x in leases],
+                           args=[self.ttl_ms, *[x.token for x in leases]])  # fmt: skip
+        ok = [bool(k) for k in kept]
+        record = {x.key: x.token for x, y in zip(leases, ok, strict=True) if y}
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.held_key)
+            if record:
+                pipe.hset(self.held_key, mapping=record)  # type: ignore[arg-type]
+            pipe.execute()
+        self._record_dirty = False
+        return ok
+
+    def _forget_recorded(self, leases: list[Lease]) -> None:
+        """Leases that left the map leave the record (else it would renew them)."""
+        if not leases:
+            return
+        try:
+            self.client.hdel(self.held_key, *[x.key for x in leases])
+        except redis.RedisError:
+            self._record_dirty = True
 
     def expire_local(self) -> list[Lease]:
         """Leases whose TTL may have run out since the last successful renewal."""
@@ -172,9 +221,11 @@ class LeaseManager:
         if not leases:
             return 0
         try:
+            self.client.hdel(self.held_key, *[x.key for x in leases])
             return int(self._release(keys=[x.key for x in leases], args=[x.token for x in leases]))
         except redis.RedisError as exc:
             # The TTL frees them anyway; successors only wait longer.
+            self._record_dirty = True
             raise LeaseError(
                 f"releasing {len(leases)} lease(s) failed: {type(exc).__name__}"
             ) from None
