@@ -147,6 +147,10 @@ class Settings:
         lo=0,
         hi=1000000,
     )
+    provider_reconcile_s: float = _setting(
+        300.0,
+        "How often the leader re-reads every provider row to prove the incremental view.",
+    )
     alga_lease_ttl_s: float = _setting(
         120.0,
         "TTL mirrored into Alga's `lease_owner`/`lease_expires_at`, like Alga's own listener.",

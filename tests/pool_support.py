@@ -128,16 +128,18 @@ class Cluster:
         pod.start()
         return pod
 
-    def leases(self) -> dict[str, str]:
-        """provider → member holding a final (non-provisional) lease token."""
+    def leases(self, tenant: str | None = None) -> dict[str, str]:
+        """provider id → member holding a final (non-provisional) lease token, of the
+        cluster's tenant (or ``tenant``)."""
+        prefix = f"sw:lease:{tenant or self.tenant}:"
         out = {}
-        for key in self.redis.scan_iter(match="sw:lease:*", count=1000):
+        for key in self.redis.scan_iter(match=prefix + "*", count=1000):
             token = self.redis.get(key)
             if token is None:
                 continue
             member, _, rest = token.decode().partition("|")
             if not rest.startswith("p|"):
-                out[key.decode().rsplit(":", 1)[1]] = member
+                out[key.decode()[len(prefix) :]] = member
         return out
 
     def sessions(self) -> Counter[str]:
@@ -154,9 +156,12 @@ class Cluster:
             return False
         return all(n == 1 for n in self.sessions().values())
 
-    def owners(self) -> dict[str, str]:
+    def owners(self, tenant: str | None = None) -> dict[str, str]:
+        """provider id → assigned member, of the cluster's tenant (or ``tenant``)."""
+        prefix = f"{tenant or self.tenant}:"
         assignment = self.registry.read_assignment()
-        return {} if assignment is None else dict(assignment.owners)
+        owners = {} if assignment is None else assignment.owners
+        return {k[len(prefix) :]: m for k, m in owners.items() if k.startswith(prefix)}
 
     def wait(self, predicate: Any, timeout_s: float, what: str) -> float:
         started = time.monotonic()

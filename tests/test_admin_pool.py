@@ -100,6 +100,10 @@ def admin(redis_server: str, dovecot: Dovecot, tmp_path_factory: Any) -> Iterato
             cluster.wait(lambda: cluster.all_served({"pod-a", "pod-b"}), 60, "all served")
             cluster.wait(lambda: {m.split("/")[0] for m in cluster.owners().values()}
                          == {"pod-a", "pod-b"}, 30, "both pods own providers")  # fmt: skip
+            # And the leases have followed the assignment: a command sent while a provider
+            # is still moving would meet its first login and be counted twice.
+            cluster.wait(lambda: cluster.leases() == cluster.owners() and cluster.all_served(),
+                         30, "leases follow the assignment")  # fmt: skip
             made = AdminCluster(cluster, ApiClient(port))
             made.old_mail = old
             yield made

@@ -94,8 +94,42 @@ def test_release_never_deletes_a_successors_lease(env: dict[str, Any]) -> None:
     a.acquire([(tenant, pid)])
     time.sleep(0.3)
     [lease] = b.acquire([(tenant, pid)])
-    assert a.release([pid]) == 0
+    assert a.holds(f"{tenant}:{pid}")  # a has not noticed yet
+    assert a.release([f"{tenant}:{pid}"]) == 0
     assert env["redis"].get(lease_key(tenant, pid)).decode() == lease.token
+
+
+def test_renewal_is_one_small_call_from_the_record_in_redis(env: dict[str, Any]) -> None:
+    a = manager(env, "pod-a/0")
+    got = a.acquire([(env["tenant"], p) for p in env["pids"]])
+    record = env["redis"].hgetall(a.held_key)
+    assert {k.decode(): v.decode() for k, v in record.items()} == {x.key: x.token for x in got}
+    env["redis"].delete(got[0].key)  # lost behind our back
+    lost = a.renew()
+    assert [x.key for x in lost] == [got[0].key]
+    assert got[0].key.encode() not in env["redis"].hgetall(a.held_key)
+    env["redis"].hdel(a.held_key, got[1].key)  # the record disagrees: renewed by name
+    assert a.renew() == [] and got[1].key.encode() in env["redis"].hgetall(a.held_key)
+    assert a.release([got[1].provider, got[2].provider]) == 2
+    assert env["redis"].hgetall(a.held_key) == {}
+    # A restarted member (same id) drops the previous incarnation's record at once.
+    env["redis"].hset(a.held_key, "sw:lease:x:y", "pod-a/0|9")
+    fresh = manager(env, "pod-a/0")
+    fresh.acquire([(env["tenant"], env["pids"][0])])
+    assert b"sw:lease:x:y" not in env["redis"].hgetall(fresh.held_key)
+
+
+def test_the_same_provider_id_in_two_tenants_is_two_leases(env: dict[str, Any]) -> None:
+    pid, tenants = str(uuid.uuid4()), [env["tenant"], str(uuid.uuid4())]
+    a, b = manager(env, "pod-a/0"), manager(env, "pod-b/0")
+    [first] = a.acquire([(tenants[0], pid)])
+    [second] = b.acquire([(tenants[1], pid)])  # not blocked by the other tenant's lease
+    assert first.key != second.key and {first.epoch, second.epoch} == {1}
+    assert a.holds(f"{tenants[0]}:{pid}") and not a.holds(f"{tenants[1]}:{pid}")
+    assert a.release([f"{tenants[1]}:{pid}"]) == 0  # not a's: nothing released
+    assert env["redis"].get(second.key).decode() == second.token
+    assert a.release([f"{tenants[0]}:{pid}"]) == 1
+    assert env["redis"].get(first.key) is None and b.renew() == []
 
 
 def test_leases_count_as_lost_when_renewals_fail_past_the_ttl(env: dict[str, Any]) -> None:
@@ -104,6 +138,7 @@ def test_leases_count_as_lost_when_renewals_fail_past_the_ttl(env: dict[str, Any
     a.acquire([(env["tenant"], p) for p in env["pids"]])
     a.client = redis.Redis(port=1, socket_connect_timeout=0.2)  # Redis unreachable from here
     a._renew = a.client.register_script("return 1")
+    a._renew_held = a.client.register_script("return 1")
     now[0] += 4.0
     assert a.renew() == []  # still within the TTL: keep serving
     now[0] += 1.5

@@ -49,7 +49,7 @@ from shardworker.metrics.pod import (
 )
 from shardworker.pool.leader import LeaderStats
 from shardworker.pool.observer import PodObserver
-from shardworker.pool.registry import Registry
+from shardworker.pool.registry import Assignment, Registry
 from shardworker.pool.supervisor import SlotStats, SupervisorStats
 
 REPO = Path(__file__).resolve().parent.parent
@@ -462,8 +462,11 @@ def test_readiness_wants_a_lease_when_providers_are_assigned(
     observer, supervisor, _ = observed
     supervisor.slots = (supervisor.slots[0],)
     client = redis.Redis.from_url(redis_url)
-    Registry(client).heartbeat("pod-x/0")
-    client.set("sw:assign:pod-x/0", json.dumps({"version": 1, "epoch": 1, "providers": ["p1"]}))
+    registry = Registry(client)
+    registry.heartbeat("pod-x/0")
+    token = registry.elect("test-leader", 5.0, None)
+    assert token is not None
+    registry.publish(token, Assignment(1, 1, {"t:p1": "pod-x/0"}), ["pod-x/0"], [])
     observer.tick()
     observer.probe_once()
     assert observer.readiness().problems == ("worker 0 holds no lease of 1 assigned",)

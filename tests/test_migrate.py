@@ -18,6 +18,7 @@ FULL = [
     "created Alga table imap_email_provider_config (absent)",
     "v1: shardworker tables: schema_version, ledger, secrets, provider_state",
     "v2: ledger status 'skipped' (loop policy)",
+    "v3: indexes for incremental provider reads (updated_at, lease expiry)",
 ]
 
 
@@ -88,11 +89,13 @@ def test_plan_distributes_every_tenant_table_on_citus() -> None:
 def test_plan_without_citus_or_with_everything_applied() -> None:
     plain = schema.plan(["email_providers"], set(), citus=False)
     assert not any("citus" in s.sql for s in plain)
-    assert [s.description for s in plain] == [FULL[0], FULL[2], FULL[3]]
-    assert schema.plan([], {1, 2}, citus=True) == []
+    assert [s.description for s in plain] == [FULL[0], FULL[2], FULL[3], FULL[4]]
+    assert schema.plan([], {1, 2, 3}, citus=True) == []
+    assert [s.description for s in schema.plan([], {1}, citus=False)] == [FULL[3], FULL[4]]
     # Alga's existing tables are left to Alga: only shardworker's own get distributed.
     alga_present = [s.sql for s in schema.plan([], set(), citus=True)]
-    assert not any("email_providers" in s for s in alga_present)
+    assert not any("create_distributed_table('email_providers'" in s for s in alga_present)
+    assert not any("create_distributed_table('imap_email" in s for s in alga_present)
 
 
 def test_migrate_creates_everything_then_is_a_no_op(fresh_dsn: str) -> None:
@@ -112,7 +115,7 @@ def test_migrate_creates_everything_then_is_a_no_op(fresh_dsn: str) -> None:
     with psycopg.connect(fresh_dsn) as conn:
         verify_schema(conn)
         versions = conn.execute("SELECT version FROM shardworker_schema_version").fetchall()
-    assert versions == [(1,), (2,)]
+    assert sorted(versions) == [(1,), (2,), (3,)]
 
 
 def _ledger_row(conn: psycopg.Connection[tuple[object, ...]], status: str, uid: int) -> None:
@@ -140,7 +143,7 @@ def test_v2_upgrades_a_v1_database_that_holds_rows(fresh_dsn: str) -> None:
         _ledger_row(conn, "published", 1)
         with pytest.raises(psycopg.errors.CheckViolation):
             _ledger_row(conn, "skipped", 2)
-    assert migrate(fresh_dsn) == [FULL[3]]
+    assert migrate(fresh_dsn) == [FULL[3], FULL[4]]
     with psycopg.connect(fresh_dsn, autocommit=True) as conn:
         _ledger_row(conn, "skipped", 3)
         with pytest.raises(psycopg.errors.CheckViolation):

@@ -283,7 +283,8 @@ def test_a_revoked_refresh_token_pauses_with_auth_failure(
     assert "invalid_grant" in row["error_message"] and "re-authorise" in row["error_message"]
     assert f"user=<{user}>" not in server.log_text()  # no login was even tried
     assert rig.ctx is not None
-    wait_until(lambda: pid not in rig.ctx.engine.providers, 15)  # the engine let it go
+    key = f"{rig.tenant}:{pid}"
+    wait_until(lambda: key not in rig.ctx.engine.providers, 15)  # the engine let it go
     calls = len(idp.token_calls)
     time.sleep(1.5)  # past the auth backoff: the endpoint is not asked again
     assert len(idp.token_calls) == calls

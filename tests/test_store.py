@@ -77,7 +77,7 @@ def provider_row(pool: Pool, tenant: str, pid: str, columns: str) -> tuple[objec
 
 def acquire_epoch(pool: Pool, tenant: str, pid: str, owner: str) -> int:
     """What a lease acquisition does in PostgreSQL (shardworker.pool.leases, step 2)."""
-    return OwnershipStore(pool).acquire_epochs([(tenant, pid)], owner)[pid]
+    return OwnershipStore(pool).acquire_epochs([(tenant, pid)], owner)[tenant, pid]
 
 
 def current_epoch(pool: Pool, tenant: str, pid: str) -> int:
@@ -446,7 +446,7 @@ def test_alga_lease_columns(pool: Pool, tenant: str) -> None:
         tenant,
     )
     assert ownership.mirror_leases([(tenant, pid, "pod-b/0")], 30) == 0  # never stolen
-    assert pid in ownership.alga_leased()
+    assert (tenant, pid) in ownership.alga_leased()
     sql(
         pool,
         "UPDATE imap_email_provider_config SET lease_expires_at = now() - interval '1 second' "

@@ -1,7 +1,8 @@
 """The admin side of commands: delivered to the worker that owns a provider, wherever it runs.
 
-* the owner is the member the leader assigned the provider to (``sw:assignment`` →
-  ``owners[provider_id]``);
+* the owner is the member the leader assigned the provider to, looked up by the
+  provider's identity ``(tenant, provider_id)`` (provider ids are unique only within a
+  tenant: a command for tenant A never goes to the owner of B's provider with that id);
 * the command is written in the inbox's wire format (:mod:`shardworker.pool.inbox`) to that
   member's stream, its status (state ``queued``) into the status hash;
 * ``wait`` polls the status; a command that the addressee rejected because it did not hold
@@ -19,6 +20,7 @@ from typing import Any
 
 import redis
 
+from shardworker.db.models import provider_key
 from shardworker.errors import ConflictError, NotFoundError
 from shardworker.logs import get_logger
 from shardworker.pool.inbox import (
@@ -45,9 +47,9 @@ class CommandBus:
         self.registry = Registry(client)
         self.poll_s = poll_s
 
-    def owner(self, provider_id: str) -> str | None:
-        assignment = self.registry.read_assignment()
-        return None if assignment is None else assignment.owners.get(provider_id)
+    def owner(self, tenant: str, provider_id: str) -> str | None:
+        """The member the provider ``(tenant, provider_id)`` is assigned to, if any."""
+        return self.registry.owner_of(provider_key(tenant, provider_id))
 
     def send(
         self, tenant: str, provider_id: str, op: str, args: Mapping[str, Any]
@@ -62,7 +64,7 @@ class CommandBus:
         return self._deliver(fields)
 
     def _deliver(self, fields: dict[str, Any]) -> dict[str, Any]:
-        owner = self.owner(str(fields["provider_id"]))
+        owner = self.owner(str(fields["tenant"]), str(fields["provider_id"]))
         if owner is None:
             raise ConflictError(
                 f"provider {fields['provider_id']} is not served by any worker "
@@ -80,7 +82,8 @@ class CommandBus:
             approximate=True,
         )
         log.info("command_sent", command_id=fields["command_id"], op=fields["op"],
-                 provider_id=fields["provider_id"], owner=owner)  # fmt: skip
+                 tenant=fields["tenant"], provider_id=fields["provider_id"],
+                 owner=owner)  # fmt: skip
         return fields
 
     def status(self, command_id: str) -> dict[str, Any]:

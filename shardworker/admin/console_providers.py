@@ -9,7 +9,7 @@ typed into a form is never sent back: after a refused form it must be typed agai
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from starlette.concurrency import run_in_threadpool
@@ -25,6 +25,7 @@ from shardworker.admin.service import AdminService
 from shardworker.admin.sessions import Session
 from shardworker.admin.validate import validate_new
 from shardworker.config import Settings
+from shardworker.db.models import provider_key
 from shardworker.errors import NotFoundError, ShardworkerError, ValidationError
 from shardworker.imap.connect import Credentials, security_mode, tls_context
 from shardworker.imap.probe import probe
@@ -141,7 +142,7 @@ class ProviderPages:
             text = f"The list could not be read ({type(exc).__name__})."
             return self.c.render("message.html", request, session, 400, title="Providers",
                                  text=text)  # fmt: skip
-        owners = await run_in_threadpool(self._owners)
+        owners = await run_in_threadpool(self._owners, found.rows)
         return self.c.render("providers.html", request, session, page=found, wanted=wanted,
                              statuses=queries.STATUSES, classes=classes, owners=owners)  # fmt: skip
 
@@ -152,12 +153,13 @@ class ProviderPages:
             self._classes = (now, queries.error_classes(self.service.pool))
         return self._classes[1]
 
-    def _owners(self) -> dict[str, str]:
+    def _owners(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+        """The owners of the providers on the page, ``tenant:provider_id`` → member."""
         try:
-            assignment = self.c.overview.registry.read_assignment()
+            keys = [provider_key(r["tenant"], r["provider_id"]) for r in rows]
+            return self.c.overview.registry.owners_for(keys)
         except Exception:
             return {}
-        return {} if assignment is None else dict(assignment.owners)
 
     # -- one provider ------------------------------------------------------------------
 

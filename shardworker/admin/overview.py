@@ -54,9 +54,8 @@ class Overview:
 
     def _pool_figures(self) -> dict[str, Any]:
         live = sorted(self.registry.live_members(self.settings.member_grace_s))
-        assignment = self.registry.read_assignment()
-        owners = {} if assignment is None else assignment.owners
-        per_member = Counter(owners.values())
+        meta = self.registry.read_meta()
+        per_member = Counter(self.registry.share_sizes())
         shares = [per_member.get(m, 0) for m in live]
         pods: dict[str, list[dict[str, Any]]] = {}
         for member in sorted(set(live) | set(per_member)):
@@ -71,13 +70,13 @@ class Overview:
             "leader_term": term or None,
             "pods": [{"pod": p, "members": ms} for p, ms in sorted(pods.items())],
             "members": len(live),
-            "owned": len(owners),
+            "owned": sum(per_member.values()),
             "imbalance": (max(shares) - min(shares)) if shares else 0,
             "lag": backlog,
             "backpressure": backlog > self.settings.backpressure_max_lag,
             "dead_letters": int(self.client.xlen(self.settings.dlq_stream)),
             "ingest_per_s": self._ingest_rate(),
-            "assignment_version": None if assignment is None else assignment.version,
+            "assignment_version": None if meta is None else meta[0],
         }
 
     def _ingest_rate(self) -> float:

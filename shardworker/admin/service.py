@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -33,6 +33,7 @@ from shardworker.admin.validate import (
     validate_patch,
 )
 from shardworker.config import Settings
+from shardworker.db.models import provider_key
 from shardworker.db.store import Pool, Store
 from shardworker.errors import SecretNotFoundError, ValidationError
 from shardworker.imap.connect import Credentials, security_mode, tls_context
@@ -110,12 +111,12 @@ class AdminService:
         tenant = None if tenant is None else uuid_text("tenant", tenant)
         with self.pool.connection() as conn:
             found = rows.find_all(conn, tenant)
-        owners = self._owners()
+        owners = self._owners(found)
         return [self._public(row, owners) for row in found]
 
     def show(self, provider_id: str, tenant: str | None = None) -> dict[str, Any]:
         row = self._find(provider_id, tenant)
-        return self._public(row, self._owners())
+        return self._public(row, self._owners([row]))
 
     def command(self, command_id: str) -> dict[str, Any]:
         return self.bus.status(command_id)
@@ -124,14 +125,15 @@ class AdminService:
         with self.pool.connection() as conn:
             return rows.find(conn, *_ids(provider_id, tenant))
 
-    def _owners(self) -> Mapping[str, str]:
+    def _owners(self, found: Sequence[Mapping[str, Any]]) -> Mapping[str, str]:
+        """The owners of exactly the rows shown (``tenant:provider_id`` → member)."""
+        keys = [provider_key(r["tenant"], r["provider_id"]) for r in found]
         try:
-            assignment = self.bus.registry.read_assignment()
+            return self.bus.registry.owners_for(keys)
         except redis.RedisError as exc:
             # Listing must work without Redis; only the owner column is unknown then.
             log.warning("owners_unavailable", error_type=type(exc).__name__)
             return {}
-        return {} if assignment is None else assignment.owners
 
     def _public(self, row: dict[str, Any], owners: Mapping[str, str]) -> dict[str, Any]:
         stored = set(row.pop("stored_secrets") or ())
@@ -140,7 +142,7 @@ class AdminService:
             kind: "stored" if secret_name(kind, pid) in stored else "external"
             for kind in _SECRETS_BY_AUTH.get(row["auth_type"], ())
         }
-        row["owner"] = owners.get(pid)
+        row["owner"] = owners.get(provider_key(row["tenant"], pid))
         return row
 
     # -- writing -------------------------------------------------------------------------
@@ -184,7 +186,7 @@ class AdminService:
 
     def _reconnect_after_update(self, tenant: str, pid: str) -> dict[str, Any] | None:
         """New credentials must replace the owner's cached ones now, not at the next failure."""
-        if self.bus.owner(pid) is None:
+        if self.bus.owner(tenant, pid) is None:
             return None  # not served: the next owner reads the new row anyway
         return self.bus.send(tenant, pid, "reconnect", {})
 

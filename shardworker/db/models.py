@@ -61,6 +61,28 @@ class ProviderConfig:
     version: str
     cursors: Mapping[str, FolderCursor] = field(default_factory=dict, hash=False)
 
+    @property
+    def key(self) -> str:
+        """The provider's identity in the pool (see :func:`provider_key`)."""
+        return provider_key(self.tenant, self.provider_id)
+
+
+def provider_key(tenant: str, provider_id: str) -> str:
+    """A provider's identity everywhere in the pool: ``<tenant>:<provider_id>``.
+
+    Alga's provider ids are unique only within a tenant, so the assignment, the held-lease
+    map, the engine and command routing all key by the pair, never by the id alone.
+    """
+    return f"{tenant}:{provider_id}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``(tenant, provider_id)`` of a :func:`provider_key`."""
+    tenant, sep, provider_id = key.partition(":")
+    if not sep or not tenant or not provider_id:
+        raise ValueError(f"not a provider key (tenant:provider_id): {key!r}")
+    return tenant, provider_id
+
 
 # The fields whose change must make the engine rebuild a provider's sessions.  Deliberately
 # not ``updated_at``: Alga and shardworker both bump it on every cursor write and status

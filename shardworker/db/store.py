@@ -185,6 +185,39 @@ class Store:
             rows = conn.execute(_PROVIDER_SELECT + " ORDER BY p.tenant, p.id").fetchall()
         return [_provider(r) for r in rows]
 
+    def load_providers_for(self, pairs: Sequence[tuple[str, str]]) -> list[ProviderConfig]:
+        """The active IMAP providers among these (tenant, provider_id), by primary key."""
+        if not pairs:
+            return []
+        query = _PROVIDER_SELECT + (
+            " AND (p.tenant, p.id) IN (SELECT * FROM unnest(%(tenants)s::uuid[], %(pids)s::uuid[]))"
+        )
+        params = {"tenants": [t for t, _ in pairs], "pids": [p for _, p in pairs]}
+        with self._pool.connection() as conn:
+            rows = conn.execute(query, params).fetchall()
+        return [_provider(r) for r in rows]
+
+    def db_now(self) -> datetime:
+        """The database's clock: watermarks are compared with ``updated_at`` written by it."""
+        with self._pool.connection() as conn:
+            row = conn.execute("SELECT now()").fetchone()
+        assert row is not None
+        return row[0]  # type: ignore[no-any-return]
+
+    def providers_changed_since(self, since: datetime) -> tuple[list[ProviderConfig], datetime]:
+        """Active IMAP providers whose rows changed after ``since`` (through the
+        ``updated_at`` indexes), and the database's ``now()``, the next watermark."""
+        query = _PROVIDER_SELECT + (
+            " AND (p.tenant, p.id) IN (SELECT tenant, id FROM email_providers "
+            "WHERE updated_at > %(since)s UNION SELECT tenant, email_provider_id "
+            "FROM imap_email_provider_config WHERE updated_at > %(since)s)"
+        )
+        with self._pool.connection() as conn:
+            rows = conn.execute(query, {"since": since}).fetchall()
+            now = conn.execute("SELECT now()").fetchone()
+        assert now is not None
+        return [_provider(r) for r in rows], now[0]
+
     def load_provider(self, tenant: str, provider_id: str) -> ProviderConfig | None:
         query = _PROVIDER_SELECT + " AND p.tenant = %(tenant)s::uuid AND p.id = %(pid)s::uuid"
         with self._pool.connection() as conn:

@@ -115,23 +115,23 @@ class Engine:
         snapshot = list(configs)
         self.post(lambda: self._apply_desired(snapshot, dict(fences or {})))
 
-    def drop_provider_now(self, provider_id: str) -> None:
-        """The lease is gone: stop acting for this provider at once."""
-        self.post(lambda: self._drop_now(provider_id))
+    def drop_provider_now(self, key: str) -> None:
+        """The lease is gone: stop acting for this provider (``tenant:provider_id``) at once."""
+        self.post(lambda: self._drop_now(key))
 
     def request_stop(self) -> None:
         self.post(self._begin_stop)
 
     def reconnect_provider(
-        self, provider_id: str, config: ProviderConfig | None, on_done: Callable[[bool], None]
+        self, key: str, config: ProviderConfig | None, on_done: Callable[[bool], None]
     ) -> None:
         """Log out every connection and open them again (fresh credentials, ``config`` if
         given); ``on_done(True)`` once reopening started, ``on_done(False)`` if not served."""
-        self.post(lambda: self._reconnect(provider_id, config, on_done))
+        self.post(lambda: self._reconnect(key, config, on_done))
 
-    def resync_provider(self, provider_id: str, request: ResyncRequest) -> None:
-        """Queue an admin resync on the provider's matching folder slots."""
-        self.post(lambda: self._resync(provider_id, request))
+    def resync_provider(self, key: str, request: ResyncRequest) -> None:
+        """Queue an admin resync on the provider's (``tenant:provider_id``) folder slots."""
+        self.post(lambda: self._resync(key, request))
 
     def snapshot(self) -> EngineSnapshot:
         """The slots as they stand; call on the loop thread (it is not locked)."""
@@ -214,14 +214,14 @@ class Engine:
     def _apply_desired(self, configs: list[ProviderConfig], fences: dict[str, Fence]) -> None:
         if self._stopping:
             return
-        desired = {c.provider_id: c for c in configs}
+        desired = {c.key: c for c in configs}
         for pid, rt in list(self.providers.items()):
             cfg = desired.get(pid)
             if cfg is None:
                 rt.replacement = None
                 self._stop_provider(rt, immediate=False)
             elif config_fingerprint(cfg) != config_fingerprint(rt.config) and not rt.stopping:
-                log.info("provider_config_changed", provider_id=pid)
+                log.info("provider_config_changed", provider_id=rt.config.provider_id)
                 rt.replacement = cfg
                 self._stop_provider(rt, immediate=False)
             elif rt.stopping and rt.replacement is not None:
@@ -232,7 +232,7 @@ class Engine:
 
     def _start_provider(self, cfg: ProviderConfig, fence: Fence | None) -> None:
         rt = ProviderRuntime(cfg, fence, make_backoff(self.settings, auth=True))
-        self.providers[cfg.provider_id] = rt
+        self.providers[cfg.key] = rt
         if cfg.folder_filters:
             slot = self._new_slot(rt, "", resolving=True)
         else:
@@ -258,27 +258,28 @@ class Engine:
         if not rt.slots:
             self._provider_released(rt)
 
-    def _drop_now(self, provider_id: str) -> None:
-        rt = self.providers.get(provider_id)
+    def _drop_now(self, key: str) -> None:
+        rt = self.providers.get(key)
         if rt is not None:
             rt.replacement = None
-            log.warning("provider_dropped", provider_id=provider_id, reason="lease_lost")
+            log.warning("provider_dropped", provider_id=rt.config.provider_id,
+                        tenant=rt.config.tenant, reason="lease_lost")  # fmt: skip
             self._stop_provider(rt, immediate=True)
 
     def _reconnect(
-        self, provider_id: str, config: ProviderConfig | None, on_done: Callable[[bool], None]
+        self, key: str, config: ProviderConfig | None, on_done: Callable[[bool], None]
     ) -> None:
-        rt = self.providers.get(provider_id)
+        rt = self.providers.get(key)
         if rt is None or self._stopping or (rt.stopping and rt.replacement is None):
             self._background(on_done, False)
             return
-        log.info("provider_reconnecting", provider_id=provider_id)
+        log.info("provider_reconnecting", provider_id=rt.config.provider_id)
         rt.replacement = config or rt.replacement or rt.config
         rt.after_restart.append(on_done)
         self._stop_provider(rt, immediate=False)
 
-    def _resync(self, provider_id: str, request: ResyncRequest) -> None:
-        rt = self.providers.get(provider_id)
+    def _resync(self, key: str, request: ResyncRequest) -> None:
+        rt = self.providers.get(key)
         served = {} if rt is None or rt.stopping else {f: s for f, s in rt.slots.items() if f}
         slots = [s for f, s in served.items() if request.matches(f)]
         if not slots:
@@ -334,7 +335,7 @@ class Engine:
             return
         for callback in restarted:
             self._background(callback, False)
-        log.info("provider_released", provider_id=rt.key)
+        log.info("provider_released", provider_id=rt.config.provider_id)
         if self.on_released is not None:
             self.on_released(rt.key)
 
@@ -529,7 +530,7 @@ class Engine:
 
     def _after_auth_record(self, rt: ProviderRuntime, paused: bool) -> None:
         if paused and self.providers.get(rt.key) is rt:
-            log.warning("provider_paused", provider_id=rt.key, reason="auth_failure")
+            log.warning("provider_paused", provider_id=rt.config.provider_id, reason="auth_failure")
             rt.paused = True
             rt.replacement = None
             self._stop_provider(rt, immediate=False)
@@ -586,7 +587,7 @@ class Engine:
         if (rt.reported_status, rt.reported_error) == (status, error):
             return
         rt.reported_status, rt.reported_error = status, error
-        self.deps.status.status(rt.config.tenant, rt.key, status, error)
+        self.deps.status.status(rt.config.tenant, rt.config.provider_id, status, error)
 
     def _background(self, fn: Callable[..., Any], *args: Any) -> None:
         def call() -> None:

@@ -166,7 +166,8 @@ class ProviderRuntime:
 
     @property
     def key(self) -> str:
-        return self.config.provider_id
+        """``<tenant>:<provider_id>``: what the engine's provider map is keyed by."""
+        return self.config.key
 
     def update_parked(self) -> None:
         """Missing folders are an error on the provider row, but never stop the others."""
@@ -179,7 +180,7 @@ class ProviderRuntime:
         if detail != self.parked_detail:
             self.parked_detail = detail
             if detail:
-                log.warning("folders_parked", provider_id=self.key, detail=detail)
+                log.warning("folders_parked", provider_id=self.config.provider_id, detail=detail)
 
 
 @dataclass(slots=True)

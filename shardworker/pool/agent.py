@@ -5,8 +5,10 @@ Two threads, neither of which ever touches IMAP:
 * the *keeper* heartbeats and renews every held lease in one Lua call each
   ``lease_renew_s``; a lease that is lost (or may have expired while Redis was
   unreachable) stops its provider in the engine at once;
-* the *assigner* reads this member's share of the assignment, acquires the leases it
-  lacks, hands the engine exactly the providers it holds leases for, and releases a lease
+* the *assigner* polls this member's share version (one small read) and reads the share
+  only when it moved; it loads the configs of providers new to it by key, picks up config
+  changes of its providers by ``updated_at`` (never re-reading every row), acquires the
+  leases it lacks, hands the engine exactly the providers it holds leases for, and releases a lease
   only after the engine has drained that provider (finished in-flight work, checkpointed,
   logged out), so the next owner never overlaps with us.
 
@@ -23,20 +25,24 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 from shardworker import metrics
 from shardworker.config import Settings
+from shardworker.db.models import split_key
 from shardworker.db.store import ProviderConfig, Store
 from shardworker.engine.loop import Engine
 from shardworker.errors import ShardworkerError
 from shardworker.logs import get_logger
 from shardworker.pool.inbox import CommandInbox
 from shardworker.pool.leases import Lease, LeaseManager
-from shardworker.pool.registry import Registry
+from shardworker.pool.registry import MemberAssignment, Registry
 
 log = get_logger(__name__)
 
 ACQUIRE_BATCH = 500
+# Config rows changed this long before the last read are read again (late commits).
+LATE_COMMIT_S = 5.0
 
 
 class PoolAgent:
@@ -50,7 +56,7 @@ class PoolAgent:
         self.leases = leases
         self.store = store
         self.engine = engine
-        # Provider ids the engine has drained (fed by Engine(on_released=released.put)).
+        # ``tenant:provider_id`` keys the engine has drained (Engine(on_released=...put)).
         self.released = released
         self.draining = threading.Event()
         self._stop = threading.Event()
@@ -58,6 +64,8 @@ class PoolAgent:
         self._configs: dict[str, ProviderConfig] = {}
         self._configs_for: frozenset[str] = frozenset()
         self._configs_at = float("-inf")
+        self._configs_since: datetime | None = None  # database time of the last read
+        self._share: MemberAssignment | None = None
         self._threads: list[threading.Thread] = []
         self.on_lease_lost: Callable[[Lease], None] | None = None
         # Admin commands addressed to this member, served between assignment reads.
@@ -110,9 +118,9 @@ class PoolAgent:
             lost = self.leases.renew()
             metrics.lease_renewal(self.leases.count(), len(lost))
             for lease in lost:
-                log.warning("lease_lost", provider_id=lease.provider_id, member=self.member,
-                            epoch=lease.epoch)  # fmt: skip
-                self.engine.drop_provider_now(lease.provider_id)
+                log.warning("lease_lost", provider_id=lease.provider_id, tenant=lease.tenant,
+                            member=self.member, epoch=lease.epoch)  # fmt: skip
+                self.engine.drop_provider_now(lease.provider)
                 if self.on_lease_lost is not None:
                     self.on_lease_lost(lease)
 
@@ -138,18 +146,20 @@ class PoolAgent:
 
     # -- what the command inbox asks -----------------------------------------------------
 
-    def holds(self, provider_id: str) -> bool:
-        return self.leases.holds(provider_id)
+    def holds(self, provider: str) -> bool:
+        """Whether this member holds the lease of ``provider`` (``tenant:provider_id``)."""
+        return self.leases.holds(provider)
 
     def invalidate_configs(self) -> None:
+        """Forget the cached configs: the next assign reads the whole share's rows again."""
+        self._configs_for = frozenset()
         self._configs_at = float("-inf")
 
     def assign_once(self) -> None:
         self._release_drained()
         if self.draining.is_set():
             return
-        share = self.registry.member_assignment(self.member)
-        desired = share.providers if share is not None else frozenset()
+        desired = self._read_share()
         configs = self._load_configs(desired)
         held = self.leases.held()
         wanted = [(c.tenant, c.provider_id) for p, c in configs.items() if p not in held]
@@ -157,23 +167,47 @@ class PoolAgent:
             got = self.leases.acquire(wanted[start : start + ACQUIRE_BATCH])
             metrics.leases_acquired(len(got))
             for lease in got:
-                log.info("lease_acquired", provider_id=lease.provider_id, epoch=lease.epoch)
+                log.info("lease_acquired", provider_id=lease.provider_id, tenant=lease.tenant,
+                         epoch=lease.epoch)  # fmt: skip
         held_now = self.leases.held()
         metrics.set_leases_held(len(held_now))
         serve = [c for p, c in configs.items() if p in held_now]
         fences = {p: lease.fence for p, lease in held_now.items()}
         self.engine.update_providers(serve, fences)
 
+    def _read_share(self) -> frozenset[str]:
+        """This member's share: one version read, the share itself only when it moved."""
+        version = self.registry.member_version(self.member)
+        if version is None:
+            self._share = None
+        elif self._share is None or self._share.version != version:
+            self._share = self.registry.member_assignment(self.member)
+        return self._share.providers if self._share is not None else frozenset()
+
     def _load_configs(self, desired: frozenset[str]) -> dict[str, ProviderConfig]:
+        """Configs of the desired providers, unpaused: new ones read by key, changes of
+        the others picked up every ``provider_refresh_s`` by ``updated_at``."""
         now = self.leases.clock()
-        stale = now - self._configs_at >= self.settings.provider_refresh_s
-        if desired != self._configs_for or stale:
-            every = self.store.load_providers()
-            self._configs = {c.provider_id: c for c in every
-                             if c.provider_id in desired and not c.paused}  # fmt: skip
-            self._configs_for = desired
-            self._configs_at = now
-        return self._configs
+        if not self._configs_for or self._configs_since is None:
+            self._configs = {}
+            new = desired
+        else:
+            new = desired - self._configs_for
+        configs = {k: c for k, c in self._configs.items() if k in desired}
+        if new:
+            since = self._configs_since or self.store.db_now()
+            for config in self.store.load_providers_for([split_key(k) for k in sorted(new)]):
+                configs[config.key] = config
+            self._configs_since = since
+        if now - self._configs_at >= self.settings.provider_refresh_s and self._configs_since:
+            changed, db_now = self.store.providers_changed_since(
+                self._configs_since - timedelta(seconds=LATE_COMMIT_S)
+            )
+            configs.update({c.key: c for c in changed if c.key in desired})
+            self._configs_since, self._configs_at = db_now, now
+        self._configs = configs
+        self._configs_for = desired
+        return {k: c for k, c in configs.items() if not c.paused}
 
     def _release_drained(self) -> None:
         done: list[str] = []

@@ -8,8 +8,10 @@ internals:
   the hash ``sw:cmdstatus:<command_id>`` (state ``queued``), kept for a day;
 * :class:`CommandInbox`, served from the pool agent's assign loop, ``XREAD BLOCK``s on its
   own stream (this doubles as the loop's pause), then ``XDEL``s;
-* a command is applied only while this member holds the provider's lease, through the
-  engine's thread-safe methods; progress and the result are written into the status hash.
+* a command is applied only while this member holds the lease of exactly the provider it
+  names, ``(tenant, provider_id)``: a provider of another tenant with the same id is a
+  different provider (``rejected``, ``not_owner``); it goes through the engine's
+  thread-safe methods, and progress and the result are written into the status hash.
 
 States: ``queued`` → ``running`` → ``done`` | ``failed``; or ``rejected`` (not the owner),
 ``expired`` (found too late, e.g. after a restart).
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 import orjson
 import redis
 
+from shardworker.db.models import provider_key
 from shardworker.db.store import Store
 from shardworker.engine.loop import Engine
 from shardworker.engine.resync import ResyncRequest
@@ -86,7 +89,7 @@ def decode_fields(raw: Mapping[Any, Any]) -> dict[str, Any]:
 class Owner(Protocol):
     """What the inbox needs from the pool agent."""
 
-    def holds(self, provider_id: str) -> bool: ...
+    def holds(self, provider: str) -> bool: ...
 
     def invalidate_configs(self) -> None: ...
 
@@ -122,18 +125,20 @@ class CommandInbox:
 
     def handle(self, command: dict[str, Any]) -> None:
         cid, pid = str(command["command_id"]), str(command["provider_id"])
-        fields = {"command_id": cid, "provider_id": pid, "owner": self.member}
+        tenant = str(command.get("tenant", ""))
+        fields = {"command_id": cid, "tenant": tenant, "provider_id": pid, "owner": self.member}
         if self.clock() - float(command["created_at"]) > STALE_AFTER_S:
             write_status(self.client, cid, {**fields, "state": "expired"})
             return
-        if not self.owner.holds(pid):
+        if not tenant or not self.owner.holds(provider_key(tenant, pid)):
             write_status(self.client, cid, {**fields, "state": "rejected",
                                             "detail": "not_owner"})  # fmt: skip
             return
-        log.info("command_received", command_id=cid, op=command["op"], provider_id=pid)
+        log.info("command_received", command_id=cid, op=command["op"], provider_id=pid,
+                 tenant=tenant)  # fmt: skip
         write_status(self.client, cid, {**fields, "state": "running"})
         try:
-            self._apply(cid, str(command["tenant"]), pid, str(command["op"]), command["args"])
+            self._apply(cid, tenant, pid, str(command["op"]), command["args"])
         except Exception as exc:
             log.warning("command_failed", command_id=cid, provider_id=pid,
                         error_type=type(exc).__name__, error=str(exc))  # fmt: skip
@@ -145,7 +150,8 @@ class CommandInbox:
             # the agent's cached copy must not restart the provider with the old one.
             self.owner.invalidate_configs()
             config = self.store.load_provider(tenant, pid)
-            self.engine.reconnect_provider(pid, config, lambda ok: self._reconnected(cid, ok))
+            key = provider_key(tenant, pid)
+            self.engine.reconnect_provider(key, config, lambda ok: self._reconnected(cid, ok))
         elif op == "resync":
             since = args.get("since")
             request = ResyncRequest(
@@ -153,7 +159,7 @@ class CommandInbox:
                 since=datetime.fromisoformat(since) if since else None,
                 report=lambda state, fields: self._progress(cid, state, fields),
             )
-            self.engine.resync_provider(pid, request)
+            self.engine.resync_provider(provider_key(tenant, pid), request)
         else:
             raise ValueError(f"unknown command {op!r}")
 

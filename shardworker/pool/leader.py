@@ -1,40 +1,53 @@
 """The pool leader: one coordinator at a time plans and publishes the assignment.
 
-Every coordinator runs a ``Leader`` thread; the one holding the ``sw:leader`` lease does
-the housekeeping each round:
+Every coordinator runs a ``Leader`` thread; the one holding the ``sw:leader`` lease keeps
+a *view* (the servable providers and the owners as published) and does, each round, only
+the work that something changing calls for:
 
-* reads the servable providers (active, unpaused, not leased by Alga's own listener) —
-  changes in the database are picked up within a round;
-* reads the live members (heartbeats within the grace period; a member that comes back
-  within it keeps its providers) and debounces new ones;
-* plans with rendezvous hashing and bounded loads (``assign.plan_assignment``), rate-limited;
-* publishes the versioned assignment, tagged with its epoch, through a script that checks
-  the leader lease first;
-* mirrors ownership into Alga's ``lease_owner``/``lease_expires_at`` columns and cleans
-  up the assignment keys of departed members.
+* provider changes are read incrementally (rows whose ``updated_at`` moved, foreign
+  leases that ran out: ``OwnershipStore.changed_since``); every row is read only on
+  taking over and at the periodic reconcile (``provider_reconcile_s``), which proves the
+  view right;
+* the live members are read (heartbeats within the grace period) and joins debounced;
+* a plan runs only when providers or members changed (or the last one was rate-limited):
+  new and removed providers alone are placed incrementally, a member change re-plans
+  with rendezvous hashing and bounded loads (``assign.plan_assignment``);
+* only the difference is published, as a versioned delta (``Registry.publish_delta``),
+  and mirrored into Alga's lease columns; the mirror's TTL is refreshed in batches.
+
+A new leader starts from the published owners, so a failover moves nothing that did not
+have to move.  After every round while leading, ``housekeeping`` (sink.housekeeping)
+trims the streams by consumption and samples what shardworker keeps in Redis.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 import redis
 
 from shardworker import metrics
 from shardworker.config import Settings
+from shardworker.db.models import provider_key, split_key
 from shardworker.db.ownership import OwnershipStore
 from shardworker.errors import LeaseLostError, ShardworkerError
 from shardworker.logs import get_logger
-from shardworker.pool.assign import plan_assignment
-from shardworker.pool.registry import Assignment, Registry
+from shardworker.pool.assign import load_bounds, plan_assignment, score
+from shardworker.pool.registry import Assignment, Delta, Registry
 from shardworker.sink.housekeeping import Housekeeper
 
 log = get_logger(__name__)
+
+# Re-read rows changed this long before the last watermark: a transaction that committed
+# late carries an ``updated_at`` from before it.  The reconcile catches anything older.
+LATE_COMMIT_S = 5.0
 
 
 @dataclass
@@ -48,6 +61,35 @@ class LeaderStats:
     version: int = 0
     moves: Counter[str] = field(default_factory=Counter)
     last_round_s: float = 0.0
+    plans: int = 0
+    published_ops: int = 0
+    reconciles: int = 0
+
+
+@dataclass
+class View:
+    """What the leader knows: servable providers, and the owners as published."""
+
+    providers: set[str]
+    owners: dict[str, str]
+    version: int
+    epoch: int
+    watermark: datetime
+    reconciled_at: float
+    loads: Counter[str] = field(default_factory=Counter)
+    members: tuple[str, ...] = ()
+    unsettled: bool = True
+    dirty: bool = False  # a publish failed midway: repair before anything else
+
+    def assign(self, key: str, member: str | None) -> None:
+        before = self.owners.pop(key, None)
+        if before is not None:
+            self.loads[before] -= 1
+            if self.loads[before] <= 0:
+                del self.loads[before]
+        if member is not None:
+            self.owners[key] = member
+            self.loads[member] += 1
 
 
 class Leader:
@@ -62,11 +104,12 @@ class Leader:
         self.clock = clock
         self.token: str | None = None
         self.stats = LeaderStats()
+        self.view: View | None = None
         self._first_seen: dict[str, float] = {}
         self._led_since = 0.0
-        self._last_mirror = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Leader-only chores after each round (stream trimming, Redis memory sampling).
         self.housekeeping = Housekeeper(registry.client, settings, clock)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -74,6 +117,24 @@ class Leader:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="leader", daemon=True)
         self._thread.start()
+        renewer = threading.Thread(target=self._keep_lease, name="leader-lease", daemon=True)
+        renewer.start()
+
+    def _keep_lease(self) -> None:
+        """Renew the leader lease on its own clock: a long round (a cold start's plan over
+        every provider) must not let it lapse and hand the work to a standby that would
+        start over.  Publishing still checks the token, so this cannot keep a deposed
+        leader writing."""
+        every = self.settings.leader_ttl_s / 3
+        while not self._stop.wait(every):
+            token = self.token
+            if token is None:
+                continue
+            try:
+                if self.registry.elect(self.identity, self.settings.leader_ttl_s, token) != token:
+                    log.warning("leader_lease_lost", identity=self.identity)
+            except redis.RedisError as exc:
+                log.warning("leader_lease_renew_failed", error_type=type(exc).__name__)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
@@ -107,6 +168,7 @@ class Leader:
             return
         if token != self.token:
             self.token = token
+            self.view = None
             self._led_since = self.clock()
             self._first_seen.clear()
             self.stats.is_leader = True
@@ -116,23 +178,26 @@ class Leader:
         self.rebalance(token)
         self.stats.last_round_s = self.clock() - started
         metrics.observe_rebalance(self.stats.last_round_s)
-        self.housekeeping.run_due()
+        try:
+            self.housekeeping.run_due()
+        except Exception as exc:  # a chore never stops the leader
+            log.warning("housekeeping_failed", error_type=type(exc).__name__, error=str(exc))
 
     def _step_down(self, reason: str) -> None:
         if self.token is not None:
             log.warning("leader_lost", identity=self.identity, reason=reason)
             self.stats.transitions += 1
         self.token = None
+        self.view = None
         self.stats.is_leader = False
 
-    def _eligible(self, live: list[str], current: dict[str, str]) -> list[str]:
+    def _eligible(self, live: list[str], owning: Collection[str]) -> list[str]:
         """Debounce joins: a member new to this leader waits ``join_debounce_s``.
 
         Members that already own providers, and every member seen in a new leader's first
         round, count at once, so a failover never orphans anyone.
         """
         now = self.clock()
-        owning = set(current.values())
         fresh_leader = now - self._led_since < self.settings.leader_round_s * 1.5
         for member in live:
             self._first_seen.setdefault(member, now - (1e9 if fresh_leader else 0.0))
@@ -143,51 +208,177 @@ class Leader:
         return [m for m in live if m in owning or now - self._first_seen[m] >= wait]
 
     def rebalance(self, token: str) -> None:
-        previous = self.registry.read_assignment()
-        current = dict(previous.owners) if previous else {}
-        live = self.registry.live_members(self.settings.member_grace_s)
-        members = self._eligible(live, current)
-        servable = self.ownership.servable()
-        if len(servable) != self.stats.providers or len(members) != self.stats.members:
-            log.info("providers_loaded", providers=len(servable), members=len(members))
-        tenants = dict((p, t) for t, p in servable)
-        plan = plan_assignment(
-            [p for _, p in servable], members, current,
-            max_rebalance_moves=self.settings.max_rebalance_moves,
-        )  # fmt: skip
-        self._record(plan.moves, plan.imbalance, len(members), len(servable))
+        view = self.view or self._take_over(token)
+        self.view = view
+        self._check_published(view)
+        members = tuple(self._eligible(self.registry.live_members(self.settings.member_grace_s),
+                                       view.loads))  # fmt: skip
+        added, removed = self._refresh_providers(view)
+        if added or removed or len(view.providers) != self.stats.providers:
+            log.info("providers_changed", providers=len(view.providers), added=len(added),
+                     removed=len(removed), members=len(members))  # fmt: skip
+        epoch = int(token.rsplit("|", 1)[1])
         stale = [m for m in self.registry.assigned_members() if m not in members]
-        if plan.assignment != current or stale or previous is None:
-            version = (previous.version if previous else 0) + 1
-            epoch = int(token.rsplit("|", 1)[1])
-            self.registry.publish(
-                token, Assignment(version, epoch, plan.assignment), members, stale
-            )
-            self.stats.version = version
-            if plan.moves:
-                log.info("assignment_published", version=version, moves=len(plan.moves),
-                         members=len(members), providers=len(servable),
-                         imbalance=round(plan.imbalance, 3))  # fmt: skip
-            self._mirror(plan.assignment, tenants, force=True)
-        else:
-            self._mirror(plan.assignment, tenants, force=False)
+        if view.dirty:
+            self._repair(token, view, members, stale, epoch)
+        elif members != view.members or view.unsettled or stale:
+            changes = self._replan(view, members)
+            self._publish(token, view, changes, members=members, stale=stale, epoch=epoch)
+        elif added or removed:
+            changes = self._place(view, members, added, removed)
+            self._publish(token, view, changes, members=members, stale=stale, epoch=epoch)
+        self._record(view, members)
+        self._refresh_mirror(view)
 
-    def _record(
-        self, moves: tuple[object, ...], imbalance: float, members: int, providers: int
-    ) -> None:
-        for move in moves:
-            self.stats.moves[str(getattr(move, "reason", "?"))] += 1
-        self.stats.imbalance = imbalance
-        self.stats.members = members
-        self.stats.providers = providers
-        self.stats.unowned = providers if members == 0 else 0
+    # -- the view ------------------------------------------------------------------------
 
-    def _mirror(self, owners: dict[str, str], tenants: dict[str, str], *, force: bool) -> None:
-        """Keep Alga's lease columns saying who serves each provider (and for how long)."""
-        now = self.clock()
-        if not force and now - self._last_mirror < self.settings.alga_lease_ttl_s / 4:
+    def _take_over(self, token: str) -> View:
+        """Start from the published state: owners as they are, every provider read once."""
+        meta = self.registry.read_meta()
+        owners = self.registry.read_owners() if meta is not None else {}
+        watermark = self.ownership.db_now()
+        providers = {provider_key(t, p) for t, p in self.ownership.servable()}
+        view = View(providers, {}, meta[0] if meta else 0, int(token.rsplit("|", 1)[1]),
+                    watermark, self.clock(), dirty=meta is None)  # fmt: skip
+        for key, member in owners.items():
+            view.assign(key, member)
+        self.stats.version = view.version
+        log.info("leader_view_loaded", providers=len(providers), owners=len(owners),
+                 version=view.version)  # fmt: skip
+        return view
+
+    def _check_published(self, view: View) -> None:
+        """A Redis restart (or a foreign writer) shows as a version we did not write."""
+        meta = self.registry.read_meta()
+        if meta is None or meta[0] != view.version:
+            if not view.dirty:
+                log.warning("assignment_state_lost", expected=view.version,
+                            found=None if meta is None else meta[0])  # fmt: skip
+            view.dirty = True
+
+    def _refresh_providers(self, view: View) -> tuple[set[str], set[str]]:
+        """Apply provider changes to the view: incremental, or the periodic full read."""
+        if self.clock() - view.reconciled_at >= self.settings.provider_reconcile_s:
+            view.watermark = self.ownership.db_now()
+            every = {provider_key(t, p) for t, p in self.ownership.servable()}
+            added, removed = every - view.providers, view.providers - every
+            view.providers = every
+            view.reconciled_at = self.clock()
+            self.stats.reconciles += 1
+            if added or removed:
+                log.warning("reconcile_found_drift", added=len(added), removed=len(removed))
+            return added, removed
+        since = view.watermark - timedelta(seconds=LATE_COMMIT_S)
+        rows, view.watermark = self.ownership.changed_since(since)
+        added, removed = set(), set()
+        for tenant, pid, servable in rows:
+            key = provider_key(tenant, pid)
+            if servable and key not in view.providers:
+                added.add(key)
+            elif not servable and key in view.providers:
+                removed.add(key)
+        view.providers |= added
+        view.providers -= removed
+        return added, removed
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _replan(self, view: View, members: tuple[str, ...]) -> dict[str, str | None]:
+        """A member change: the full planner; returns the changed keys."""
+        plan = plan_assignment(sorted(view.providers), members, view.owners,
+                               max_rebalance_moves=self.settings.max_rebalance_moves)  # fmt: skip
+        self.stats.plans += 1
+        for move in plan.moves:
+            self.stats.moves[move.reason] += 1
+        rebalanced = sum(1 for m in plan.moves if m.reason == "rebalance")
+        view.unsettled = rebalanced >= self.settings.max_rebalance_moves > 0
+        view.members = members
+        self.stats.imbalance = plan.imbalance
+        changes: dict[str, str | None] = {k: None for k in view.owners if k not in plan.assignment}
+        changes.update({m.provider: m.dst for m in plan.moves})
+        return changes
+
+    def _place(
+        self, view: View, members: tuple[str, ...], added: set[str], removed: set[str]
+    ) -> dict[str, str | None]:
+        """Only providers came or went: place the new ones, each on its best-ranked member
+        below the cap; nothing else moves."""
+        changes: dict[str, str | None] = {k: None for k in removed if k in view.owners}
+        if not members:
+            return changes
+        cap = load_bounds(len(view.providers), len(members), 0.1)[1]
+        loads = Counter({m: view.loads.get(m, 0) for m in members})
+        for key in sorted(added):
+            if key in view.owners and view.owners[key] in loads:
+                continue
+            open_members = [m for m in members if loads[m] < cap] or list(members)
+            best = max(open_members, key=lambda m: score(m, key))
+            loads[best] += 1
+            changes[key] = best
+            self.stats.moves["new"] += 1
+        return changes
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def _publish(
+        self, token: str, view: View, changes: dict[str, str | None], *,
+        members: tuple[str, ...], stale: list[str], epoch: int,
+    ) -> None:  # fmt: skip
+        changes = {k: m for k, m in changes.items() if view.owners.get(k) != m}
+        if not changes and not stale and members == view.members and not view.unsettled:
             return
-        self._last_mirror = now
-        rows = [(tenants[p], p, m) for p, m in owners.items() if p in tenants]
+        new = [m for m in members if m not in view.loads]
+        previous = {k: view.owners[k] for k in changes if k in view.owners}
+        version = view.version + 1
+        view.dirty = True  # until every chunk landed
+        ops = self.registry.publish_delta(
+            token, Delta(version, epoch, changes, previous, touch=new, drop=stale)
+        )
+        for key, member in changes.items():
+            view.assign(key, member)
+        view.version, view.epoch, view.dirty = version, epoch, False
+        view.members = members
+        self.stats.version = version
+        self.stats.published_ops += ops
+        if changes:
+            log.info("assignment_published", version=version, moves=len(changes),
+                     members=len(members), providers=len(view.providers))  # fmt: skip
+        self._mirror(previous, changes)
+
+    def _repair(
+        self, token: str, view: View, members: tuple[str, ...], stale: list[str], epoch: int
+    ) -> None:
+        """Make Redis hold the view again (after a failed publish or a Redis restart)."""
+        changes = self._replan(view, members)
+        for key, member in changes.items():
+            view.assign(key, member)
+        version = view.version + 1
+        self.registry.publish(token, Assignment(version, epoch, dict(view.owners)), members,
+                              stale)  # fmt: skip
+        view.version, view.epoch, view.dirty = version, epoch, False
+        self.stats.version = version
+        log.warning("assignment_repaired", version=version, owners=len(view.owners))
+        rows = [(*split_key(k), m) for k, m in view.owners.items()]
         self.ownership.mirror_leases(rows, self.settings.alga_lease_ttl_s)
-        self.ownership.clear_leases([p for _, p, _ in rows])
+
+    def _record(self, view: View, members: tuple[str, ...]) -> None:
+        self.stats.members = len(members)
+        self.stats.providers = len(view.providers)
+        self.stats.unowned = len(view.providers) - len(view.owners)
+
+    # -- Alga's lease columns ------------------------------------------------------------
+
+    def _mirror(self, previous: dict[str, str], changes: dict[str, str | None]) -> None:
+        """Write exactly what changed into Alga's lease columns."""
+        gone = [split_key(k) for k, m in changes.items() if m is None and k in previous]
+        rows = [(*split_key(k), m) for k, m in changes.items() if m is not None]
+        self.ownership.mirror_leases(rows, self.settings.alga_lease_ttl_s)
+        self.ownership.clear_pairs(gone)
+
+    def _refresh_mirror(self, view: View) -> None:
+        """Each round, push out the expiry of the oldest mirrored leases: every row is
+        refreshed once per half TTL, spread evenly over the rounds."""
+        ttl = self.settings.alga_lease_ttl_s
+        rounds = max(1.0, (ttl / 2) / self.settings.leader_round_s)
+        batch = 2 * math.ceil(len(view.owners) / rounds) + 100
+        self.ownership.refresh_leases(ttl, batch)

@@ -36,10 +36,13 @@ from typing import Any
 
 import redis
 
+from shardworker.db.models import provider_key
 from shardworker.db.ownership import OwnershipStore
 from shardworker.errors import LeaseError
 from shardworker.luasource import lua_source
 from shardworker.sink.base import Fence
+
+HELD_PREFIX = "sw:held:"
 
 
 def lease_key(tenant: str, provider_id: str) -> str:
@@ -57,6 +60,11 @@ class Lease:
     @property
     def key(self) -> str:
         return lease_key(self.tenant, self.provider_id)
+
+    @property
+    def provider(self) -> str:
+        """The provider's identity, ``<tenant>:<provider_id>``: the held map's key."""
+        return provider_key(self.tenant, self.provider_id)
 
     @property
     def fence(self) -> Fence:
@@ -88,17 +96,25 @@ class LeaseManager:
         self._acquire = client.register_script(lua_source("lease_acquire.lua"))
         self._swap = client.register_script(lua_source("lease_swap.lua"))
         self._renew = client.register_script(lua_source("lease_renew.lua"))
+        self._renew_held = client.register_script(lua_source("lease_renew_held.lua"))
+        # The held leases recorded in Redis (lease key -> token), so that a renewal is one
+        # small call however many leases the member holds.  A previous incarnation's
+        # record (same member id) is dropped before the first acquisition.
+        self.held_key = HELD_PREFIX + member
+        self._record_fresh = False
+        self._record_dirty = False
         self._release = client.register_script(lua_source("lease_release.lua"))
         self._renewing: threading.Thread | None = None  # a renewal call Redis has not answered
 
     # -- reading the map -----------------------------------------------------------------
 
-    def holds(self, provider_id: str) -> bool:
+    def holds(self, provider: str) -> bool:
+        """Whether the lease of ``provider`` (``tenant:provider_id``) is held."""
         with self._lock:
-            return provider_id in self._held
+            return provider in self._held
 
     def held(self) -> dict[str, Lease]:
-        """A copy of the map: provider_id -> lease."""
+        """A copy of the map: ``tenant:provider_id`` -> lease."""
         with self._lock:
             return dict(self._held)
 
@@ -111,9 +127,12 @@ class LeaseManager:
     def acquire(self, wanted: Sequence[tuple[str, str]]) -> list[Lease]:
         """Try to take these (tenant, provider_id) leases; returns the ones now held."""
         with self._lock:
-            todo = [(t, p) for t, p in wanted if p not in self._held]
+            todo = [(t, p) for t, p in wanted if provider_key(t, p) not in self._held]
         if not todo:
             return []
+        if not self._record_fresh:
+            self.client.delete(self.held_key)
+            self._record_fresh = True
         sent = self.clock()
         provisional = [f"{self.member}|p|{uuid.uuid4().hex}" for _ in todo]
         won = self._acquire(keys=[lease_key(t, p) for t, p in todo],
@@ -122,19 +141,24 @@ class LeaseManager:
         if not mine:
             return []
         epochs = self.ownership.acquire_epochs([item for item, _ in mine], self.member)
-        final = [(t, p, tok, f"{self.member}|{epochs[p]}") for (t, p), tok in mine]
+        final = [(t, p, tok, f"{self.member}|{epochs[t, p]}") for (t, p), tok in mine]
         swapped = self._swap(
             keys=[lease_key(t, p) for t, p, _, _ in final],
             args=[self.ttl_ms, *[x for _, _, old, new in final for x in (old, new)]],
         )
         out = [
-            Lease(t, p, token, epochs[p], sent + self.ttl_s)
+            Lease(t, p, token, epochs[t, p], sent + self.ttl_s)
             for (t, p, _, token), ok in zip(final, swapped, strict=True)
             if ok
         ]
+        if out:
+            try:
+                self.client.hset(self.held_key, mapping={x.key: x.token for x in out})
+            except redis.RedisError:
+                self._record_dirty = True
         with self._lock:
             for lease in out:
-                self._held[lease.provider_id] = lease
+                self._held[lease.provider] = lease
         return out
 
     def renew(self) -> list[Lease]:
@@ -150,23 +174,52 @@ class LeaseManager:
         if budget_s <= 0:
             return self.expire_local()
         try:
-            kept = self._call_within(
-                lambda: self._renew(keys=[x.key for x in leases],
-                                    args=[self.ttl_ms, *[x.token for x in leases]]),
-                budget_s,
-            )  # fmt: skip
+            kept = self._call_within(lambda: self._renew_recorded(leases), budget_s)
         except (redis.RedisError, TimeoutError):
+            self._record_dirty = True  # whatever the script did, rewrite the record
             return self.expire_local()
         lost = []
         with self._lock:
             for lease, ok in zip(leases, kept, strict=True):
-                if self._held.get(lease.provider_id) is not lease:
+                if self._held.get(lease.provider) is not lease:
                     continue  # released (or replaced) while the renewal was in flight
                 if ok:
                     lease.valid_until = sent + self.ttl_s
                 else:
-                    lost.append(self._held.pop(lease.provider_id))
-        return lost + self.expire_local()
+                    lost.append(self._held.pop(lease.provider))
+        gone = lost + self.expire_local()
+        self._forget_recorded(gone)
+        return gone
+
+    def _renew_recorded(self, leases: list[Lease]) -> list[bool]:
+        """Renew through the record in Redis.  If a write of the record failed, or the
+        record and our map disagree, renew these leases by name this once and rewrite
+        the record from them (a stray entry was extended by one TTL at most)."""
+        if not self._record_dirty:
+            got = self._renew_held(keys=[self.held_key], args=[self.ttl_ms])
+            lost = {k.decode() if isinstance(k, bytes) else str(k) for k in got[1:]}
+            if int(got[0]) == sum(1 for x in leases if x.key not in lost):
+                return [x.key not in lost for x in leases]
+        kept = self._renew(keys=[x.key for x in leases],
+                           args=[self.ttl_ms, *[x.token for x in leases]])  # fmt: skip
+        ok = [bool(k) for k in kept]
+        record = {x.key: x.token for x, y in zip(leases, ok, strict=True) if y}
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.held_key)
+            if record:
+                pipe.hset(self.held_key, mapping=record)  # type: ignore[arg-type]
+            pipe.execute()
+        self._record_dirty = False
+        return ok
+
+    def _forget_recorded(self, leases: list[Lease]) -> None:
+        """Leases that left the map leave the record (else it would renew them)."""
+        if not leases:
+            return
+        try:
+            self.client.hdel(self.held_key, *[x.key for x in leases])
+        except redis.RedisError:
+            self._record_dirty = True
 
     def _call_within(self, call: Callable[[], Any], timeout_s: float) -> Any:
         """``call()`` on a daemon thread; TimeoutError if it has not returned in ``timeout_s``.
@@ -200,15 +253,18 @@ class LeaseManager:
             gone = [p for p, lease in self._held.items() if lease.valid_until <= now]
             return [self._held.pop(p) for p in gone]
 
-    def release(self, provider_ids: Sequence[str]) -> int:
+    def release(self, providers: Sequence[str]) -> int:
+        """Give up the leases of these ``tenant:provider_id`` keys (those held)."""
         with self._lock:
-            leases = [self._held.pop(p) for p in provider_ids if p in self._held]
+            leases = [self._held.pop(p) for p in providers if p in self._held]
         if not leases:
             return 0
         try:
+            self.client.hdel(self.held_key, *[x.key for x in leases])
             return int(self._release(keys=[x.key for x in leases], args=[x.token for x in leases]))
         except redis.RedisError as exc:
             # The TTL frees them anyway; successors only wait longer.
+            self._record_dirty = True
             raise LeaseError(
                 f"releasing {len(leases)} lease(s) failed: {type(exc).__name__}"
             ) from None

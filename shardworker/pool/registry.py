@@ -6,18 +6,30 @@ Keys:
   skewed clocks agree on who is alive.
 * ``sw:leader``: the leader lease, token ``<coordinator>|<epoch>``; ``sw:leader:epoch``
   is incremented on every new leadership.
-* ``sw:assignment``: JSON ``{"version", "epoch", "owners": {provider_id: member}}``;
-  ``sw:assign:<member>``: JSON ``{"version", "epoch", "providers": [...]}``, what each
-  worker reads.  Both are written by one script that first checks the writer still holds
-  the leader lease, so a deposed leader cannot publish a stale assignment.
+* the assignment, sharded so that no value grows with the whole pool and every change
+  writes only what moved:
+
+  - ``sw:owners:<0..255>``: HASHes ``tenant:provider_id`` → member (the shard is
+    ``crc32(key) % 256``): who owns a provider is one ``HGET``;
+  - ``sw:assign:<member>``: SET of the member's ``tenant:provider_id`` keys, its share;
+  - ``sw:assignver``: HASH member → the version at which that member's share last
+    changed: a worker polls this one field and reads its share only when it moved;
+  - ``sw:assignment``: HASH ``version``, ``epoch`` (of the leadership that wrote it).
+
+  The leader publishes *deltas* through ``registry_apply.lua``, which first checks the
+  leader lease, in chunks of at most ``CHUNK_OPS`` operations; the owner-shard entry and
+  the share entries of one provider always travel in the same chunk, and the versions
+  (members' and the global one) in the last, so a worker that sees a new version sees
+  every change before it.  See docs/DESIGN.md, "The incremental control plane".
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import zlib
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
-import orjson
 import redis
 
 from shardworker.errors import LeaseLostError
@@ -28,6 +40,15 @@ LEADER = "sw:leader"
 LEADER_EPOCH = "sw:leader:epoch"
 ASSIGNMENT = "sw:assignment"
 ASSIGN_PREFIX = "sw:assign:"
+VERSIONS = "sw:assignver"
+OWNERS_PREFIX = "sw:owners:"
+OWNER_SHARDS = 256
+CHUNK_OPS = 4000
+
+
+def owner_shard(key: str) -> str:
+    """The owner HASH holding ``key`` (``tenant:provider_id``)."""
+    return f"{OWNERS_PREFIX}{zlib.crc32(key.encode()) % OWNER_SHARDS}"
 
 
 @dataclass(frozen=True)
@@ -43,13 +64,32 @@ class MemberAssignment:
     providers: frozenset[str]
 
 
+@dataclass(frozen=True)
+class Delta:
+    """What changed since the published state: ``owners[key]`` is the new member, or None
+    for a provider no longer assigned; ``previous[key]`` its member before (if any)."""
+
+    version: int
+    epoch: int
+    owners: Mapping[str, str | None]
+    previous: Mapping[str, str]
+    # Members whose version is bumped even with no change (a new member, a repair).
+    touch: Iterable[str] = ()
+    # Departed members: their share and version are deleted.
+    drop: Sequence[str] = field(default_factory=tuple)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class Registry:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self._heartbeat = client.register_script(lua_source("registry_heartbeat.lua"))
         self._live = client.register_script(lua_source("registry_live.lua"))
         self._elect = client.register_script(lua_source("registry_elect.lua"))
-        self._publish = client.register_script(lua_source("registry_publish.lua"))
+        self._apply = client.register_script(lua_source("registry_apply.lua"))
         self._resign = client.register_script(lua_source("registry_resign.lua"))
 
     # -- members -------------------------------------------------------------------------
@@ -83,14 +123,82 @@ class Registry:
         got = self.client.get(LEADER)
         return got.decode() if isinstance(got, bytes) else None
 
-    # -- assignment ----------------------------------------------------------------------
+    # -- assignment: reading ------------------------------------------------------------
+
+    def read_meta(self) -> tuple[int, int] | None:
+        """``(version, epoch)`` of the published assignment, or None if none is."""
+        version, epoch = self.client.hmget(ASSIGNMENT, ["version", "epoch"])
+        if version is None or epoch is None:
+            return None
+        return int(version), int(epoch)
+
+    def read_owners(self) -> dict[str, str]:
+        """The whole owner map (every shard, one pipelined round trip): for the admin
+        views and a leader taking over; a single provider's owner is :meth:`owner_of`."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for shard in range(OWNER_SHARDS):
+                pipe.hgetall(f"{OWNERS_PREFIX}{shard}")
+            shards = pipe.execute()
+        return {_text(k): _text(v) for part in shards for k, v in part.items()}
 
     def read_assignment(self) -> Assignment | None:
-        raw = self.client.get(ASSIGNMENT)
-        if not raw:
+        meta = self.read_meta()
+        if meta is None:
             return None
-        data = orjson.loads(raw)
-        return Assignment(int(data["version"]), int(data["epoch"]), dict(data["owners"]))
+        return Assignment(meta[0], meta[1], self.read_owners())
+
+    def owner_of(self, key: str) -> str | None:
+        got = self.client.hget(owner_shard(key), key)
+        return None if got is None else _text(got)
+
+    def member_version(self, member: str) -> int | None:
+        got = self.client.hget(VERSIONS, member)
+        return None if got is None else int(got)
+
+    def member_assignment(self, member: str) -> MemberAssignment | None:
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hget(VERSIONS, member)
+            pipe.smembers(ASSIGN_PREFIX + member)
+            version, share = pipe.execute()
+        if version is None:
+            return None
+        return MemberAssignment(int(version), frozenset(_text(k) for k in share))
+
+    def owners_for(self, keys: Sequence[str]) -> dict[str, str]:
+        """The owners of these ``tenant:provider_id`` keys (one pipelined round trip)."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(owner_shard(key), key)
+            got = pipe.execute()
+        return {k: _text(m) for k, m in zip(keys, got, strict=True) if m is not None}
+
+    def share_sizes(self) -> dict[str, int]:
+        """member → how many providers its share holds."""
+        members = self.assigned_members()
+        with self.client.pipeline(transaction=False) as pipe:
+            for member in members:
+                pipe.scard(ASSIGN_PREFIX + member)
+            sizes = pipe.execute()
+        return dict(zip(members, (int(n) for n in sizes), strict=True))
+
+    def assigned_members(self) -> list[str]:
+        return sorted(_text(m) for m in self.client.hkeys(VERSIONS))
+
+    # -- assignment: writing ------------------------------------------------------------
+
+    def publish_delta(self, token: str, delta: Delta) -> int:
+        """Apply ``delta`` if we are still the leader; returns the operations sent."""
+        chunks = _chunks(delta)
+        for chunk in chunks:
+            try:
+                self._apply(keys=[LEADER], args=[token, *chunk])
+            except redis.ResponseError as exc:
+                if "NOTLEADER" in str(exc):
+                    raise LeaseLostError(
+                        "leadership lost before the assignment was published"
+                    ) from None
+                raise
+        return sum(len(c) for c in chunks)
 
     def publish(
         self,
@@ -99,39 +207,45 @@ class Registry:
         members: Sequence[str],
         stale_members: Sequence[str],
     ) -> None:
-        """Write the assignment and each member's share, if we are still the leader."""
-        by_member: dict[str, list[str]] = {m: [] for m in members}
-        for provider, member in sorted(assignment.owners.items()):
-            by_member.setdefault(member, []).append(provider)
-        blob = orjson.dumps({"version": assignment.version, "epoch": assignment.epoch,
-                             "owners": assignment.owners})  # fmt: skip
-        keys = [LEADER, ASSIGNMENT, *(ASSIGN_PREFIX + m for m in by_member)]
-        shares = [
-            orjson.dumps(
-                {"version": assignment.version, "epoch": assignment.epoch, "providers": ps}
-            )
-            for ps in by_member.values()
-        ]
-        drop = [ASSIGN_PREFIX + m for m in stale_members if m not in by_member]
-        try:
-            self._publish(keys=keys, args=[token, blob, *shares, len(drop), *drop])
-        except redis.ResponseError as exc:
-            if "NOTLEADER" in str(exc):
-                raise LeaseLostError(
-                    "leadership lost before the assignment was published"
-                ) from None
-            raise
+        """Make the published state equal ``assignment`` whatever it is now (a repair):
+        reads what Redis holds, writes the difference and bumps every member's version."""
+        current = self.read_owners()
+        owners: dict[str, str | None] = {k: None for k in current if k not in assignment.owners}
+        owners.update({k: m for k, m in assignment.owners.items() if current.get(k) != m})
+        touch = set(members) | set(assignment.owners.values())
+        self.publish_delta(token, Delta(assignment.version, assignment.epoch, owners, current,
+                                        touch=sorted(touch), drop=stale_members))  # fmt: skip
 
-    def member_assignment(self, member: str) -> MemberAssignment | None:
-        raw = self.client.get(ASSIGN_PREFIX + member)
-        if not raw:
-            return None
-        data = orjson.loads(raw)
-        return MemberAssignment(int(data["version"]), frozenset(data["providers"]))
 
-    def assigned_members(self) -> list[str]:
-        keys = self.client.scan_iter(match=ASSIGN_PREFIX + "*", count=500)
-        return [k.decode()[len(ASSIGN_PREFIX) :] for k in keys]
+def _chunks(delta: Delta) -> list[list[str]]:
+    """The delta as script arguments, per provider together, versions last."""
+    chunks: list[list[str]] = [[]]
+    changed: dict[str, int] = defaultdict(int)
+    for key, member in delta.owners.items():
+        before = delta.previous.get(key)
+        ops: list[str] = []
+        if before is not None and before != member:
+            ops += ["srem", ASSIGN_PREFIX + before, key]
+            changed[before] += 1
+        if member is None:
+            ops += ["hdel", owner_shard(key), key]
+        else:
+            ops += ["hset", owner_shard(key), key, member, "sadd", ASSIGN_PREFIX + member, key]
+            changed[member] += 1
+        if len(chunks[-1]) + len(ops) > CHUNK_OPS:
+            chunks.append([])
+        chunks[-1] += ops
+    last: list[str] = []
+    for member in sorted(delta.drop):
+        last += ["del", ASSIGN_PREFIX + member, "hdel", VERSIONS, member]
+        changed.pop(member, None)
+    for member in sorted(set(changed) | set(delta.touch)):
+        if member not in delta.drop:
+            last += ["hset", VERSIONS, member, str(delta.version)]
+    last += ["hset", ASSIGNMENT, "version", str(delta.version),
+             "hset", ASSIGNMENT, "epoch", str(delta.epoch)]  # fmt: skip
+    chunks.append(last)
+    return [c for c in chunks if c]
 
 
 def owners_of(assignment: Assignment | None) -> Mapping[str, str]:
