@@ -1,7 +1,7 @@
 """APPEND→XADD latency over Dovecot's own push floor, with N idle folders in the engine.
 
     PYTHONPATH=. .venv/bin/python bench/ingest_latency.py [--folders 5000] [--samples 300]
-        [--tls] [--size 12000] [--quick]
+        [--tls] [--size 12000] [--quick] [--json PATH]
 
 One engine serves N providers (INBOX each) from this process.  A probe in a separate
 process then takes sequential samples, each on a random one of the N mailboxes:
@@ -37,14 +37,17 @@ from bench.common import (
     SAMPLE_TIMEOUT_S,
     STREAM,
     EngineRun,
+    Figure,
     PushTarget,
     Sample,
     StageTracer,
+    add_json_option,
     bench_logs,
     bench_settings,
     cpu_seconds,
     create_providers,
     fail,
+    load1,
     machine_note,
     ms,
     percentile,
@@ -56,6 +59,7 @@ from bench.common import (
     run_with_progress,
     tenant_configs,
     throwaway_database,
+    write_figures,
 )
 from tests.harness.dovecot import Dovecot, ImapUser
 
@@ -234,6 +238,17 @@ def report(res: LatencyResult, args: argparse.Namespace) -> None:
               "arrived while their folder's cycle was already running")  # fmt: skip
 
 
+def figures(res: LatencyResult) -> dict[str, Figure]:
+    over = [s.overhead_s for s in res.samples]
+    return {
+        "overhead_p50_ms": round(1000 * percentile(over, 50), 3),
+        "overhead_p99_ms": round(1000 * percentile(over, 99), 3),
+        "overhead_max_ms": round(1000 * max(over, default=float("nan")), 3),
+        "folders": res.folders,
+        "load1": load1(),
+    }
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folders", type=int, default=5000, help="idle providers (INBOX each)")
@@ -250,6 +265,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each stage of the push cycles (diagnostic)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 folders, 30 samples")
+    add_json_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.folders, args.samples = 200, 30
@@ -274,6 +290,7 @@ def main() -> None:
                         tracer.table())  # fmt: skip
             print_table("slowest push cycles (time since the first sample)", tracer.slowest())
             print_table("other cycles while sampling", tracer.background())
+        write_figures(args.json, figures(result))
         report(result, args)  # inside: a failed run keeps the service log
 
 
