@@ -1,9 +1,11 @@
 """The worker's engine: thousands of folder sessions on one ``selectors`` loop.
 
 The loop thread owns all scheduling state.  Idle sockets sit in the selector; when one
-becomes readable (an EXISTS, a keepalive, anything) the slot is handed to a sync thread
-for one cycle (leave IDLE → drain → IDLE again), so slow fetching, parsing and
-publishing never stall the other mailboxes.  Threads report back through ``post``.
+becomes readable the loop reads what is waiting without blocking: a bare ``* OK``
+keepalive only proves liveness and is consumed right there; anything else (an EXISTS,
+EXPUNGE, FETCH, or whatever it does not understand) hands the slot to a sync thread for
+one cycle (leave IDLE → drain → IDLE again), so slow fetching, parsing and publishing
+never stall the other mailboxes.  Threads report back through ``post``.
 
 Per-host admission caps concurrent connection attempts so a restart does not storm a
 server.  A watchdog aborts jobs that stop making progress and idle connections that went
@@ -47,6 +49,7 @@ from shardworker.engine.state import (
     snapshot,
 )
 from shardworker.errors import ImapAuthError, ShardworkerError, TokenRefreshError
+from shardworker.imap.idlewake import Wake, read_idle_wake
 from shardworker.imap.session import FolderSession
 from shardworker.logs import get_logger
 from shardworker.sink.base import Fence
@@ -588,6 +591,12 @@ class Engine:
                     self.selector.unregister(sock)
 
     def _on_readable(self, slot: Slot) -> None:
+        if read_idle_wake(slot.session) is Wake.KEEPALIVE:
+            # Liveness only: the folder did not change, so no cycle; it stays registered.
+            # last_activity stays "the last cycle" (_wake's gap); the IDLE refresh cycles
+            # keep it fresh for the watchdog (dead_after_s > idle_refresh_s).
+            self.stats.keepalives += 1
+            return
         self._unregister(slot)
         self._wake(slot)
         slot.exists_seen_at = slot.last_activity = self.clock()
