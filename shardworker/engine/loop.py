@@ -52,6 +52,7 @@ from shardworker.errors import ImapAuthError, ShardworkerError, TokenRefreshErro
 from shardworker.imap.idlewake import Wake, read_idle_wake
 from shardworker.imap.session import FolderSession
 from shardworker.logs import get_logger
+from shardworker.secrets.store import secret_name
 from shardworker.sink.base import Fence
 
 log = get_logger(__name__)
@@ -62,6 +63,7 @@ BACKPRESSURE_RETRY_S = 1.0
 # last cycle: a server answering every IDLE with an EXISTS for mail FETCH never finds must
 # not make a slot spin.  Dovecot coalesces its own notifications over 0.5 s anyway.
 EMPTY_WAKE_GAP_S = 0.25
+SECRET_PREFETCH_CHUNK = 500
 
 
 class Engine:
@@ -223,9 +225,22 @@ class Engine:
                 self._stop_provider(rt, immediate=False)
             elif rt.stopping and rt.replacement is not None:
                 rt.replacement = cfg
-        for pid, cfg in desired.items():
-            if pid not in self.providers:
-                self._start_provider(cfg, fences.get(pid))
+        fresh = [cfg for pid, cfg in desired.items() if pid not in self.providers]
+        self._prefetch_secrets(fresh)
+        for cfg in fresh:
+            self._start_provider(cfg, fences.get(cfg.provider_id))
+
+    def _prefetch_secrets(self, configs: list[ProviderConfig]) -> None:
+        """Many providers at once (a cold start, a failover): their passwords in a few
+        queries, queued ahead of their connects, instead of one query per connect."""
+        wanted = [(c.tenant, secret_name("password", c.provider_id))
+                  for c in configs if c.auth_type == "password"]  # fmt: skip
+        if len(wanted) < 2:
+            return
+        for start in range(0, len(wanted), SECRET_PREFETCH_CHUNK):
+            self._background(
+                self.deps.secrets.prefetch, wanted[start : start + SECRET_PREFETCH_CHUNK]
+            )
 
     def _start_provider(self, cfg: ProviderConfig, fence: Fence | None) -> None:
         rt = ProviderRuntime(cfg, fence, make_backoff(self.settings, auth=True))
