@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -132,9 +133,13 @@ def settle_cursor(
 
 
 class Cycle:
-    def __init__(self, deps: CycleDeps) -> None:
+    def __init__(self, deps: CycleDeps, on_logged_in: Callable[[Slot], None] | None = None) -> None:
         self.deps = deps
         self.seeder = CursorSeeder(deps.store)
+        # Called on the sync thread once a connect has logged in and EXAMINEd: the
+        # connection attempt is over (the host's admission slot can go to the next one),
+        # though the cursor, the drain and IDLE are still to come.
+        self.on_logged_in = on_logged_in
 
     def run(self, slot: Slot) -> Outcome:
         try:
@@ -216,6 +221,8 @@ class Cycle:
         if slot.resolving:
             self._adopt_folder(slot, out)
         out.status = metrics.timed_imap("examine", slot.session.examine)
+        if self.on_logged_in is not None:
+            self.on_logged_in(slot)
         known = (
             slot.cursor
             if slot.cursor is not None

@@ -76,7 +76,7 @@ class Engine:
     ) -> None:
         self.deps = deps
         self.settings = deps.settings
-        self.cycle = Cycle(deps)
+        self.cycle = Cycle(deps, on_logged_in=self._attempt_over)
         self.clock = clock
         self.on_released = on_released
         self.stats = EngineStats()
@@ -405,6 +405,11 @@ class Engine:
         )
         slot.connecting_host = host
         return True
+
+    def _attempt_over(self, slot: Slot) -> None:
+        """On the sync thread: logged in and EXAMINEd.  The host's admission slot goes to
+        the next connect now, not after this one's cursor write and backlog drain."""
+        self.post(lambda: self._release_host(slot))
 
     def _release_host(self, slot: Slot) -> None:
         host, slot.connecting_host = slot.connecting_host, None
