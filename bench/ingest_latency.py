@@ -141,6 +141,7 @@ class LatencyResult:
     sampling_s: float
     rss_kib: int
     errors: dict[str, int]
+    keepalives: int = 0  # bare "* OK" wakes handled on the loop thread while sampling
 
 
 def measure(
@@ -174,6 +175,7 @@ def measure(
         run.engine.stats.latencies.clear()
         if tracer is not None:
             tracer.install()
+        keepalives0 = run.engine.stats.keepalives
         cpu0, t0 = cpu_seconds(), time.monotonic()
         try:
             samples, missed = run_probe(spec)
@@ -188,6 +190,7 @@ def measure(
             folders=args.folders, connect_s=connect_s, samples=samples, missed=missed,
             engine_latencies=list(run.engine.stats.latencies), engine_cpu_s=engine_cpu,
             sampling_s=sampling_s, rss_kib=rss_kib(), errors=dict(run.engine.stats.errors),
+            keepalives=run.engine.stats.keepalives - keepalives0,
         )  # fmt: skip
     finally:
         run.stop()
@@ -221,6 +224,7 @@ def report(res: LatencyResult, args: argparse.Namespace) -> None:
         ("engine EXISTS seen → XADD done p50 / p99",
          f"{ms(percentile(eng, 50))} / {ms(percentile(eng, 99))} ({len(eng)} events)"),
         *_detection_rows(res),
+        ("keepalives while sampling (no cycle)", str(res.keepalives)),
         ("engine CPU while sampling", f"{100 * res.engine_cpu_s / res.sampling_s:.1f} % of a core"),
         ("engine process RSS", f"{res.rss_kib / 1024:.0f} MiB"),
         ("engine errors", str(res.errors or "none")),
