@@ -78,11 +78,14 @@ class Env:
         finally:
             drop_database(dbname)
 
-    def close(self) -> None:
+    def close(self, *, keep_logs: bool) -> None:
         self.dovecot.close()
         self.redis.terminate()
         self.redis.wait(10)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if keep_logs:
+            print(f"pod logs kept in {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def time_until(pred: Callable[[], bool], timeout_s: float, every_s: float = 0.2) -> float:
@@ -218,6 +221,7 @@ def main() -> int:
     ap.add_argument("--only", choices=["failover", "handoff", "cold", "join"])
     ap.add_argument("--providers", type=int, help="override the scenario's provider count")
     ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH (JSON)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the pod logs on success")
     args = ap.parse_args()
     sizes = {
         "failover": 300 if args.quick else 3000,
@@ -229,12 +233,14 @@ def main() -> int:
             "cold": scenario_cold_start, "join": scenario_join}  # fmt: skip
     figures: Figures = dict.fromkeys(FIGURES)
     env = Env()
+    ok = False
     try:
         for name, run in runs.items():
             if args.only in (None, name):
                 figures.update(run(env, args.providers or sizes[name]))
+        ok = True
     finally:
-        env.close()
+        env.close(keep_logs=args.keep_logs or not ok)
     figures["load1"] = round(os.getloadavg()[0], 2)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")

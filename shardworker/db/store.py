@@ -40,6 +40,9 @@ __all__ = [
 
 Pool = ConnectionPool[psycopg.Connection[TupleRow]]
 
+# How long a group of cursor seeds waits on a row lock before it falls back (seed_cursors).
+SEED_LOCK_TIMEOUT = "200ms"
+
 STATUSES = frozenset({"connected", "disconnected", "error", "configuring"})
 PAUSE_REASONS = frozenset({"manual", "tenant_cancelled", "auth_failure"})
 
@@ -299,8 +302,11 @@ class Store:
         its own, as :meth:`reseed_folder`; answers, in order, whether each was written
         (False: its epoch is stale and nothing was written for it).
 
-        Rows are locked in (tenant, provider, folder) order, so two batches never wait
-        on each other in a cycle.
+        Rows are locked in (tenant, provider, folder) order, so two groups never wait on
+        each other in a cycle.  Other multi-row writers (the status writer's batch, the
+        leader's lease mirror) lock in their own order, so a group that waits on a lock
+        for long gives up (``SEED_LOCK_TIMEOUT``) instead of deadlocking with one: the
+        caller then writes its seeds one transaction each, which cannot deadlock.
         """
         order = sorted(range(len(seeds)), key=lambda i: _seed_key(seeds[i]))
         params = [
@@ -311,6 +317,8 @@ class Store:
         fences: dict[int, Any] = {}
         with self._pool.connection() as conn:
             with conn.pipeline(), conn.transaction():
+                if len(seeds) > 1:
+                    conn.execute(f"SET LOCAL lock_timeout = '{SEED_LOCK_TIMEOUT}'")
                 for i in order:
                     if seeds[i].epoch is not None:
                         fences[i] = conn.execute(_LOCK_FENCE, params[i])
