@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import os
 import quopri
@@ -25,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -544,6 +545,28 @@ def machine_note() -> str:
     """Load average and core count, printed with every result: the machine is shared."""
     load1, load5, _ = os.getloadavg()
     return f"load {load1:.2f} (1 min) / {load5:.2f} (5 min) on {os.cpu_count()} cores"
+
+
+def load1() -> float:
+    """The 1-minute load average, which every figure file carries."""
+    return round(os.getloadavg()[0], 2)
+
+
+Figure = float | int | None
+
+
+def add_json_option(parser: Any) -> None:
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the figures to PATH as one JSON object")  # fmt: skip
+
+
+def write_figures(path: str | None, figures: Mapping[str, Figure]) -> None:
+    """The run's figures as one flat JSON object (a NaN, i.e. no sample, becomes null)."""
+    if path is None:
+        return
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in figures.items()}
+    Path(path).write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+    print(f"figures written to {path}", flush=True)
 
 
 def cpu_seconds() -> float:

@@ -1,6 +1,6 @@
 """Density: idle TLS folders per engine process, and resident memory per folder.
 
-    PYTHONPATH=. .venv/bin/python bench/density.py [--folders 5000] [--quick]
+    PYTHONPATH=. .venv/bin/python bench/density.py [--folders 5000] [--quick] [--json PATH]
 
 Two measurements against one private Dovecot, each in a freshly spawned process so
 neither inherits the other's heap (or this driver's):
@@ -32,11 +32,14 @@ import imapclient
 from bench.common import (
     MANY_TLS_SESSIONS_CONF,
     EngineRun,
+    Figure,
+    add_json_option,
     bare_client,
     bench_logs,
     bench_settings,
     create_providers,
     fail,
+    load1,
     machine_note,
     print_table,
     private_dovecot,
@@ -46,6 +49,7 @@ from bench.common import (
     settings_env,
     tenant_configs,
     throwaway_database,
+    write_figures,
 )
 from shardworker import logs
 from shardworker.config import load_settings
@@ -161,6 +165,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--folders", type=int, default=5000)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 folders")
+    add_json_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.folders = 300
@@ -183,6 +188,17 @@ def report(args: argparse.Namespace, results: list[tuple[str, Held, int]]) -> No
     rows.append(("target", f"≥ 5,000 folders per process at ≤ {TARGET_KIB} KiB each"))
     rows.append(("machine", machine_note()))
     print_table("density: idle TLS folders per process", rows)
+
+
+def figures(args: argparse.Namespace, results: list[tuple[str, Held, int]]) -> dict[str, Figure]:
+    out: dict[str, Figure] = {"folders": args.folders}
+    for name, held, pss in results:
+        key = "engine" if name == "engine" else "baseline"
+        out[f"{key}.rss_per_folder_kib"] = round(held.per_folder_kib, 2)
+        out[f"{key}.connect_s"] = round(held.connect_s, 2)
+        out[f"{key}.dovecot_pss_per_session_kib"] = round(pss / held.folders, 2)
+    out["load1"] = load1()
+    return out
 
 
 def main() -> None:
@@ -216,6 +232,7 @@ def main() -> None:
         if census.get("idle", 0) != args.folders:
             fail(f"not every folder was IDLE: {census}")
     report(args, results)
+    write_figures(args.json, figures(args, results))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """APPEND→XADD latency over Dovecot's own push floor, with N idle folders in the engine.
 
     PYTHONPATH=. .venv/bin/python bench/ingest_latency.py [--folders 5000] [--samples 300]
-        [--tls] [--size 12000] [--quick]
+        [--tls] [--size 12000] [--quick] [--json PATH]
 
 One engine serves N providers (INBOX each) from this process.  A probe in a separate
 process then takes sequential samples, each on a random one of the N mailboxes:
@@ -37,14 +37,17 @@ from bench.common import (
     SAMPLE_TIMEOUT_S,
     STREAM,
     EngineRun,
+    Figure,
     PushTarget,
     Sample,
     StageTracer,
+    add_json_option,
     bench_logs,
     bench_settings,
     cpu_seconds,
     create_providers,
     fail,
+    load1,
     machine_note,
     ms,
     percentile,
@@ -56,6 +59,7 @@ from bench.common import (
     run_with_progress,
     tenant_configs,
     throwaway_database,
+    write_figures,
 )
 from tests.harness.dovecot import Dovecot, ImapUser
 
@@ -137,6 +141,7 @@ class LatencyResult:
     sampling_s: float
     rss_kib: int
     errors: dict[str, int]
+    keepalives: int = 0  # bare "* OK" wakes handled on the loop thread while sampling
 
 
 def measure(
@@ -170,6 +175,7 @@ def measure(
         run.engine.stats.latencies.clear()
         if tracer is not None:
             tracer.install()
+        keepalives0 = run.engine.stats.keepalives
         cpu0, t0 = cpu_seconds(), time.monotonic()
         try:
             samples, missed = run_probe(spec)
@@ -184,6 +190,7 @@ def measure(
             folders=args.folders, connect_s=connect_s, samples=samples, missed=missed,
             engine_latencies=list(run.engine.stats.latencies), engine_cpu_s=engine_cpu,
             sampling_s=sampling_s, rss_kib=rss_kib(), errors=dict(run.engine.stats.errors),
+            keepalives=run.engine.stats.keepalives - keepalives0,
         )  # fmt: skip
     finally:
         run.stop()
@@ -217,6 +224,7 @@ def report(res: LatencyResult, args: argparse.Namespace) -> None:
         ("engine EXISTS seen → XADD done p50 / p99",
          f"{ms(percentile(eng, 50))} / {ms(percentile(eng, 99))} ({len(eng)} events)"),
         *_detection_rows(res),
+        ("keepalives while sampling (no cycle)", str(res.keepalives)),
         ("engine CPU while sampling", f"{100 * res.engine_cpu_s / res.sampling_s:.1f} % of a core"),
         ("engine process RSS", f"{res.rss_kib / 1024:.0f} MiB"),
         ("engine errors", str(res.errors or "none")),
@@ -232,6 +240,17 @@ def report(res: LatencyResult, args: argparse.Namespace) -> None:
         # cycle that it does not time.  The probe's figures above still cover every sample.
         print(f"note: the engine timed {len(eng)} of {len(res.samples)} pushes; the others "
               "arrived while their folder's cycle was already running")  # fmt: skip
+
+
+def figures(res: LatencyResult) -> dict[str, Figure]:
+    over = [s.overhead_s for s in res.samples]
+    return {
+        "overhead_p50_ms": round(1000 * percentile(over, 50), 3),
+        "overhead_p99_ms": round(1000 * percentile(over, 99), 3),
+        "overhead_max_ms": round(1000 * max(over, default=float("nan")), 3),
+        "folders": res.folders,
+        "load1": load1(),
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -250,6 +269,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each stage of the push cycles (diagnostic)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="smoke run: 200 folders, 30 samples")
+    add_json_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.folders, args.samples = 200, 30
@@ -274,6 +294,7 @@ def main() -> None:
                         tracer.table())  # fmt: skip
             print_table("slowest push cycles (time since the first sample)", tracer.slowest())
             print_table("other cycles while sampling", tracer.background())
+        write_figures(args.json, figures(result))
         report(result, args)  # inside: a failed run keeps the service log
 
 

@@ -1,21 +1,28 @@
 """Pool benchmarks (issue 4): failover, graceful handoff, cold start, rebalance on join.
 
-    PYTHONPATH=. .venv/bin/python bench/pool_bench.py [--quick] [--only NAME]
+    PYTHONPATH=. .venv/bin/python bench/pool_bench.py [--quick] [--only NAME] [--json PATH]
 
 Each scenario runs real `shardworker run` pods against a private Dovecot, a private Redis
 and a throwaway PostgreSQL database, with the default lease timings (TTL 8 s, grace
-8 s) unless a scenario says otherwise, and prints its figures.
+8 s) unless a scenario says otherwise, and prints its figures.  Each scenario has a
+database and a Redis DB of its own.  ``--json PATH`` writes cold_start_all_idle_s,
+failover_all_idle_s, failover_lost, failover_duplicated, handoff_p99_s (null for a
+scenario not run) and load1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import shutil
 import statistics
 import subprocess
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -33,33 +40,52 @@ PRODUCTION = {"lease_ttl_s": "8", "lease_renew_s": "2.5", "member_grace_s": "8",
 
 
 class Env:
+    """The servers every scenario shares: one Redis, one Dovecot.  Each scenario gets a
+    database and a Redis DB of its own (:meth:`cluster`)."""
+
     def __init__(self) -> None:
         self.port = free_port()
         self.redis = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no"], stdout=subprocess.DEVNULL)  # fmt: skip
         wait_for_port(self.port)
-        self.dbname = create_database(prefix="sw_bench_")
-        self.dsn = dsn_for(PG_ADMIN_DSN, self.dbname)
-        migrate(self.dsn)
         self.tmp = Path(tempfile.mkdtemp(prefix="sw-poolbench-"))
+        self.runs = 0
         self.dovecot = Dovecot()
         self.dovecot.start()
 
-    def cluster(self, providers: int, pods: tuple[str, ...], **overrides: str) -> Cluster:
-        db = len(list(self.tmp.iterdir())) % 15 + 1
-        c = Cluster(self.dsn, f"redis://127.0.0.1:{self.port}/{db}", self.dovecot, self.tmp,
-                    providers, **{**PRODUCTION, **overrides})  # fmt: skip
-        c.redis.flushdb()
-        for name in pods:
-            c.start_pod(name)
-        return c
+    @contextlib.contextmanager
+    def cluster(self, providers: int, pods: tuple[str, ...], **overrides: str) -> Iterator[Cluster]:
+        """A cluster on a fresh database.  A shared one kept the previous scenario's
+        providers active, so this scenario's leader served them too, their leases never
+        matched this cluster's users, and ``all_served`` waited out its 300 s."""
+        self.runs += 1
+        dbname = create_database(prefix="sw_bench_")
+        try:
+            dsn = dsn_for(PG_ADMIN_DSN, dbname)
+            migrate(dsn)
+            logs = self.tmp / f"run{self.runs}"
+            logs.mkdir()
+            c = Cluster(dsn, f"redis://127.0.0.1:{self.port}/{self.runs % 15 + 1}", self.dovecot,
+                        logs, providers, **{**PRODUCTION, **overrides})  # fmt: skip
+            try:
+                c.redis.flushdb()
+                for name in pods:
+                    c.start_pod(name)
+                yield c
+            finally:
+                c.close()
+        finally:
+            drop_database(dbname)
 
-    def close(self) -> None:
+    def close(self, *, keep_logs: bool) -> None:
         self.dovecot.close()
         self.redis.terminate()
         self.redis.wait(10)
-        drop_database(self.dbname)
+        if keep_logs:
+            print(f"pod logs kept in {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def time_until(pred: Callable[[], bool], timeout_s: float, every_s: float = 0.2) -> float:
@@ -71,9 +97,11 @@ def time_until(pred: Callable[[], bool], timeout_s: float, every_s: float = 0.2)
     raise SystemExit(f"not reached within {timeout_s}s")
 
 
-def scenario_failover(env: Env, providers: int) -> None:
-    c = env.cluster(providers, ("pod-a", "pod-b", "pod-c"))
-    try:
+Figures = dict[str, float | int | None]
+
+
+def scenario_failover(env: Env, providers: int) -> Figures:
+    with env.cluster(providers, ("pod-a", "pod-b", "pod-c")) as c:
         time_until(c.all_served, 300)
         victims = [p for p, m in c.leases().items() if m.startswith("pod-c/")]
         c.pods["pod-c"].kill()
@@ -94,13 +122,12 @@ def scenario_failover(env: Env, providers: int) -> None:
             f"all IDLE again after {took:.1f}s; mail during failover {len(sent)}, "
             f"lost {lost}, duplicated {dup}"
         )
-    finally:
-        c.close()
+    return {"failover_all_idle_s": round(took, 2), "failover_lost": lost,
+            "failover_duplicated": dup}  # fmt: skip
 
 
-def scenario_handoff(env: Env, providers: int) -> None:
-    c = env.cluster(providers, ("pod-a", "pod-b", "pod-c"))
-    try:
+def scenario_handoff(env: Env, providers: int) -> Figures:
+    with env.cluster(providers, ("pod-a", "pod-b", "pod-c")) as c:
         time_until(c.all_served, 300)
         victims = {p for p, m in c.leases().items() if m.startswith("pod-b/")}
         started, wall = time.monotonic(), time.time()
@@ -118,15 +145,13 @@ def scenario_handoff(env: Env, providers: int) -> None:
               f"{total:.2f}s (pod exited after {exited:.2f}s); per provider, released -> IDLE "
               f"at the new owner: p50 {_pct(gaps, 50):.2f}s p99 {_pct(gaps, 99):.2f}s "
               f"({len(gaps)} measured)")  # fmt: skip
-    finally:
-        c.close()
+    return {"handoff_p99_s": round(_pct(gaps, 99), 3) if gaps else None}
 
 
-def scenario_cold_start(env: Env, providers: int) -> None:
-    c = env.cluster(providers, (), sync_threads="16")  # providers and users made first
-    started = time.monotonic()
-    c.start_pod("pod-a")
-    try:
+def scenario_cold_start(env: Env, providers: int) -> Figures:
+    with env.cluster(providers, (), sync_threads="16") as c:  # providers and users first
+        started = time.monotonic()
+        c.start_pod("pod-a")
         try:
             time_until(lambda: len(c.leases()) == providers, 300, every_s=0.5)
             leased = time.monotonic() - started
@@ -136,17 +161,16 @@ def scenario_cold_start(env: Env, providers: int) -> None:
                 f"cold start: {providers} providers NOT all IDLE within the limit; {c.diagnose()}"
             )
             raise
+        all_idle = time.monotonic() - started
         print(
             f"cold start: {providers} providers on one pod (2 workers): all leased after "
-            f"{leased:.1f}s, all IDLE after {time.monotonic() - started:.1f}s"
+            f"{leased:.1f}s, all IDLE after {all_idle:.1f}s"
         )
-    finally:
-        c.close()
+    return {"cold_start_all_idle_s": round(all_idle, 2)}
 
 
-def scenario_join(env: Env, providers: int) -> None:
-    c = env.cluster(providers, ("pod-a", "pod-b", "pod-c"))
-    try:
+def scenario_join(env: Env, providers: int) -> Figures:
+    with env.cluster(providers, ("pod-a", "pod-b", "pod-c")) as c:
         time_until(c.all_served, 300)
         before = c.owners()
         c.start_pod("pod-d")
@@ -162,8 +186,7 @@ def scenario_join(env: Env, providers: int) -> None:
             f"{_balance(before):.3f} -> {_balance(after):.3f}; settled in "
             f"{time.monotonic() - started:.1f}s"
         )
-    finally:
-        c.close()
+    return {}
 
 
 def _first_event(pod: Pod, event: str, since: float) -> dict[str, float]:
@@ -188,11 +211,17 @@ def _balance(owners: dict[str, str]) -> float:
     return max(loads.values()) / statistics.mean(loads.values())
 
 
+FIGURES = ("cold_start_all_idle_s", "failover_all_idle_s", "failover_lost",
+           "failover_duplicated", "handoff_p99_s")  # fmt: skip
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     ap.add_argument("--only", choices=["failover", "handoff", "cold", "join"])
     ap.add_argument("--providers", type=int, help="override the scenario's provider count")
+    ap.add_argument("--json", metavar="PATH", help="also write the figures to PATH (JSON)")
+    ap.add_argument("--keep-logs", action="store_true", help="keep the pod logs on success")
     args = ap.parse_args()
     sizes = {
         "failover": 300 if args.quick else 3000,
@@ -202,13 +231,20 @@ def main() -> int:
     }
     runs = {"failover": scenario_failover, "handoff": scenario_handoff,
             "cold": scenario_cold_start, "join": scenario_join}  # fmt: skip
+    figures: Figures = dict.fromkeys(FIGURES)
     env = Env()
+    ok = False
     try:
         for name, run in runs.items():
             if args.only in (None, name):
-                run(env, args.providers or sizes[name])
+                figures.update(run(env, args.providers or sizes[name]))
+        ok = True
     finally:
-        env.close()
+        env.close(keep_logs=args.keep_logs or not ok)
+    figures["load1"] = round(os.getloadavg()[0], 2)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+        print(f"figures written to {args.json}")
     return 0
 
 

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 
 import redis
 
+from bench.common import Figure, add_json_option, load1, write_figures
 from shardworker.config import Settings
 from shardworker.sink.base import Fence, Outbound
 from shardworker.sink.redis_streams import RedisStreamsSink
@@ -77,7 +78,9 @@ def message(uid: int) -> Outbound:
     return Outbound(TENANT, PROVIDER, "support@example.com", "INBOX", 1, uid, mid, payload, now)
 
 
-def run(client: redis.Redis, settings: Settings, label: str, count: int, batch: int) -> None:
+def run(
+    client: redis.Redis, settings: Settings, label: str, count: int, batch: int
+) -> dict[str, float]:
     client.flushdb()
     lease = f"sw:lease:{TENANT}:{PROVIDER}"
     client.set(lease, "bench-token")
@@ -86,20 +89,29 @@ def run(client: redis.Redis, settings: Settings, label: str, count: int, batch: 
     batches = [
         [message(u) for u in range(s, min(s + batch, count))] for s in range(0, count, batch)
     ]
+    rates: dict[str, float] = {}
     for phase in ("first", "replay"):
         started = time.perf_counter()
         for chunk in batches:
             publisher.publish_batch(chunk, fence)
         elapsed = time.perf_counter() - started
         print(f"{label:<28} {phase:<7} {count / elapsed:>10,.0f} msgs/s  ({elapsed * 1000:.0f} ms)")
+        rates[f"{phase}.msgs_per_s"] = round(count / elapsed, 1)
     assert publisher.stream_length() == count
+    return rates
+
+
+VARIANT_KEYS = {"workflow stream only": "stream", "+ pointer queue": "pointer",
+                "+ pointer queue + event bus": "pointer_bus"}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=50)
+    add_json_option(parser)
     args = parser.parse_args()
+    figures: dict[str, Figure] = {}
     with private_redis() as url:
         client = redis.Redis.from_url(url)
         print(f"{args.messages} messages, batches of {args.batch}, fenced")
@@ -111,8 +123,11 @@ def main() -> None:
             ),
         }
         for label, settings in variants.items():
-            run(client, settings, label, args.messages, args.batch)
+            for name, rate in run(client, settings, label, args.messages, args.batch).items():
+                figures[f"{VARIANT_KEYS[label]}.{name}"] = rate
         client.close()
+    figures["load1"] = load1()
+    write_figures(args.json, figures)
 
 
 if __name__ == "__main__":

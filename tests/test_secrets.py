@@ -224,3 +224,37 @@ def test_not_found_names_the_secret_and_sources(pool: Pool, tmp_dir: Path) -> No
         make(pool, base=tmp_dir, environ={f"TENANT_{tenant}_{name}": ""}).get(tenant, pid, name)
     with pytest.raises(SecretError, match="invalid"):
         make(None, chain=("filesystem",), base=tmp_dir).get(tenant, pid, "../../etc/passwd")
+
+
+def test_prefetch_serves_each_secret_once_then_the_chain_reads_again(pool: Pool) -> None:
+    """A cold start reads thousands of passwords in a few queries (issue 14); a prefetched
+    value answers one get() only, so a later read (after an auth failure) is fresh."""
+    store = make(pool)
+    pairs = [ids() for _ in range(5)]
+    for i, (tenant, pid) in enumerate(pairs):
+        store.put(tenant, pid, secret_name("password", pid), f"pw{i}")
+    wanted = [(t, secret_name("password", p)) for t, p in pairs]
+    missing = (str(uuid.uuid4()), "imap_password_none")
+    assert store.prefetch([*wanted, missing]) == 5
+    with pool.connection() as conn:
+        conn.execute("DELETE FROM shardworker_secrets")  # only the prefetch can answer now
+    tenant, pid = pairs[0]
+    assert store.get(tenant.upper(), pid, secret_name("password", pid)) == "pw0"
+    with pytest.raises(SecretNotFoundError):
+        store.get(tenant, pid, secret_name("password", pid))  # used up: read afresh
+    assert [store.get(t, p, secret_name("password", p)) for t, p in pairs[1:]] == [
+        "pw1", "pw2", "pw3", "pw4"
+    ]  # fmt: skip
+
+
+def test_prefetch_keeps_the_chain_order_and_forgets_on_write(pool: Pool) -> None:
+    tenant, pid = ids()
+    name = secret_name("password", pid)
+    env_first = make(pool, chain=("env", "db"), environ={f"TENANT_{tenant}_{name}": "from-env"})
+    env_first.put(tenant, pid, name, "from-db")
+    assert env_first.prefetch([(tenant, name)]) == 0  # the table is not the first source
+    assert env_first.get(tenant, pid, name) == "from-env"
+    store = make(pool)
+    assert store.prefetch([(tenant, name)]) == 1
+    store.put(tenant, pid, name, "rotated")
+    assert store.get(tenant, pid, name) == "rotated"

@@ -9,6 +9,7 @@ writes nothing even though the transaction still commits.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,9 +28,20 @@ from shardworker.db.models import (
 from shardworker.errors import FencedError, StoreError
 from shardworker.redact import describe_dsn
 
-__all__ = ["FolderCursor", "LedgerEntry", "Pool", "ProviderConfig", "Store", "open_pool"]
+__all__ = [
+    "CursorSeed",
+    "FolderCursor",
+    "LedgerEntry",
+    "Pool",
+    "ProviderConfig",
+    "Store",
+    "open_pool",
+]
 
 Pool = ConnectionPool[psycopg.Connection[TupleRow]]
+
+# How long a group of cursor seeds waits on a row lock before it falls back (seed_cursors).
+SEED_LOCK_TIMEOUT = "200ms"
 
 STATUSES = frozenset({"connected", "disconnected", "error", "configuring"})
 PAUSE_REASONS = frozenset({"manual", "tenant_cancelled", "auth_failure"})
@@ -141,6 +153,10 @@ _WHERE_PROVIDER = "WHERE tenant = %(tenant)s::uuid AND id = %(pid)s::uuid"
 _WHERE_CONFIG = "WHERE tenant = %(tenant)s::uuid AND email_provider_id = %(pid)s::uuid"
 
 
+def _seed_key(seed: CursorSeed) -> tuple[str, str, str]:
+    return (seed.tenant, seed.provider_id, seed.folder)
+
+
 def _provider(row: Sequence[Any]) -> ProviderConfig:
     values: dict[str, Any] = {
         "tenant": row[0],
@@ -169,6 +185,18 @@ def _provider(row: Sequence[Any]) -> ProviderConfig:
     values["version"] = config_version(values)
     values["cursors"] = parse_cursors(row[22], row[23], row[24])
     return ProviderConfig(**values)
+
+
+@dataclass(frozen=True)
+class CursorSeed:
+    """A folder cursor to set as given (first sync, UIDVALIDITY change), fenced by ``epoch``."""
+
+    tenant: str
+    provider_id: str
+    folder: str
+    uid_validity: int
+    last_uid: int
+    epoch: int | None
 
 
 class Store:
@@ -296,6 +324,39 @@ class Store:
             tenant, provider_id, folder, uv=uid_validity, last_uid=last_uid, epoch=epoch
         )
         self._fenced_write(params, [_RESEED_CURSOR])
+
+    def seed_cursors(self, seeds: Sequence[CursorSeed]) -> list[bool]:
+        """Set many folder cursors as given in one transaction: one round trip and one
+        commit for all (a cold start seeds thousands of folders).  Each seed is fenced on
+        its own, as :meth:`reseed_folder`; answers, in order, whether each was written
+        (False: its epoch is stale and nothing was written for it).
+
+        Rows are locked in (tenant, provider, folder) order, so two groups never wait on
+        each other in a cycle.  Other multi-row writers (the status writer's batch, the
+        leader's lease mirror) lock in their own order, so a group that waits on a lock
+        for long gives up (``SEED_LOCK_TIMEOUT``) instead of deadlocking with one: the
+        caller then writes its seeds one transaction each, which cannot deadlock.
+        """
+        order = sorted(range(len(seeds)), key=lambda i: _seed_key(seeds[i]))
+        params = [
+            self._cursor_params(s.tenant, s.provider_id, s.folder, uv=s.uid_validity,
+                                last_uid=s.last_uid, epoch=s.epoch)
+            for s in seeds
+        ]  # fmt: skip
+        fences: dict[int, Any] = {}
+        with self._pool.connection() as conn:
+            with conn.pipeline(), conn.transaction():
+                if len(seeds) > 1:
+                    conn.execute(f"SET LOCAL lock_timeout = '{SEED_LOCK_TIMEOUT}'")
+                for i in order:
+                    if seeds[i].epoch is not None:
+                        fences[i] = conn.execute(_LOCK_FENCE, params[i])
+                    conn.execute(_RESEED_CURSOR, params[i])
+            current = {i: cur.fetchone() for i, cur in fences.items()}
+        return [
+            i not in fences or (current[i] is not None and current[i][0] == seed.epoch)
+            for i, seed in enumerate(seeds)
+        ]
 
     @staticmethod
     def _cursor_params(

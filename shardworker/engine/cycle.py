@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,8 +18,9 @@ import redis
 from shardworker import metrics
 from shardworker.budget import DailyByteBudget
 from shardworker.config import Settings
+from shardworker.db.seeds import CursorSeeder
 from shardworker.db.status import StatusWriter
-from shardworker.db.store import FolderCursor, ProviderConfig, Store
+from shardworker.db.store import CursorSeed, FolderCursor, ProviderConfig, Store
 from shardworker.engine.claims import MessageIdClaims
 from shardworker.engine.resync import run_jobs
 from shardworker.engine.state import ProviderRuntime, Slot
@@ -141,9 +143,42 @@ def _oauth_credentials(deps: CycleDeps, provider: ProviderRuntime) -> Credential
         return provider.credentials
 
 
+def settle_cursor(
+    seeder: CursorSeeder,
+    provider: ProviderRuntime,
+    folder: str,
+    known: FolderCursor | None,
+    status: FolderStatus,
+) -> FolderCursor:
+    """Apply the first-sync and UIDVALIDITY policies (docs/DESIGN.md) after EXAMINE.
+
+    The stored cursor stands while its UIDVALIDITY does; otherwise the folder starts from
+    now (UIDNEXT-1), committed before it may IDLE, together with every other folder's
+    seed waiting at that moment (``CursorSeeder``).
+    """
+    if known is not None and known.uid_validity == status.uid_validity:
+        return known
+    fresh = FolderCursor(uid_validity=status.uid_validity, last_uid=status.uid_next - 1)
+    cfg, fence = provider.config, provider.fence
+    seeder.seed(CursorSeed(cfg.tenant, cfg.provider_id, folder, fresh.uid_validity,
+                           fresh.last_uid, None if fence is None else fence.epoch))  # fmt: skip
+    log.info(
+        "first_sync_from_now" if known is None else "uidvalidity_changed",
+        provider_id=cfg.provider_id, tenant=cfg.tenant, folder=folder,
+        uid_validity=fresh.uid_validity, last_uid=fresh.last_uid,
+        old_uid_validity=None if known is None else known.uid_validity,
+    )  # fmt: skip
+    return fresh
+
+
 class Cycle:
-    def __init__(self, deps: CycleDeps) -> None:
+    def __init__(self, deps: CycleDeps, on_logged_in: Callable[[Slot], None] | None = None) -> None:
         self.deps = deps
+        self.seeder = CursorSeeder(deps.store)
+        # Called on the sync thread once a connect has logged in and EXAMINEd: the
+        # connection attempt is over (the host's admission slot can go to the next one),
+        # though the cursor, the drain and IDLE are still to come.
+        self.on_logged_in = on_logged_in
 
     def run(self, slot: Slot) -> Outcome:
         try:
@@ -232,13 +267,14 @@ class Cycle:
         if slot.resolving:
             self._adopt_folder(slot, out)
         out.status = metrics.timed_imap("examine", slot.session.examine)
-        sync = FolderSync(self._context(slot.provider), slot.session, slot.mark_progress)
+        if self.on_logged_in is not None:
+            self.on_logged_in(slot)
         known = (
             slot.cursor
             if slot.cursor is not None
             else slot.provider.config.cursors.get(slot.folder)
         )
-        out.cursor = sync.ensure_cursor(known, out.status)
+        out.cursor = settle_cursor(self.seeder, slot.provider, slot.folder, known, out.status)
 
     def _adopt_folder(self, slot: Slot, out: Outcome) -> None:
         filters = slot.provider.config.folder_filters

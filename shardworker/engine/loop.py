@@ -1,9 +1,11 @@
 """The worker's engine: thousands of folder sessions on one ``selectors`` loop.
 
 The loop thread owns all scheduling state.  Idle sockets sit in the selector; when one
-becomes readable (an EXISTS, a keepalive, anything) the slot is handed to a sync thread
-for one cycle (leave IDLE → drain → IDLE again), so slow fetching, parsing and
-publishing never stall the other mailboxes.  Threads report back through ``post``.
+becomes readable the loop reads what is waiting without blocking: a bare ``* OK``
+keepalive only proves liveness and is consumed right there; anything else (an EXISTS,
+EXPUNGE, FETCH, or whatever it does not understand) hands the slot to a sync thread for
+one cycle (leave IDLE → drain → IDLE again), so slow fetching, parsing and publishing
+never stall the other mailboxes.  Threads report back through ``post``.
 
 Per-host admission caps concurrent connection attempts so a restart does not storm a
 server.  A watchdog aborts jobs that stop making progress and idle connections that went
@@ -52,9 +54,11 @@ from shardworker.errors import (
     ShardworkerError,
     TokenRefreshError,
 )
+from shardworker.imap.idlewake import Wake, read_idle_wake
 from shardworker.imap.session import FolderSession
 from shardworker.logs import get_logger
 from shardworker.metrics import providers as provider_metrics
+from shardworker.secrets.store import secret_name
 from shardworker.sink.base import Fence
 
 log = get_logger(__name__)
@@ -65,6 +69,7 @@ BACKPRESSURE_RETRY_S = 1.0
 # last cycle: a server answering every IDLE with an EXISTS for mail FETCH never finds must
 # not make a slot spin.  Dovecot coalesces its own notifications over 0.5 s anyway.
 EMPTY_WAKE_GAP_S = 0.25
+SECRET_PREFETCH_CHUNK = 500
 
 
 class Engine:
@@ -77,7 +82,7 @@ class Engine:
     ) -> None:
         self.deps = deps
         self.settings = deps.settings
-        self.cycle = Cycle(deps)
+        self.cycle = Cycle(deps, on_logged_in=self._attempt_over)
         self.clock = clock
         self.on_released = on_released
         self.stats = EngineStats()
@@ -226,9 +231,22 @@ class Engine:
                 self._stop_provider(rt, immediate=False)
             elif rt.stopping and rt.replacement is not None:
                 rt.replacement = cfg
-        for pid, cfg in desired.items():
-            if pid not in self.providers:
-                self._start_provider(cfg, fences.get(pid))
+        fresh = [cfg for pid, cfg in desired.items() if pid not in self.providers]
+        self._prefetch_secrets(fresh)
+        for cfg in fresh:
+            self._start_provider(cfg, fences.get(cfg.provider_id))
+
+    def _prefetch_secrets(self, configs: list[ProviderConfig]) -> None:
+        """Many providers at once (a cold start, a failover): their passwords in a few
+        queries, queued ahead of their connects, instead of one query per connect."""
+        wanted = [(c.tenant, secret_name("password", c.provider_id))
+                  for c in configs if c.auth_type == "password"]  # fmt: skip
+        if len(wanted) < 2:
+            return
+        for start in range(0, len(wanted), SECRET_PREFETCH_CHUNK):
+            self._background(
+                self.deps.secrets.prefetch, wanted[start : start + SECRET_PREFETCH_CHUNK]
+            )
 
     def _start_provider(self, cfg: ProviderConfig, fence: Fence | None) -> None:
         rt = ProviderRuntime(cfg, fence, make_backoff(self.settings, auth=True))
@@ -394,6 +412,11 @@ class Engine:
         )
         slot.connecting_host = host
         return True
+
+    def _attempt_over(self, slot: Slot) -> None:
+        """On the sync thread: logged in and EXAMINEd.  The host's admission slot goes to
+        the next connect now, not after this one's cursor write and backlog drain."""
+        self.post(lambda: self._release_host(slot))
 
     def _release_host(self, slot: Slot) -> None:
         host, slot.connecting_host = slot.connecting_host, None
@@ -615,6 +638,12 @@ class Engine:
                     self.selector.unregister(sock)
 
     def _on_readable(self, slot: Slot) -> None:
+        if read_idle_wake(slot.session) is Wake.KEEPALIVE:
+            # Liveness only: the folder did not change, so no cycle; it stays registered.
+            # last_activity stays "the last cycle" (_wake's gap); the IDLE refresh cycles
+            # keep it fresh for the watchdog (dead_after_s > idle_refresh_s).
+            self.stats.keepalives += 1
+            return
         self._unregister(slot)
         self._wake(slot)
         slot.exists_seen_at = slot.last_activity = self.clock()

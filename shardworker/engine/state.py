@@ -228,6 +228,7 @@ class EngineStats:
     bytes: int = 0
     connects: int = 0
     idle_refreshes: int = 0
+    keepalives: int = 0  # idle wakes that were a bare "* OK", handled without a cycle
     peak_host_connecting: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=100_000))

@@ -24,7 +24,7 @@ from shardworker.engine.claims import MessageIdClaims
 from shardworker.errors import ParseError
 from shardworker.gate import MessageGate
 from shardworker.imap.dialects import apply_gmail, wanted_in_all_mail
-from shardworker.imap.session import FolderSession, FolderStatus, MessageInfo
+from shardworker.imap.session import FolderSession, MessageInfo
 from shardworker.logs import get_logger
 from shardworker.metrics import providers as provider_metrics
 from shardworker.mime import (
@@ -134,30 +134,6 @@ class FolderSync:
             "tenant": p.tenant,
             "folder": session.folder,
         }
-
-    def ensure_cursor(self, cursor: FolderCursor | None, status: FolderStatus) -> FolderCursor:
-        """Apply the first-sync and UIDVALIDITY policies (docs/DESIGN.md)."""
-        if cursor is not None and cursor.uid_validity == status.uid_validity:
-            return cursor
-        fresh = FolderCursor(uid_validity=status.uid_validity, last_uid=status.uid_next - 1)
-        p = self.ctx.provider
-        self.ctx.store.reseed_folder(
-            p.tenant,
-            p.provider_id,
-            self.session.folder,
-            fresh.uid_validity,
-            fresh.last_uid,
-            self.ctx.epoch,
-        )
-        event = "first_sync_from_now" if cursor is None else "uidvalidity_changed"
-        log.info(
-            event,
-            **self.log_fields,
-            uid_validity=fresh.uid_validity,
-            last_uid=fresh.last_uid,
-            old_uid_validity=None if cursor is None else cursor.uid_validity,
-        )
-        return fresh
 
     def drain(self, cursor: FolderCursor) -> tuple[FolderCursor, SyncResult]:
         result = SyncResult()

@@ -9,8 +9,10 @@ logged, never put in an exception.
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psycopg
@@ -40,6 +42,10 @@ _PREFIXES = {
     "refresh_token": "imap_refresh_token_",
     "access_token": "imap_access_token_",
 }
+
+
+# A prefetched value serves one get() within this time, then it is read afresh.
+PREFETCH_TTL_S = 60.0
 
 
 def secret_name(kind: str, provider_id: str) -> str:
@@ -75,6 +81,8 @@ class SecretStore:
         self._base = Path(settings.secret_fs_base_path)
         self._pool = pool
         self._environ = os.environ if environ is None else environ
+        self._prefetched: dict[tuple[str, str], tuple[float, str]] = {}
+        self._prefetch_lock = threading.Lock()
 
     @property
     def keyring(self) -> Keyring:
@@ -82,6 +90,9 @@ class SecretStore:
 
     def get(self, tenant: str, provider_id: str, name: str) -> str:
         """The first value the chain yields; SecretNotFoundError names the sources tried."""
+        prefetched = self._take_prefetched(tenant, name)
+        if prefetched is not None:
+            return prefetched
         tried: list[str] = []
         for source in self._chain:
             value = self._read(source, tenant, name)
@@ -92,6 +103,48 @@ class SecretStore:
             f"secret {name} for tenant {tenant} (provider {provider_id}) not found; "
             f"tried {', '.join(tried) or 'no source'}"
         )
+
+    def prefetch(self, wanted: Sequence[tuple[str, str]]) -> int:
+        """Read many ``(tenant, name)`` secrets of the table in one query, each for the next
+        ``get()`` of it (once, within ``PREFETCH_TTL_S``): a cold start reads thousands,
+        one query and one pooled checkout each.  Only when the table is the chain's first
+        source, so the precedence stays; a value it cannot decrypt is left for ``get()``
+        to fail on loudly.  Returns how many were found.
+        """
+        if not wanted or self._pool is None or self._chain[:1] != ("db",):
+            return 0
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT s.tenant::text, s.name, s.envelope FROM shardworker_secrets s "
+                "JOIN unnest(%s::uuid[], %s::text[]) AS w(t, n) ON s.tenant = w.t AND s.name = w.n",
+                ([t for t, _ in wanted], [n for _, n in wanted]),
+            ).fetchall()
+        expires = time.monotonic() + PREFETCH_TTL_S
+        found: dict[tuple[str, str], tuple[float, str]] = {}
+        for tenant, name, envelope in rows:
+            try:
+                found[(tenant, name)] = (
+                    expires,
+                    self._keyring.decrypt(envelope, _aad(tenant, name)),
+                )
+            except SecretError:
+                continue
+        with self._prefetch_lock:
+            now = time.monotonic()
+            self._prefetched = {k: v for k, v in self._prefetched.items() if v[0] > now}
+            self._prefetched.update(found)
+        return len(found)
+
+    def _take_prefetched(self, tenant: str, name: str) -> str | None:
+        if not self._prefetched:
+            return None
+        try:
+            key = (str(uuid.UUID(tenant)), name)
+        except ValueError:
+            return None
+        with self._prefetch_lock:
+            entry = self._prefetched.pop(key, None)
+        return entry[1] if entry is not None and entry[0] > time.monotonic() else None
 
     def _read(self, source: str, tenant: str, name: str) -> str | None:
         if source == "db":
@@ -143,6 +196,7 @@ class SecretStore:
         """
         envelope = self._keyring.encrypt(value, _aad(tenant, name))
         params = (tenant, provider_id, name, self._keyring.newest_kid, envelope)
+        self._take_prefetched(tenant, name)  # a value read before this write is stale
         if conn is not None:
             conn.execute(_UPSERT, params)
         else:
