@@ -143,7 +143,9 @@ def test_workflow_entry_matches_alga_field_order_and_values(redis_client: redis.
     assert values["event_name"] == values["event_type"] == "INBOUND_EMAIL_RECEIVED"
     assert values["tenant"] == TENANT
     assert values["timestamp"] == "2026-11-27T12:00:00.123Z"
-    for empty in ("execution_id", "user_id", "from_state", "to_state"):
+    assert uuid.UUID(values["execution_id"]).version == 4
+    assert values["execution_id"] != values["event_id"]
+    for empty in ("user_id", "from_state", "to_state"):
         assert values[empty] == ""
     assert values["payload_json"] == orjson.dumps(out.payload).decode()
     assert "Grüße — ünïcödé ✓" in values["payload_json"]
@@ -166,6 +168,9 @@ def test_event_bus_entry_format(redis_client: redis.Redis) -> None:
     assert event["timestamp"] == "2026-11-27T12:00:00.123Z"
     [(_, workflow)] = entries(redis_client)
     assert event["id"] == workflow[1]
+    # The event-bus variant of Alga's publisher: an empty correlation key after execution_id.
+    assert workflow[0::2] == [*ALGA_FIELDS[:2], "workflow_correlation_key", *ALGA_FIELDS[2:]]
+    assert workflow[5] == ""
 
 
 def test_pointer_job_key_order_and_no_content(redis_client: redis.Redis) -> None:

@@ -93,11 +93,20 @@ def imap_pointer(provider_id: str, folder: str, uid_validity: int, uid: int) -> 
     return f"imap://{provider_id}/{quoted};UIDVALIDITY={uid_validity}/;UID={uid}"
 
 
-def workflow_fields(out: Outbound, event_id: str, payload_json: bytes) -> list[str | bytes]:
-    """Flat field/value pairs of the workflow stream, in exactly Alga's order."""
+def workflow_fields(
+    out: Outbound, event_id: str, payload_json: bytes, *, event_bus: bool = False
+) -> list[str | bytes]:
+    """Flat field/value pairs of the workflow stream, in exactly Alga's order.
+
+    ``execution_id`` is a fresh uuid4, as Alga's ``publisher.ts`` writes it; the event-bus
+    variant of Alga's publisher (``event_bus``) also writes an empty
+    ``workflow_correlation_key`` right after it.
+    """
+    correlation: list[str | bytes] = ["workflow_correlation_key", ""] if event_bus else []
     return [
         "event_id", event_id,
-        "execution_id", "",
+        "execution_id", str(uuid.uuid4()),
+        *correlation,
         "event_name", EVENT_TYPE,
         "event_type", EVENT_TYPE,
         "tenant", out.tenant,
@@ -257,7 +266,7 @@ class RedisStreamsSink:
             "1" if s.publish_pointer_queue else "0",
             event,
             job,
-            *workflow_fields(out, event_id, payload_json),
+            *workflow_fields(out, event_id, payload_json, event_bus=s.publish_event_bus),
         ]
         return keys, args
 
