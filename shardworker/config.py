@@ -150,6 +150,8 @@ class Settings:
     provider_reconcile_s: float = _setting(
         300.0,
         "How often the leader re-reads every provider row to prove the incremental view.",
+        lo=1,
+        hi=_DAY_S,
     )
     alga_lease_ttl_s: float = _setting(
         120.0,

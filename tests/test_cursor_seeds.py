@@ -37,7 +37,7 @@ def tenant() -> str:
 
 
 def epoch_of(pool: Pool, tenant: str, pid: str, owner: str) -> int:
-    return OwnershipStore(pool).acquire_epochs([(tenant, pid)], owner)[pid]
+    return OwnershipStore(pool).acquire_epochs([(tenant, pid)], owner)[tenant, pid]
 
 
 def cursors(store: Store, tenant: str, pid: str) -> dict[str, FolderCursor]:

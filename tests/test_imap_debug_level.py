@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 
+import imapclient
 import pytest
 
 from shardworker.imap.connect import Credentials, close_client, open_client, tls_context
@@ -29,13 +30,16 @@ def test_imaplib_formats_nothing_for_its_logger(
     user = dovecot.add_user()
     context: ssl.SSLContext = tls_context(str(dovecot.cafile))
     port = dovecot.tls_port if security == "tls" else dovecot.plain_port
+    # Delivered with a bare client: shardworker's own clients never send a literal (APPEND).
+    with imapclient.IMAPClient("localhost", dovecot.plain_port, ssl=False, timeout=7) as bare:
+        bare.login(user.name, user.password)
+        bare.append("INBOX", MESSAGE)
     with caplog.at_level(logging.DEBUG, logger="imapclient.imaplib"):
         client = open_client(
             "localhost", port, security, Credentials("password", user.name, user.password),
             timeout_s=7.0, connect_timeout_s=5.0, ssl_context=context,
         )  # fmt: skip
         try:
-            client.append("INBOX", MESSAGE)
             client.select_folder("INBOX", readonly=True)
             fetched = client.fetch(client.search("ALL"), ["BODY.PEEK[]", "INTERNALDATE"])
         finally:
