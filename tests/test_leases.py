@@ -188,6 +188,7 @@ def test_a_silent_redis_cannot_hold_a_renewal_past_the_ttl(env: dict[str, Any]) 
         a.acquire([(env["tenant"], p) for p in env["pids"]])
         a.client = redis.Redis(port=silent.getsockname()[1], socket_timeout=20)
         a._renew = a.client.register_script("return 1")
+        a._renew_held = a.client.register_script("return 1")
         started = time.monotonic()
         lost = []
         while len(lost) < len(env["pids"]) and time.monotonic() - started < 10:
