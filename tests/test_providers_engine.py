@@ -210,7 +210,7 @@ def test_gmail_backfill_respects_the_daily_budget(
     request = ResyncRequest(
         None, datetime(2020, 1, 1, tzinfo=UTC), lambda s, f: reports.append((s, dict(f)))
     )
-    ctx.engine.resync_provider(pid, request)
+    ctx.engine.resync_provider(f"{r.tenant}:{pid}", request)
     wait_until(lambda: any(f["folders"].get("INBOX") == "waiting_budget" for _, f in reports), 15)
     state, fields = next((s, f) for s, f in reports if f["folders"]["INBOX"] == "waiting_budget")
     assert state == "running" and fields["published"] == 4
