@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.timeout(240),
     pytest.mark.xfail(
         strict=False,
-        reason="partition pool not fully served within 180 s before the first fault after the control-plane merge: undiagnosed",
+        reason="partition pool not fully served within 180 s before the first fault after the control-plane merge: undiagnosed",  # noqa: E501
     ),
 ]
 
