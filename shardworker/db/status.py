@@ -96,6 +96,11 @@ class StatusWriter:
             pending.capabilities = list(capabilities)
             pending.clear_auth_failures = True
 
+    def clear_auth_failures(self, tenant: str, provider_id: str) -> None:
+        """A login with the current credentials succeeded: reset the auth-failure count."""
+        with self._lock:
+            self._pending.setdefault((tenant, provider_id), _Pending()).clear_auth_failures = True
+
     def paused(self, tenant: str, provider_id: str, reason: str, error: str) -> None:
         """Pause the provider and set its error now, in one transaction (not batched).
 

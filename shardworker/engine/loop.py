@@ -552,7 +552,17 @@ class Engine:
         self.post(lambda: self._after_auth_record(rt, paused))
 
     def _after_auth_record(self, rt: ProviderRuntime, paused: bool) -> None:
-        if paused and self.providers.get(rt.key) is rt:
+        # The count means failed logins since the last good one: the runtime's next good
+        # login resets it again, not only its first.
+        rt.auth_failure_counted = True
+        current = self.providers.get(rt.key)
+        if current is not None and current is not rt and current.auth_ok_seen:
+            # A replaced runtime (old credentials) counted after its successor had logged
+            # in with the new ones: that failure says nothing about the provider now.
+            cfg = current.config
+            self.deps.status.clear_auth_failures(cfg.tenant, cfg.provider_id)
+            return
+        if paused and current is rt:
             log.warning("provider_paused", provider_id=rt.config.provider_id, reason="auth_failure")
             rt.paused = True
             rt.replacement = None
@@ -563,8 +573,8 @@ class Engine:
         self.stats.connects += 1
         slot.backoff.mark_healthy(self.clock())
         rt.auth_backoff.mark_healthy(self.clock())
-        if not rt.auth_ok_seen:
-            rt.auth_ok_seen = True
+        if not rt.auth_ok_seen or rt.auth_failure_counted:
+            rt.auth_ok_seen, rt.auth_failure_counted = True, False
             cfg = rt.config
             self.deps.status.connected(cfg.tenant, cfg.provider_id, outcome.capabilities)
         log.info("connected", **slot.log_fields(), idle=slot.session.has_idle)

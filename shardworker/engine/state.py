@@ -151,6 +151,7 @@ class ProviderRuntime:
     reported_status: str | None = None
     reported_error: str | None = None
     auth_ok_seen: bool = False
+    auth_failure_counted: bool = False  # a failure was counted since the last good login
     auth_blocked_until: float = 0.0
     # OAuth2: the cached access token (with its expiry); a failed XOAUTH2 login forces a
     # refresh.  The lock keeps two folder slots from refreshing (rotating) at once.
