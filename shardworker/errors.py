@@ -20,6 +20,19 @@ class StoreError(ShardworkerError):
     """PostgreSQL failed or holds something unexpected."""
 
 
+class DatabaseUnavailableError(StoreError):
+    """PostgreSQL did not serve a call: no pool connection in time, or the connection failed.
+
+    ``reason`` is ``db_pool_timeout`` (psycopg_pool's PoolTimeout: every connection busy
+    or the server unreachable) or ``db_unavailable`` (an OperationalError on the wire).
+    A dependency failure, never the mailbox's: the IMAP session is kept.
+    """
+
+    def __init__(self, message: str, reason: str = "db_unavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class MigrationError(StoreError):
     """The schema could not be brought to the expected version."""
 

@@ -171,3 +171,27 @@ def _config() -> Any:
     cfg = ProviderConfig.__new__(ProviderConfig)
     object.__setattr__(cfg, "provider_id", "p-1")
     return cfg
+
+
+def test_a_pool_timeout_is_a_database_failure_not_an_imap_protocol_error() -> None:
+    from psycopg_pool import PoolTimeout
+
+    from shardworker.engine.failures import classify_failure, error_reason
+    from shardworker.errors import DatabaseUnavailableError, ImapProtocolError, StoreError
+
+    err = classify_failure(PoolTimeout("couldn't get a connection after 5.00 sec"))
+    assert isinstance(err, DatabaseUnavailableError) and isinstance(err, StoreError)
+    assert not isinstance(err, ImapProtocolError)
+    assert error_reason(err) == "db_pool_timeout"
+
+
+def test_an_operational_error_is_a_database_failure_and_others_stay_imap() -> None:
+    import psycopg
+
+    from shardworker.engine.failures import classify_failure, error_reason
+    from shardworker.errors import DatabaseUnavailableError, ImapProtocolError
+
+    err = classify_failure(psycopg.OperationalError("server closed the connection"))
+    assert isinstance(err, DatabaseUnavailableError)
+    assert error_reason(err) == "db_unavailable"
+    assert isinstance(classify_failure(ValueError("odd")), ImapProtocolError)

@@ -29,14 +29,7 @@ from tests.harness.netns import NetnsError
 from tests.harness.pgserver import PgServerError
 from tests.harness.sentinel import SentinelError
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.timeout(240),
-    pytest.mark.xfail(
-        strict=False,
-        reason="partition pool not fully served within 180 s before the first fault after the control-plane merge: undiagnosed",  # noqa: E501
-    ),
-]
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 CUT_S = 15.0
 FAULTS = faults(CUT_S, 20.0)

@@ -22,6 +22,7 @@ from shardworker.db.seeds import CursorSeeder
 from shardworker.db.status import StatusWriter
 from shardworker.db.store import CursorSeed, FolderCursor, ProviderConfig, Store
 from shardworker.engine.claims import MessageIdClaims
+from shardworker.engine.failures import classify_failure
 from shardworker.engine.resync import run_jobs
 from shardworker.engine.state import ProviderRuntime, Slot
 from shardworker.engine.sync import FolderSync, SyncContext, SyncResult
@@ -36,7 +37,6 @@ from shardworker.gate import MessageGate
 from shardworker.imap.connect import (
     Credentials,
     capabilities,
-    classify_error,
     open_client,
     security_mode,
 )
@@ -186,7 +186,7 @@ class Cycle:
         except ShardworkerError as exc:
             err = exc
         except Exception as exc:
-            err = classify_error(exc)
+            err = classify_failure(exc)
         err = provider_error(err, slot.provider.config)
         return Outcome("error", error=err, cursor=slot.cursor, status=slot.status)
 

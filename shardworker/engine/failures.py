@@ -18,9 +18,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+import psycopg
+from psycopg_pool import PoolTimeout
+
 from shardworker.config import Settings
 from shardworker.engine.state import ProviderRuntime, Slot
 from shardworker.errors import (
+    DatabaseUnavailableError,
     FencedError,
     FolderError,
     ImapAuthError,
@@ -32,6 +36,7 @@ from shardworker.errors import (
     StoreError,
     TokenPendingError,
 )
+from shardworker.imap.connect import classify_error
 
 
 class Action(enum.Enum):
@@ -51,6 +56,26 @@ class Decision:
     # AUTH_BACKOFF: the first failure of a backoff window, which counts towards the pause
     # threshold; later ones inside the window only wait for its end.
     count_auth_failure: bool = False
+
+
+def classify_failure(exc: BaseException) -> ShardworkerError:
+    """The shardworker error for an unexpected exception out of a sync cycle.
+
+    PostgreSQL's own failures are a dependency (database) failure, never the mailbox's:
+    psycopg_pool's ``PoolTimeout`` (no connection within the pool timeout, as when the
+    server went silent) and psycopg's ``OperationalError`` become a
+    ``DatabaseUnavailableError`` (a ``StoreError``: the IMAP session is kept and the drain
+    retried).  Everything else goes through the IMAP classification.
+    """
+    if isinstance(exc, ShardworkerError):
+        return exc
+    if isinstance(exc, PoolTimeout):
+        return DatabaseUnavailableError(f"PostgreSQL pool: {exc}", reason="db_pool_timeout")
+    if isinstance(exc, psycopg.OperationalError):
+        return DatabaseUnavailableError(
+            f"PostgreSQL: {type(exc).__name__}: {exc}", reason="db_unavailable"
+        )
+    return classify_error(exc)
 
 
 def error_reason(err: ShardworkerError) -> str:
