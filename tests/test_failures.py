@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from shardworker.errors import (
+    DatabaseUnavailableError,
     FencedError,
     FolderError,
     ImapAuthError,
@@ -57,6 +58,7 @@ def _slot(folder: str = "INBOX", *, connected: bool = False) -> Any:
         (FolderError("no such folder"), True, "park"),
         (PublishError("redis down"), True, "retry_drain"),
         (StoreError("pg down"), True, "retry_drain"),
+        (DatabaseUnavailableError("pool", reason="db_pool_timeout"), True, "retry_drain"),
         (PublishError("redis down"), False, "reconnect"),
         (ImapTransientError("reset"), True, "reconnect"),
     ],
