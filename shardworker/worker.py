@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 
 from shardworker import boot, logs
 from shardworker.config import Settings, load_settings
+from shardworker.db.link import LinkTimeouts
 from shardworker.db.ownership import OwnershipStore
 from shardworker.db.status import StatusWriter
 from shardworker.db.store import Store, open_pool
@@ -64,7 +65,9 @@ def build_worker(
     client = redis_client(settings)
     sink = open_sink(settings, client, sinks)
     sink.prepare()
-    pool = open_pool(settings.database_url, max_size=settings.db_pool_max)
+    pool = open_pool(
+        settings.database_url, settings.db_pool_max, link=LinkTimeouts.from_settings(settings)
+    )
     store = Store(pool)
     secrets = SecretStore(settings, pool)
     status = StatusWriter(pool)

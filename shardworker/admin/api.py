@@ -38,6 +38,7 @@ from shardworker.admin.answers import error_response, json_response
 from shardworker.admin.models import NewProvider, ProviderPatch, ResyncBody, WaitBody, given
 from shardworker.admin.service import AdminService
 from shardworker.config import Settings
+from shardworker.db.link import LinkTimeouts
 from shardworker.db.store import open_pool
 from shardworker.errors import (
     ConfigError,
@@ -370,7 +371,7 @@ def start_admin_api(settings: Settings) -> AdminApi | None:
         return None
     from shardworker.redisconn import redis_client
 
-    pool = open_pool(settings.database_url, max_size=4)
+    pool = open_pool(settings.database_url, 4, link=LinkTimeouts.from_settings(settings))
     client = redis_client(settings)
     try:
         api = AdminApi(settings, AdminService(settings, pool, client), [pool.close, client.close])

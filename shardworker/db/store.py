@@ -17,6 +17,7 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from shardworker.db.link import LinkTimeouts, link_params
 from shardworker.db.models import (
     FolderCursor,
     LedgerEntry,
@@ -47,14 +48,19 @@ STATUSES = frozenset({"connected", "disconnected", "error", "configuring"})
 PAUSE_REASONS = frozenset({"manual", "tenant_cancelled", "auth_failure"})
 
 
-def open_pool(dsn: str, max_size: int, *, timeout_s: float = 10.0) -> Pool:
-    """An open pool of autocommit connections, checked on checkout (survives a restart)."""
+def open_pool(
+    dsn: str, max_size: int, *, timeout_s: float = 10.0, link: LinkTimeouts | None = None
+) -> Pool:
+    """An open pool of autocommit connections, checked on checkout (survives a restart).
+
+    Every connection notices a silent peer within ``link``'s bounds (``db/link.py``).
+    """
     pool: Pool = ConnectionPool(
         dsn,
         min_size=1,
         max_size=max(1, max_size),
         open=True,
-        kwargs={"autocommit": True},
+        kwargs={"autocommit": True, **link_params(dsn, link or LinkTimeouts())},
         # A connection broken by a server restart is discarded on checkout, not handed out.
         check=ConnectionPool.check_connection,
         timeout=timeout_s,

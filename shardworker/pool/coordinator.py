@@ -13,6 +13,7 @@ from types import TracebackType
 
 from shardworker import logs, metrics
 from shardworker.config import Settings
+from shardworker.db.link import LinkTimeouts
 from shardworker.db.ownership import OwnershipStore
 from shardworker.db.store import open_pool
 from shardworker.logs import get_logger
@@ -43,7 +44,7 @@ class Coordinator:
         # environment.
         self._metrics_dir = metrics.use_multiprocess_dir(settings.metrics_dir)
         self._client = redis_client(settings)
-        self._pool = open_pool(settings.database_url, max_size=3)
+        self._pool = open_pool(settings.database_url, 3, link=LinkTimeouts.from_settings(settings))
         self.leader = Leader(settings, Registry(self._client), OwnershipStore(self._pool), identity)
         self.supervisor = Supervisor(
             settings.worker_count, self.worker_main, pod_identity=identity,
