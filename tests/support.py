@@ -33,6 +33,7 @@ from shardworker.db.store import ProviderConfig, open_pool
 from shardworker.secrets.crypto import generate_key_setting
 from shardworker.secrets.store import SecretStore, secret_name
 from shardworker.sink import SINKS, SinkFactory
+from shardworker.sink.base import Fence
 from shardworker.worker import WorkerContext, build_worker
 
 STREAM = "workflow:events:global"
@@ -154,18 +155,19 @@ class Rig:
             p for p in self.ctx.store.load_providers() if p.tenant == self.tenant and not p.paused
         ]
 
-    def start(self) -> WorkerContext:
+    def start(self, fences: Mapping[str, Fence] | None = None) -> WorkerContext:
         self.ctx = build_worker(self.settings, sinks=self.sinks)
         self.thread = threading.Thread(
             target=self.ctx.engine.run, kwargs={"drain_deadline_s": 10}, daemon=True
         )
         self.thread.start()
-        self.refresh()
+        self.refresh(fences)
         return self.ctx
 
-    def refresh(self) -> None:
+    def refresh(self, fences: Mapping[str, Fence] | None = None) -> None:
+        """Serve this tenant's providers (fenced by ``tenant:provider_id`` when given)."""
         assert self.ctx is not None
-        self.ctx.engine.update_providers(self.providers())
+        self.ctx.engine.update_providers(self.providers(), fences)
 
     def stop(self) -> None:
         if self.ctx is None:

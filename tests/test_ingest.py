@@ -10,6 +10,10 @@ from typing import Any
 
 import pytest
 
+from shardworker.db.models import provider_key
+from shardworker.db.ownership import OwnershipStore
+from shardworker.pool.leases import lease_key
+from shardworker.sink.base import Fence
 from shardworker.sink.redis_streams import uid_key
 from tests.support import (
     Rig,
@@ -160,6 +164,32 @@ def test_published_but_not_checkpointed_is_not_published_again(make_rig: Any, do
     assert events(r.redis) == []
     [row] = r.ledger(pid)
     assert row[2:] == (uid, "<crash@example.com>", "1700000000000-0", "duplicate")
+
+
+def test_the_engine_publishes_under_the_fence_it_is_handed(make_rig: Any, dovecot: Any) -> None:
+    """Fences arrive keyed by ``tenant:provider_id`` (as the pool agent holds leases): a
+    provider whose lease someone else holds publishes nothing, its neighbour with its own
+    lease publishes.  (Looked up by the bare provider id, every provider ran unfenced.)"""
+    r = make_rig()
+    users = [dovecot.add_user() for _ in range(2)]
+    mine, theirs = (r.add_provider(u, p) for u, p in users)
+    ownership = OwnershipStore(r.pool)
+    epochs = ownership.acquire_epochs([(r.tenant, mine), (r.tenant, theirs)], "test")
+    fences = {}
+    for pid, holder in ((mine, "me"), (theirs, "someone-else")):
+        key = lease_key(r.tenant, pid)
+        r.redis.set(key, f"{holder}|{epochs[r.tenant, pid]}", px=60_000)
+        fences[provider_key(r.tenant, pid)] = Fence(key, f"me|{epochs[r.tenant, pid]}",
+                                                    epochs[r.tenant, pid])  # fmt: skip
+    r.start(fences)
+    wait_until(lambda: connected(r, mine) and connected(r, theirs))
+    for (user, _), mid in zip(users, ("<fenced-mine@example.com>", "<fenced-theirs@example.com>"),
+                              strict=True):  # fmt: skip
+        dovecot.append(user, "INBOX", make_mail(message_id=mid))
+    wait_until(lambda: r.ledger(mine), timeout_s=10)
+    time.sleep(1.5)  # the fenced neighbour had as long
+    assert message_ids(r.redis) == ["<fenced-mine@example.com>"]
+    assert r.ledger(theirs) == []
 
 
 def test_uidvalidity_change_does_not_flood_old_mail(make_rig: Any, dovecot: Any) -> None:

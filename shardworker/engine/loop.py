@@ -116,7 +116,8 @@ class Engine:
         configs: Sequence[ProviderConfig],
         fences: Mapping[str, Fence] | None = None,
     ) -> None:
-        """Serve exactly these providers; stop the others gracefully."""
+        """Serve exactly these providers; stop the others gracefully.  ``fences`` is keyed
+        by ``tenant:provider_id`` (``ProviderConfig.key``), as the pool agent holds them."""
         snapshot = list(configs)
         self.post(lambda: self._apply_desired(snapshot, dict(fences or {})))
 
@@ -234,7 +235,7 @@ class Engine:
         fresh = [cfg for pid, cfg in desired.items() if pid not in self.providers]
         self._prefetch_secrets(fresh)
         for cfg in fresh:
-            self._start_provider(cfg, fences.get(cfg.provider_id))
+            self._start_provider(cfg, fences.get(cfg.key))  # keyed as the agent keys them
 
     def _prefetch_secrets(self, configs: list[ProviderConfig]) -> None:
         """Many providers at once (a cold start, a failover): their passwords in a few
