@@ -24,10 +24,12 @@ from shardworker.config import Settings
 from shardworker.errors import ConfigError, PublishError
 from shardworker.sink.base import DeadLetter, Outbound
 from shardworker.sink.redis_streams import (
+    EVENT_ID_NAMESPACE,
     POINTER_QUEUE,
     WORKFLOW_GROUP,
     WORKFLOW_STREAM,
     RedisStreamsSink,
+    event_id_for,
     iso_ms,
     message_id_key,
     uid_key,
@@ -139,7 +141,10 @@ def test_workflow_entry_matches_alga_field_order_and_values(redis_client: redis.
     assert stream_id == result.stream_id
     assert flat[0::2] == ALGA_FIELDS
     values = dict(zip(flat[0::2], flat[1::2], strict=True))
-    assert uuid.UUID(values["event_id"]).version == 4
+    assert values["event_id"] == str(
+        uuid.uuid5(EVENT_ID_NAMESPACE, f"{TENANT}:{PROVIDER}:INBOX:42:1")
+    )
+    assert uuid.UUID(values["event_id"]).version == 5
     assert values["event_name"] == values["event_type"] == "INBOUND_EMAIL_RECEIVED"
     assert values["tenant"] == TENANT
     assert values["timestamp"] == "2026-11-27T12:00:00.123Z"
@@ -151,6 +156,45 @@ def test_workflow_entry_matches_alga_field_order_and_values(redis_client: redis.
     assert "Grüße — ünïcödé ✓" in values["payload_json"]
     assert ": " not in values["payload_json"] and ", " not in values["payload_json"]
     assert list(orjson.loads(values["payload_json"])) == list(out.payload)
+
+
+def event_ids(client: redis.Redis) -> list[str]:
+    return [dict(zip(f[0::2], f[1::2], strict=True))["event_id"] for _, f in entries(client)]
+
+
+def test_a_message_published_again_after_its_dedupe_keys_were_lost_keeps_its_event_id(
+    redis_client: redis.Redis,
+) -> None:
+    """What a lossy failover does: the entry is gone from the primary with its dedupe keys,
+    the next owner publishes the message again, and the consumer that had read the first
+    copy recognises the second by ``event_id``."""
+    sink = RedisStreamsSink(redis_client, make_settings())
+    sink.publish_batch([outbound(7)], None)
+    [first] = event_ids(redis_client)
+    redis_client.flushdb()  # entry and dedupe keys lost together
+    [again] = sink.publish_batch([outbound(7)], None)
+    assert not again.duplicate
+    assert event_ids(redis_client) == [first]
+
+
+def test_event_ids_differ_per_message_and_are_uuids_alga_accepts() -> None:
+    base = (TENANT, PROVIDER, "INBOX", 42, 7)
+    variants = [
+        base,
+        (TENANT, PROVIDER, "INBOX", 42, 8),  # another UID
+        (TENANT, PROVIDER, "Archive", 42, 7),  # another folder
+        (TENANT, PROVIDER, "INBOX", 43, 7),  # a new UIDVALIDITY
+        (TENANT, "6e7f8091-2b3c-4d4e-9fa0-b1c2d3e4f5a6", "INBOX", 42, 7),  # another provider
+        ("1c2d3e4f-0000-4000-8000-000000000001", PROVIDER, "INBOX", 42, 7),  # another tenant
+        (TENANT, PROVIDER, "INBOX:42", 7, 7),  # a ':' in the folder shifts nothing over
+        (TENANT, PROVIDER, "INBOX\udcff", 42, 7),  # a lone surrogate from a server's bytes
+    ]
+    ids = [event_id_for(*v) for v in variants]
+    assert len(set(ids)) == len(ids)
+    assert event_id_for(*base) == ids[0]
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (5, uuid.RFC_4122, text)
 
 
 def test_event_bus_entry_format(redis_client: redis.Redis) -> None:

@@ -47,6 +47,10 @@ POINTER_QUEUE = "email:inbound:unified:pointer:ready"
 EVENT_TYPE = "INBOUND_EMAIL_RECEIVED"
 POINTER_MAX_ATTEMPTS = 5
 
+# The UUIDv5 namespace of event ids (docs/DESIGN.md, "Stream layout"; the contract notes).
+# Fixed for good: changing it would give every message already published a new identity.
+EVENT_ID_NAMESPACE = uuid.UUID("def6c723-9e54-4f8e-b707-e8205deb568b")
+
 _STATUS_WRITTEN, _STATUS_DUPLICATE, _STATUS_DEAD_LETTERED = 0, 1, 2
 _URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
 
@@ -55,6 +59,23 @@ def uid_key(tenant: str, provider_id: str, folder: str, uid_validity: int, uid: 
     """The per-UID dedupe key.  It carries the tenant: provider ids are unique per tenant
     only, and two tenants' providers must never answer for each other."""
     return f"sw:pub:{{{tenant}:{provider_id}}}:{folder}:{uid_validity}:{uid}"
+
+
+def event_id_for(tenant: str, provider_id: str, folder: str, uid_validity: int, uid: int) -> str:
+    """The message's ``event_id``: UUIDv5 (RFC 9562) of ``tenant:provider_id:folder:
+    uid_validity:uid`` in :data:`EVENT_ID_NAMESPACE`.
+
+    Deterministic, so a message published again (a Redis failover lost the entry and its
+    dedupe keys after a consumer had read it) carries the same id, and a consumer that
+    dedupes on ``event_id`` (Alga's workflow runtime does) drops the second copy.  The name
+    is unambiguous: tenant and provider are uuids, the last two fields integers, so a ``:``
+    in the folder cannot make two messages collide.  Encoded as UTF-8 with
+    ``surrogatepass`` (a folder name decoded from a server's bytes may hold a lone
+    surrogate); otherwise exactly ``uuid.uuid5``.
+    """
+    name = f"{tenant}:{provider_id}:{folder}:{uid_validity}:{uid}"
+    digest = hashlib.sha1(EVENT_ID_NAMESPACE.bytes + name.encode("utf-8", "surrogatepass"))
+    return str(uuid.UUID(bytes=digest.digest()[:16], version=5))
 
 
 def message_id_key(tenant: str, provider_id: str, message_id: str) -> str:
@@ -238,10 +259,10 @@ class RedisStreamsSink:
 
     def _publish_call(self, out: Outbound, fence: Fence | None) -> _Call:
         s = self._settings
-        event_id = str(uuid.uuid4())
+        eid = event_id_for(out.tenant, out.provider_id, out.folder, out.uid_validity, out.uid)
         try:
             payload_json = orjson.dumps(out.payload)
-            event = event_bus_event(out, event_id) if s.publish_event_bus else b""
+            event = event_bus_event(out, eid) if s.publish_event_bus else b""
         except orjson.JSONEncodeError as exc:
             raise PublishError(f"payload of UID {out.uid} is not JSON-serialisable: {exc}") from exc
         job = pointer_job(out, datetime.now(UTC)) if s.publish_pointer_queue else b""
@@ -266,7 +287,7 @@ class RedisStreamsSink:
             "1" if s.publish_pointer_queue else "0",
             event,
             job,
-            *workflow_fields(out, event_id, payload_json, event_bus=s.publish_event_bus),
+            *workflow_fields(out, eid, payload_json, event_bus=s.publish_event_bus),
         ]
         return keys, args
 
