@@ -55,7 +55,10 @@ class Settings:
     # Connections
     database_url: str = _setting(
         "postgresql://127.0.0.1:5432/test",
-        "PostgreSQL DSN (libpq URL). The Alga database, or a standalone one.",
+        "PostgreSQL DSN (libpq URL). The Alga database, or a standalone one. "
+        "`connect_timeout`, `tcp_user_timeout` and `keepalives*` are added from "
+        "`SHARDWORKER_CONNECT_TIMEOUT_S` and `SHARDWORKER_LEASE_TTL_S` unless the DSN sets "
+        "them (docs/partitions.md).",
         secret=True,
     )
     db_pool_max: int = _setting(8, "Maximum PostgreSQL connections per process.", lo=1, hi=1000)

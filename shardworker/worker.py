@@ -34,6 +34,7 @@ from shardworker.netpolicy import OutboundPolicy
 from shardworker.oauth import TokenRefresher
 from shardworker.pool.agent import PoolAgent
 from shardworker.pool.childproc import ChildChannel
+from shardworker.pool.dbwatch import DatabaseWatch
 from shardworker.pool.leases import LeaseManager
 from shardworker.pool.registry import Registry
 from shardworker.redisconn import redis_client
@@ -111,9 +112,12 @@ def _boot(settings: Settings, member: str) -> tuple[WorkerContext, PoolAgent]:
     released: queue.SimpleQueue[str] = queue.SimpleQueue()
     ctx = build_worker(settings, on_released=released.put)
     leases = LeaseManager(ctx.redis, OwnershipStore(ctx.pool), member, settings.lease_ttl_s)
+    # libpq's connect deadline has a floor of 2 s; a renewal round is the probe's cadence.
+    database = DatabaseWatch(settings.database_url, every_s=settings.lease_renew_s,
+                             deadline_s=max(2.0, settings.lease_renew_s))  # fmt: skip
     agent = PoolAgent(
         settings, member, registry=Registry(ctx.redis), leases=leases, store=ctx.store,
-        engine=ctx.engine, released=released,
+        engine=ctx.engine, released=released, database=database,
     )  # fmt: skip
     return ctx, agent
 

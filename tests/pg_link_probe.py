@@ -15,7 +15,7 @@ import time
 import orjson
 import psycopg
 
-from shardworker.db.link import LinkTimeouts, link_params
+from shardworker.db.link import LinkTimeouts, link_conninfo
 from shardworker.db.store import open_pool
 
 
@@ -37,7 +37,7 @@ def main(dsn: str, connect_s: float, silence_s: float) -> None:
                 with pool.connection() as conn:
                     conn.execute("SELECT 1")
             elif step == "connect":
-                psycopg.connect(dsn, **link_params(dsn, link)).close()
+                psycopg.connect(link_conninfo(dsn, link)).close()
             result = {"step": step, "ok": True, "error": ""}
         except Exception as exc:  # reported to the test, which judges it
             result = {"step": step, "ok": False, "error": type(exc).__name__}

@@ -76,13 +76,6 @@ def test_a_pod_cut_off_from_postgres_loses_and_repeats_nothing(postgres_cut: Pha
     assert postgres_cut.stale.published_after_loss == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a pod that cannot reach PostgreSQL keeps renewing its leases in Redis while every "
-    "sync of its providers hangs on a silent connection (no tcp_user_timeout/keepalives in "
-    "db.store.open_pool): its providers stall for the whole cut plus TCP backoff instead of "
-    "moving to a pod that can checkpoint (docs/partitions.md, Open)",
-)
 def test_a_pod_cut_off_from_postgres_hands_its_providers_over(postgres_cut: PhaseResult) -> None:
     assert postgres_cut.takeover_s is not None, postgres_cut.unserved
 

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from shardworker.config import Settings
 
@@ -63,3 +63,8 @@ def link_params(dsn: str, link: LinkTimeouts) -> dict[str, int]:
     except psycopg.ProgrammingError:
         given = {}  # the connection attempt reports the malformed DSN, without its secrets
     return {k: v for k, v in link.params().items() if k not in given}
+
+
+def link_conninfo(dsn: str, link: LinkTimeouts) -> str:
+    """``dsn`` with ``link``'s parameters added (for a connection made outside a pool)."""
+    return make_conninfo(dsn, **link_params(dsn, link))

@@ -18,6 +18,20 @@ process if it dies unexpectedly (``childproc.end_process_on_thread_death``).
 
 On drain the member leaves the registry first (the leader moves its providers at once),
 stops serving, and keeps renewing until every lease is released.
+
+A member whose PostgreSQL is unreachable (``pool/dbwatch.py``) cannot checkpoint, while its
+renewals (Redis) keep everyone else away from its providers.  So it stops heartbeating
+while its probe fails, and once PostgreSQL has been unreachable for a lease TTL, if another
+member is heartbeating (so has a working PostgreSQL: see below), it *gives up*: it leaves
+the registry (the leader moves its providers at once), releases every lease, and only then
+drops its providers in the engine.  Releasing before the drain is safe because of the
+fence: a publish of ours that comes later finds no token of ours and is refused, and a
+late checkpoint is refused by the epoch the successor bumps (or lands before the bump,
+and the successor starts from it); waiting for the drain would make the handover wait
+for the very PostgreSQL calls it escapes.  While given up the member takes no lease and
+does not heartbeat, so it is not assigned providers again; it rejoins when a probe
+succeeds.  When no other member heartbeats (PostgreSQL is down for everyone), nobody
+could do better, and it keeps its providers.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from shardworker.db.store import ProviderConfig, Store
 from shardworker.engine.loop import Engine
 from shardworker.errors import ShardworkerError
 from shardworker.logs import get_logger
+from shardworker.pool.dbwatch import DatabaseWatch
 from shardworker.pool.inbox import CommandInbox
 from shardworker.pool.leases import Lease, LeaseManager
 from shardworker.pool.registry import MemberAssignment, Registry
@@ -49,6 +64,7 @@ class PoolAgent:
     def __init__(
         self, settings: Settings, member: str, *, registry: Registry, leases: LeaseManager,
         store: Store, engine: Engine, released: queue.SimpleQueue[str],
+        database: DatabaseWatch | None = None,
     ) -> None:  # fmt: skip
         self.settings = settings
         self.member = member
@@ -59,6 +75,10 @@ class PoolAgent:
         # ``tenant:provider_id`` keys the engine has drained (Engine(on_released=...put)).
         self.released = released
         self.draining = threading.Event()
+        # PostgreSQL reachability; None: never give up (a member without a probe).
+        self.database = database
+        self.given_up = threading.Event()  # set while PostgreSQL is unreachable for us
+        self._serve_lock = threading.Lock()  # given_up vs. what the engine is told to serve
         self._stop = threading.Event()
         self._heartbeat_lock = threading.Lock()
         self._configs: dict[str, ProviderConfig] = {}
@@ -75,6 +95,8 @@ class PoolAgent:
 
     def start(self) -> None:
         self.registry.heartbeat(self.member)
+        if self.database is not None:
+            self.database.start()
         for name, target in (("keeper", self._keep), ("assigner", self._assign)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
@@ -104,14 +126,17 @@ class PoolAgent:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout_s)
+        if self.database is not None:
+            self.database.stop()
 
     # -- keeper --------------------------------------------------------------------------
 
     def _keep(self) -> None:
         while not self._stop.wait(self.settings.lease_renew_s):
+            self.check_database()
             try:
                 with self._heartbeat_lock:
-                    if not self.draining.is_set():
+                    if not self.draining.is_set() and self._database_ok():
                         self.registry.heartbeat(self.member)
             except Exception:
                 log.warning("heartbeat_failed", member=self.member)
@@ -123,6 +148,62 @@ class PoolAgent:
                 self.engine.drop_provider_now(lease.provider)
                 if self.on_lease_lost is not None:
                     self.on_lease_lost(lease)
+
+    # -- PostgreSQL unreachable ----------------------------------------------------------
+
+    def _database_ok(self) -> bool:
+        return self.database is None or (self.database.healthy() and not self.given_up.is_set())
+
+    def check_database(self) -> None:
+        """Give the providers up, or take part again, as the probe says (see module doc)."""
+        if self.database is None:
+            return
+        if self.given_up.is_set():
+            if self.database.healthy():
+                self.given_up.clear()
+                log.info("member_rejoining", member=self.member)
+            return
+        down_s = self.database.down_for()
+        if down_s < self.settings.lease_ttl_s or self.draining.is_set():
+            return
+        if not self._peers_with_database():
+            return
+        self.give_up(down_s)
+
+    def _peers_with_database(self) -> list[str]:
+        """Other members that heartbeated within two renewal rounds: a member heartbeats
+        only while its own probe succeeds, so these can checkpoint."""
+        try:
+            recent = self.registry.recent_members(2 * self.settings.lease_renew_s)
+        except Exception:
+            return []  # Redis cannot tell: a successor could not take the leases either
+        return [m for m in recent if m != self.member]
+
+    def give_up(self, down_s: float) -> None:
+        """Leave, release every lease, then drop the providers (in that order)."""
+        with self._serve_lock:
+            self.given_up.set()
+            held = list(self.leases.held())
+        log.warning("database_unreachable_giving_up", member=self.member, leases=len(held),
+                    down_s=round(down_s, 1))  # fmt: skip
+        try:
+            with self._heartbeat_lock:
+                self.registry.leave(self.member)
+        except Exception:
+            log.warning("member_leave_failed", member=self.member)
+        self._release_now(held)
+        for provider in held:
+            self.engine.drop_provider_now(provider)
+
+    def _release_now(self, providers: list[str]) -> None:
+        try:
+            count = self.leases.release(providers)
+        except ShardworkerError as exc:  # the TTL frees them; successors wait longer
+            log.warning("lease_release_failed", error=str(exc))
+            return
+        metrics.leases_released(count)
+        if count:
+            log.info("leases_released", count=count, member=self.member)
 
     # -- assigner ------------------------------------------------------------------------
 
@@ -159,6 +240,9 @@ class PoolAgent:
         self._release_drained()
         if self.draining.is_set():
             return
+        if self.given_up.is_set():
+            self._release_now(list(self.leases.held()))  # taken by a round already under way
+            return
         desired = self._read_share()
         configs = self._load_configs(desired)
         held = self.leases.held()
@@ -173,7 +257,11 @@ class PoolAgent:
         metrics.set_leases_held(len(held_now))
         serve = [c for p, c in configs.items() if p in held_now]
         fences = {p: lease.fence for p, lease in held_now.items()}
-        self.engine.update_providers(serve, fences)
+        with self._serve_lock:
+            if not self.given_up.is_set():
+                self.engine.update_providers(serve, fences)
+                return
+        self._release_now(list(self.leases.held()))
 
     def _read_share(self) -> frozenset[str]:
         """This member's share: one version read, the share itself only when it moved."""

@@ -16,7 +16,11 @@ the work that something changing calls for:
   and mirrored into Alga's lease columns; the mirror's TTL is refreshed in batches.
 
 A new leader starts from the published owners, so a failover moves nothing that did not
-have to move.  After every round while leading, ``housekeeping`` (sink.housekeeping)
+have to move.  A leader whose PostgreSQL has failed its rounds for ``leader_ttl_s`` resigns
+(its lease renews through Redis, so it would otherwise stay leader without being able to
+read a provider change or move a provider), and stands for election again only once a
+query succeeds: a pod cut off from PostgreSQL must not keep the pool from moving its own
+members' providers.  After every round while leading, ``housekeeping`` (sink.housekeeping)
 trims the streams by consumption and samples what shardworker keeps in Redis.
 """
 
@@ -31,6 +35,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import psycopg
 import redis
 
 from shardworker import metrics
@@ -109,6 +114,8 @@ class Leader:
         self._led_since = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._db_ok_at = clock()  # end of the last round PostgreSQL did not fail
+        self.sitting_out = False  # resigned for PostgreSQL; elections resume when it answers
         # Leader-only chores after each round (stream trimming, Redis memory sampling).
         self.housekeeping = Housekeeper(registry.client, settings, clock)
 
@@ -148,19 +155,43 @@ class Leader:
     def _run(self) -> None:
         while not self._stop.is_set():
             started = self.clock()
-            try:
-                self.round()
-            except (redis.RedisError, ShardworkerError) as exc:
-                log.warning("leader_round_failed", error_type=type(exc).__name__, error=str(exc))
-                if isinstance(exc, redis.RedisError | LeaseLostError):
-                    self._step_down(type(exc).__name__)
-            except Exception:
-                log.error("leader_round_crashed", exc=True)
+            self.run_round()
             self._stop.wait(max(0.0, self.settings.leader_round_s - (self.clock() - started)))
+
+    def run_round(self) -> None:
+        """One round, its failures answered (the thread's body; tests call it directly)."""
+        try:
+            self.round()
+            self._db_ok_at = self.clock()
+        except psycopg.OperationalError as exc:  # PoolTimeout included
+            log.warning("leader_round_failed", error_type=type(exc).__name__)
+            self._database_failed()
+        except (redis.RedisError, ShardworkerError) as exc:
+            log.warning("leader_round_failed", error_type=type(exc).__name__, error=str(exc))
+            if isinstance(exc, redis.RedisError | LeaseLostError):
+                self._step_down(type(exc).__name__)
+        except Exception:
+            log.error("leader_round_crashed", exc=True)
+
+    def _database_failed(self) -> None:
+        if self.token is None or self.clock() - self._db_ok_at < self.settings.leader_ttl_s:
+            return
+        with contextlib.suppress(redis.RedisError):  # else the lease expires by itself
+            self.registry.resign(self.token)
+        self._step_down("database_unreachable")
+        self.sitting_out = True
+
+    def _stand_again(self) -> None:
+        """After resigning for PostgreSQL: raises while it is still unreachable."""
+        self.ownership.db_now()
+        self.sitting_out = False
+        log.info("leader_database_reachable", identity=self.identity)
 
     # -- one round -----------------------------------------------------------------------
 
     def round(self) -> None:
+        if self.sitting_out:
+            self._stand_again()
         token = self.registry.elect(self.identity, self.settings.leader_ttl_s, self.token)
         if token is None:
             if self.token is not None:

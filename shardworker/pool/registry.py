@@ -44,6 +44,7 @@ VERSIONS = "sw:assignver"
 OWNERS_PREFIX = "sw:owners:"
 OWNER_SHARDS = 256
 CHUNK_OPS = 4000
+FOREVER_MS = 10**15  # a forget-after that forgets nobody (registry_live.lua)
 
 
 def owner_shard(key: str) -> str:
@@ -100,6 +101,12 @@ class Registry:
     def leave(self, member: str) -> None:
         """Announce a graceful departure: the leader moves our providers at once."""
         self.client.zrem(MEMBERS, member)
+
+    def recent_members(self, within_s: float) -> list[str]:
+        """The members that heartbeated within ``within_s`` (forgets nobody)."""
+        within_ms = int(within_s * 1000)
+        found = self._live(keys=[MEMBERS], args=[within_ms, FOREVER_MS])
+        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in found)
 
     def live_members(self, grace_s: float) -> list[str]:
         grace_ms = int(grace_s * 1000)
