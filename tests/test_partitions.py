@@ -84,3 +84,6 @@ def test_a_lossy_redis_failover_loses_and_repeats_nothing(runner: PhaseRunner) -
     p = runner.run(FAULTS["redis_failover"])
     assert p.failover["lost_replication_bytes"] > 0, "the replica was not behind"
     assert_exactly_once(p)
+    # What the consumer read before the failover took it, it reads again with the same
+    # event_id, so a consumer deduping on event_id (Alga's runtime) processes it once.
+    assert p.consumer_new_event_ids == 0, f"{p.consumer_duplicates} read twice"

@@ -27,6 +27,7 @@ class StreamReader:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         self.entries: list[tuple[int, str]] = []  # (XADD ms, Message-ID without <>)
+        self.event_ids: dict[str, set[str]] = {}  # Message-ID -> the event_ids read for it
         self._after = "-"
 
     def poll(self) -> int:
@@ -41,6 +42,7 @@ class StreamReader:
                     payload = orjson.loads(fields[b"payload_json"])
                     mid = str(payload["emailData"]["id"]).strip("<>")
                     self.entries.append((int(entry_id.split(b"-")[0]), mid))
+                    self.event_ids.setdefault(mid, set()).add(fields[b"event_id"].decode())
                 self._after = "(" + chunk[-1][0].decode()
                 added += len(chunk)
         except redis.RedisError:

@@ -9,8 +9,8 @@ from bench.partition_support.run import PhaseResult, RunReport
 
 HEADER = (
     "| fault | pod | delivered | published (stream / pointer) | lost (stream / pointer) "
-    "| duplicated (stream / pointer) | consumer read twice | takeover | full service after heal "
-    "| stale publishes |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| duplicated (stream / pointer) | consumer read twice (new event_id) | takeover "
+    "| full service after heal | stale publishes |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -23,7 +23,8 @@ def row(p: PhaseResult) -> str:
     return (
         f"| {p.title} | {p.pod} | {p.delivered} | {p.stream.published} / {p.pointer.published} "
         f"| {p.stream.lost} / {p.pointer.lost} | {p.stream.duplicated} / {p.pointer.duplicated} "
-        f"| {p.consumer_duplicates} | {_s(p.takeover_s)} | {_s(p.recovered_s)} | {stale} "
+        f"| {p.consumer_duplicates} ({p.consumer_new_event_ids}) | {_s(p.takeover_s)} "
+        f"| {_s(p.recovered_s)} | {stale} "
         f"({p.stale.leases_lost} leases lost) |"
     )
 

@@ -106,6 +106,9 @@ class PhaseResult:
     stream: Counts = field(default_factory=Counts)
     pointer: Counts = field(default_factory=Counts)
     consumer_duplicates: int = 0  # entries a tailing consumer read twice for one Message-ID
+    # ... of which with an event_id it had not read before (a consumer deduping on
+    # event_id, as Alga's runtime does, would process these twice)
+    consumer_new_event_ids: int = 0
     takeover_s: float | None = None  # cut → every provider served by another pod
     recovered_s: float | None = None  # heal → every provider served, all mail published
     stale: StaleCheck = field(default_factory=StaleCheck)
@@ -302,6 +305,8 @@ class PhaseRunner:
         result.pointer = count(sent, read_pointers(self.pool.redis))
         seen = self.tail.seen()
         result.consumer_duplicates = sum(seen[m] - 1 for m in sent if seen.get(m, 0) > 1)
+        ids = self.tail.reader.event_ids
+        result.consumer_new_event_ids = sum(len(ids[m]) - 1 for m in sent if seen.get(m, 0) > 1)
         if result.stream.lost:
             result.ledger_of_lost = self.ledger_rows(result.stream.lost_ids)
 
@@ -414,7 +419,8 @@ def phase_line(p: PhaseResult) -> str:
     return (
         f"delivered {p.delivered}, stream {p.stream.published} (lost {p.stream.lost}, dup "
         f"{p.stream.duplicated}), pointer {p.pointer.published} (lost {p.pointer.lost}, dup "
-        f"{p.pointer.duplicated}), consumer dups {p.consumer_duplicates}, takeover "
+        f"{p.pointer.duplicated}), consumer dups {p.consumer_duplicates} (new event_id "
+        f"{p.consumer_new_event_ids}), takeover "
         f"{p.takeover_s}s, recovered {p.recovered_s}s, stale publishes "
         f"{p.stale.published_after_loss + p.stale.published_while_cut}, stale sessions "
         f"{p.stale_sessions_max} (cut {p.cut_at}, heal {p.heal_at} UTC)"
