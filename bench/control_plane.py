@@ -72,7 +72,7 @@ class NullEngine:
                 self.released.put(key)
             self.serving = keys
 
-    def drop_provider_now(self, key: str) -> None:
+    def drop_provider_now(self, key: str, reason: str = "lease_lost") -> None:
         with self.lock:
             self.serving.discard(key)
 

@@ -101,7 +101,7 @@ class RecordingEngine:
     ) -> None:
         self.served.append(sorted(c.key for c in configs))
 
-    def drop_provider_now(self, key: str) -> None:
+    def drop_provider_now(self, key: str, reason: str = "lease_lost") -> None:
         tenant, pid = key.split(":")
         self.dropped.append((key, bool(self.client.exists(lease_key(tenant, pid)))))
 

@@ -121,9 +121,10 @@ class Engine:
         snapshot = list(configs)
         self.post(lambda: self._apply_desired(snapshot, dict(fences or {})))
 
-    def drop_provider_now(self, key: str) -> None:
-        """The lease is gone: stop acting for this provider (``tenant:provider_id``) at once."""
-        self.post(lambda: self._drop_now(key))
+    def drop_provider_now(self, key: str, reason: str = "lease_lost") -> None:
+        """The lease is gone (or given up): stop acting for this provider
+        (``tenant:provider_id``) at once."""
+        self.post(lambda: self._drop_now(key, reason))
 
     def request_stop(self) -> None:
         self.post(self._begin_stop)
@@ -277,12 +278,12 @@ class Engine:
         if not rt.slots:
             self._provider_released(rt)
 
-    def _drop_now(self, key: str) -> None:
+    def _drop_now(self, key: str, reason: str) -> None:
         rt = self.providers.get(key)
         if rt is not None:
             rt.replacement = None
             log.warning("provider_dropped", provider_id=rt.config.provider_id,
-                        tenant=rt.config.tenant, reason="lease_lost")  # fmt: skip
+                        tenant=rt.config.tenant, reason=reason)  # fmt: skip
             self._stop_provider(rt, immediate=True)
 
     def _reconnect(

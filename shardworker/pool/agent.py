@@ -193,7 +193,7 @@ class PoolAgent:
             log.warning("member_leave_failed", member=self.member)
         self._release_now(held)
         for provider in held:
-            self.engine.drop_provider_now(provider)
+            self.engine.drop_provider_now(provider, reason="database_unreachable")
 
     def _release_now(self, providers: list[str]) -> None:
         try:
