@@ -70,7 +70,8 @@ def test_the_probe_fails_within_its_deadline_on_a_silent_link_and_recovers(
 
 @dataclass
 class Probe:
-    """What the agent asks of a DatabaseWatch, answered by the test."""
+    """What the agent asks of a DatabaseWatch, answered by the test: ``down_s`` > 0 means
+    the probe has been failing since that long ago (its last success)."""
 
     down_s: float = 0.0
 
@@ -78,6 +79,9 @@ class Probe:
         return self.down_s == 0.0
 
     def down_for(self) -> float:
+        return self.down_s
+
+    def ok_age(self) -> float:
         return self.down_s
 
     def start(self) -> None:
@@ -135,7 +139,7 @@ def rig(migrated_dsn: str, redis_url: str) -> Iterator[dict[str, Any]]:
     )  # fmt: skip
     agent.assign_once()
     assert engine.served == [sorted(keys)] and len(leases.held()) == 3
-    registry.heartbeat(ME)
+    registry.heartbeat(ME, 0.0)
     yield {"agent": agent, "probe": probe, "engine": engine, "registry": registry,
            "client": client, "keys": keys, "tenant": tenant, "pids": pids}  # fmt: skip
     client.close()
@@ -146,7 +150,7 @@ def test_a_member_without_postgres_releases_its_leases_then_drops_its_providers(
     rig: dict[str, Any],
 ) -> None:
     agent, probe, engine, registry = rig["agent"], rig["probe"], rig["engine"], rig["registry"]
-    registry.heartbeat(PEER)  # a member whose PostgreSQL works
+    registry.heartbeat(PEER, 0.0)  # a member whose PostgreSQL works
     probe.down_s = 5.0  # less than the 6 s TTL: keep everything
     agent.check_database()
     assert not agent.given_up.is_set() and len(agent.leases.held()) == 3
@@ -154,6 +158,7 @@ def test_a_member_without_postgres_releases_its_leases_then_drops_its_providers(
     agent.check_database()
     assert agent.given_up.is_set()
     assert ME not in registry.live_members(60), "still a member: the leader would not move"
+    assert ME not in registry.members_with_database(60)
     assert agent.leases.held() == {}
     assert not any(rig["client"].exists(lease_key(rig["tenant"], p)) for p in rig["pids"])
     # Released before the drop: whatever the engine still publishes is fenced.
@@ -164,7 +169,7 @@ def test_a_member_that_gave_up_takes_nothing_until_its_postgres_answers(
     rig: dict[str, Any],
 ) -> None:
     agent, probe, engine, registry = rig["agent"], rig["probe"], rig["engine"], rig["registry"]
-    registry.heartbeat(PEER)
+    registry.heartbeat(PEER, 0.0)
     probe.down_s = 7.0
     agent.check_database()
     served = len(engine.served)
@@ -177,17 +182,22 @@ def test_a_member_that_gave_up_takes_nothing_until_its_postgres_answers(
     assert len(agent.leases.held()) == 3 and engine.served[-1] == sorted(rig["keys"])
 
 
-def test_a_member_whose_probe_fails_does_not_heartbeat(rig: dict[str, Any]) -> None:
-    """So the others can tell it cannot checkpoint (and the leader moves its providers
-    after the grace period even before it gives up)."""
+def test_a_member_whose_probe_fails_heartbeats_on_with_an_ageing_database_stamp(
+    rig: dict[str, Any],
+) -> None:
+    """Heartbeats are its Redis liveness (a PostgreSQL blip moves nothing); the stamp says
+    when its PostgreSQL last answered, which is what a peer's give-up asks."""
     agent, probe, registry = rig["agent"], rig["probe"], rig["registry"]
     probe.down_s = 1.0  # failing, not yet for a lease TTL
-    agent.start()  # heartbeats once, then its keeper every lease_renew_s (1 s)
+    agent.start()  # heartbeats every lease_renew_s (1 s)
     try:
-        time.sleep(2.5)
-        assert ME not in registry.recent_members(2.0)
+        time.sleep(1.5)
+        probe.down_s = 3.0
+        time.sleep(1.2)
+        assert ME in registry.live_members(1.5)
+        assert ME not in registry.members_with_database(2.5)
         probe.down_s = 0.0
-        wait_until(lambda: ME in registry.recent_members(0.5), timeout_s=5)
+        wait_until(lambda: ME in registry.members_with_database(0.5), timeout_s=5)
     finally:
         agent.stop()
 
@@ -197,12 +207,13 @@ def test_nobody_gives_up_when_no_other_member_has_a_working_postgres(
 ) -> None:
     """PostgreSQL down for everyone: nobody could checkpoint, so nothing moves."""
     agent, probe, registry = rig["agent"], rig["probe"], rig["registry"]
-    registry.heartbeat(PEER)
-    time.sleep(2.2)  # the peer stopped heartbeating (its probe fails too): 2 rounds ago
-    registry.heartbeat(ME)
+    registry.heartbeat(PEER, 5.0)  # alive, but its PostgreSQL last answered 5 s ago
     probe.down_s = 30.0
     agent.check_database()
     assert not agent.given_up.is_set() and len(agent.leases.held()) == 3
+    registry.heartbeat(PEER, 0.0)
+    agent.check_database()
+    assert agent.given_up.is_set()
 
 
 def test_a_leader_without_postgres_resigns_and_stands_again_once_it_answers(

@@ -20,9 +20,11 @@ On drain the member leaves the registry first (the leader moves its providers at
 stops serving, and keeps renewing until every lease is released.
 
 A member whose PostgreSQL is unreachable (``pool/dbwatch.py``) cannot checkpoint, while its
-renewals (Redis) keep everyone else away from its providers.  So it stops heartbeating
-while its probe fails, and once PostgreSQL has been unreachable for a lease TTL, if another
-member is heartbeating (so has a working PostgreSQL: see below), it *gives up*: it leaves
+renewals (Redis) keep everyone else away from its providers.  Each heartbeat also stamps
+when the member's probe last succeeded (``sw:members:db``, Redis's clock), and once its
+PostgreSQL has been unreachable for a lease TTL, if another member's stamp is fresh (a
+healthy member's is at most two renewal rounds old, one cut off as long as we are at least
+a TTL less a round: the midpoint separates them), it *gives up*: it leaves
 the registry (the leader moves its providers at once), releases every lease, and only then
 drops its providers in the engine.  Releasing before the drain is safe because of the
 fence: a publish of ours that comes later finds no token of ours and is refused, and a
@@ -30,8 +32,8 @@ late checkpoint is refused by the epoch the successor bumps (or lands before the
 and the successor starts from it); waiting for the drain would make the handover wait
 for the very PostgreSQL calls it escapes.  While given up the member takes no lease and
 does not heartbeat, so it is not assigned providers again; it rejoins when a probe
-succeeds.  When no other member heartbeats (PostgreSQL is down for everyone), nobody
-could do better, and it keeps its providers.
+succeeds.  When no other member's PostgreSQL answered lately (it is down for everyone),
+nobody could do better, and it keeps its providers.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ class PoolAgent:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        self.registry.heartbeat(self.member)
+        self.registry.heartbeat(self.member, self._database_ok_age())
         if self.database is not None:
             self.database.start()
         for name, target in (("keeper", self._keep), ("assigner", self._assign)):
@@ -136,8 +138,8 @@ class PoolAgent:
             self.check_database()
             try:
                 with self._heartbeat_lock:
-                    if not self.draining.is_set() and self._database_ok():
-                        self.registry.heartbeat(self.member)
+                    if not self.draining.is_set() and not self.given_up.is_set():
+                        self.registry.heartbeat(self.member, self._database_ok_age())
             except Exception:
                 log.warning("heartbeat_failed", member=self.member)
             lost = self.leases.renew()
@@ -151,8 +153,8 @@ class PoolAgent:
 
     # -- PostgreSQL unreachable ----------------------------------------------------------
 
-    def _database_ok(self) -> bool:
-        return self.database is None or (self.database.healthy() and not self.given_up.is_set())
+    def _database_ok_age(self) -> float | None:
+        return None if self.database is None else self.database.ok_age()
 
     def check_database(self) -> None:
         """Give the providers up, or take part again, as the probe says (see module doc)."""
@@ -171,10 +173,10 @@ class PoolAgent:
         self.give_up(down_s)
 
     def _peers_with_database(self) -> list[str]:
-        """Other members that heartbeated within two renewal rounds: a member heartbeats
-        only while its own probe succeeds, so these can checkpoint."""
+        """Other members whose PostgreSQL answered lately, so they can checkpoint."""
+        within_s = (self.settings.lease_ttl_s + self.settings.lease_renew_s) / 2
         try:
-            recent = self.registry.recent_members(2 * self.settings.lease_renew_s)
+            recent = self.registry.members_with_database(within_s)
         except Exception:
             return []  # Redis cannot tell: a successor could not take the leases either
         return [m for m in recent if m != self.member]

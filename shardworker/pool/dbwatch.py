@@ -62,6 +62,11 @@ class DatabaseWatch:
         with self._lock:
             return not self._failing
 
+    def ok_age(self) -> float:
+        """Seconds since the last successful probe (however the latest went)."""
+        with self._lock:
+            return self.clock() - self._last_ok
+
     def down_for(self) -> float:
         """Seconds since the last successful probe while the latest failed; else 0."""
         with self._lock:

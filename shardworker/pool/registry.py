@@ -4,6 +4,8 @@ Keys:
 
 * ``sw:members``: ZSET member → last heartbeat (Redis server time, ms), so pods with
   skewed clocks agree on who is alive.
+* ``sw:members:db``: ZSET member → when its PostgreSQL probe last succeeded (Redis server
+  time, ms, written with the heartbeat): who could checkpoint a provider it took over.
 * ``sw:leader``: the leader lease, token ``<coordinator>|<epoch>``; ``sw:leader:epoch``
   is incremented on every new leadership.
 * the assignment, sharded so that no value grows with the whole pool and every change
@@ -36,6 +38,7 @@ from shardworker.errors import LeaseLostError
 from shardworker.luasource import lua_source
 
 MEMBERS = "sw:members"
+MEMBERS_DB = "sw:members:db"
 LEADER = "sw:leader"
 LEADER_EPOCH = "sw:leader:epoch"
 ASSIGNMENT = "sw:assignment"
@@ -44,7 +47,7 @@ VERSIONS = "sw:assignver"
 OWNERS_PREFIX = "sw:owners:"
 OWNER_SHARDS = 256
 CHUNK_OPS = 4000
-FOREVER_MS = 10**15  # a forget-after that forgets nobody (registry_live.lua)
+DB_FORGET_MS = 86_400_000  # a member silent that long leaves sw:members:db
 
 
 def owner_shard(key: str) -> str:
@@ -95,17 +98,22 @@ class Registry:
 
     # -- members -------------------------------------------------------------------------
 
-    def heartbeat(self, member: str) -> None:
-        self._heartbeat(keys=[MEMBERS], args=[member])
+    def heartbeat(self, member: str, database_ok_age_s: float | None = None) -> None:
+        """``database_ok_age_s``: how long ago the member's PostgreSQL last answered."""
+        age = "" if database_ok_age_s is None else str(max(0, int(database_ok_age_s * 1000)))
+        self._heartbeat(keys=[MEMBERS, MEMBERS_DB], args=[member, age])
 
     def leave(self, member: str) -> None:
-        """Announce a graceful departure: the leader moves our providers at once."""
-        self.client.zrem(MEMBERS, member)
+        """Announce a departure: the leader moves our providers at once."""
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.zrem(MEMBERS, member)
+            pipe.zrem(MEMBERS_DB, member)
+            pipe.execute()
 
-    def recent_members(self, within_s: float) -> list[str]:
-        """The members that heartbeated within ``within_s`` (forgets nobody)."""
+    def members_with_database(self, within_s: float) -> list[str]:
+        """The members whose PostgreSQL probe succeeded within ``within_s``."""
         within_ms = int(within_s * 1000)
-        found = self._live(keys=[MEMBERS], args=[within_ms, FOREVER_MS])
+        found = self._live(keys=[MEMBERS_DB], args=[within_ms, DB_FORGET_MS])
         return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in found)
 
     def live_members(self, grace_s: float) -> list[str]:
