@@ -49,11 +49,16 @@ TCP_USER_TIMEOUT_S = 10
 # timeout plus generous room for packets queued in the network.  The sink keeps dedupe
 # keys at least this long after such a failure (sink/redis_streams.py, settle).
 STALE_REQUEST_S = 6 * TCP_USER_TIMEOUT_S
+# Linux names; a platform without one of them just does without it.
 _KEEPALIVE = {
-    socket.TCP_USER_TIMEOUT: TCP_USER_TIMEOUT_S * 1000,
-    socket.TCP_KEEPIDLE: 30,
-    socket.TCP_KEEPINTVL: 5,
-    socket.TCP_KEEPCNT: 3,
+    getattr(socket, name): value
+    for name, value in (
+        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_S * 1000),
+        ("TCP_KEEPIDLE", 30),
+        ("TCP_KEEPINTVL", 5),
+        ("TCP_KEEPCNT", 3),
+    )
+    if hasattr(socket, name)
 }
 
 T = TypeVar("T")
