@@ -15,6 +15,8 @@ instances at the topology's service address.  Mail is delivered throughout, and 
   redis_failover  the replica misses the last 3 s of writes, the primary dies, the
                   Sentinels promote the replica
   flapping        one pod's links cut and healed every 2 s for 60 s
+  flapping_leader the leader's pod's links cut and healed every 2 s for 60 s
+  flapping_slow   one pod's links cut and healed every 7 s (past the lease TTL) for 60 s
 
 Per fault: Message-ID accounting on ``workflow:events:global`` and on the pointer queue
 (lost, duplicated), what a consumer tailing the stream read twice, the time until every

@@ -15,7 +15,11 @@ from acting on what is left; docs/partitions.md says what this means for exactly
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -34,6 +38,98 @@ HEALTH_CHECK_S = 30
 RETRIES = 1
 SENTINEL_TIMEOUT_S = 0.5
 BLOCK_MARGIN_S = 1.0  # above the longest XREAD BLOCK the pool issues (assignment_poll_s)
+# A request sent on a connection that then failed (timed out, was cut) is not gone: the
+# kernel retransmits it, after redis-py has closed the socket too, and Redis runs it when
+# it arrives.  TCP_USER_TIMEOUT bounds that: data unacknowledged this long aborts the
+# connection and is discarded.  Without it Linux retransmits an orphaned socket's data for
+# about 100 s.  It counts only unacknowledged bytes, so a slow Redis or a long blocking
+# read is not affected.
+TCP_USER_TIMEOUT_S = 10
+# How long after a failed call a request it sent may still reach Redis: the TCP user
+# timeout plus generous room for packets queued in the network.  The sink keeps dedupe
+# keys at least this long after such a failure (sink/redis_streams.py, settle).
+STALE_REQUEST_S = 6 * TCP_USER_TIMEOUT_S
+# Linux names; a platform without one of them just does without it.
+_KEEPALIVE = {
+    getattr(socket, name): value
+    for name, value in (
+        ("TCP_USER_TIMEOUT", TCP_USER_TIMEOUT_S * 1000),
+        ("TCP_KEEPIDLE", 30),
+        ("TCP_KEEPINTVL", 5),
+        ("TCP_KEEPCNT", 3),
+    )
+    if hasattr(socket, name)
+}
+
+T = TypeVar("T")
+
+
+class FailureRecord:
+    """When a call on a client last failed without an answer (monotonic seconds).
+
+    Such a call's request may still be on its way and run later, even after a retry of it
+    succeeded: see ``STALE_REQUEST_S``.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.last_failure: float | None = None
+
+    def note(self) -> None:
+        self.last_failure = self._clock()
+
+    def within(self, seconds: float) -> bool:
+        """Did a call fail in the last ``seconds``?"""
+        last = self.last_failure
+        return last is not None and self._clock() - last < seconds
+
+
+class RecordingRetry(Retry):
+    """redis-py's Retry that notes every failed attempt, retried ones included.
+
+    redis-py deep-copies a client's Retry into each connection; the copies share the
+    record, so one record covers every connection of the client.
+    """
+
+    def __init__(self, backoff: Any, retries: int, record: FailureRecord) -> None:
+        super().__init__(backoff, retries)
+        self.record = record
+
+    @classmethod
+    def wrapping(cls, retry: Retry | None, record: FailureRecord) -> RecordingRetry:
+        if retry is None:
+            return cls(NoBackoff(), 0, record)
+        out = cls(retry._backoff, retry.get_retries(), record)
+        out._supported_errors = retry._supported_errors
+        return out
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> RecordingRetry:
+        out = RecordingRetry(copy.deepcopy(self._backoff, memo), self._retries, self.record)
+        out._supported_errors = self._supported_errors
+        return out
+
+    def call_with_retry(
+        self,
+        do: Callable[[], T],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        def noted(*args: Any) -> Any:
+            self.record.note()
+            return fail(*args)
+
+        return super().call_with_retry(do, noted, is_retryable, with_failure_count)
+
+
+def watch_failures(client: redis.Redis) -> FailureRecord:
+    """The client's failure record; installs one (keeping its retry policy) if it has none."""
+    retry = client.get_retry()
+    if isinstance(retry, RecordingRetry):
+        return retry.record
+    record = FailureRecord()
+    client.set_retry(RecordingRetry.wrapping(retry, record))
+    return record
 
 
 def call_timeout_s(settings: Settings) -> float:
@@ -73,7 +169,9 @@ def redis_client(
         "socket_timeout": call_s,
         "socket_connect_timeout": min(settings.connect_timeout_s, call_s),
         "health_check_interval": HEALTH_CHECK_S,
-        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries),
+        "retry": RecordingRetry(ExponentialBackoff(cap=1.0, base=0.05), retries, FailureRecord()),
+        "socket_keepalive": True,
+        "socket_keepalive_options": _KEEPALIVE,
     }
     sentinels = sentinel_addresses(settings)
     if not sentinels:

@@ -65,6 +65,12 @@ def faults(cut_s: float, flap_for_s: float) -> dict[str, Fault]:
               failover_window_s=3.0, cut_s=0.0),
         Fault("flapping", f"one pod's links cut and healed every 2 s for {flap_for_s:.0f} s",
               every, cut_s=flap_for_s, flap_s=2.0),
+        Fault("flapping_leader",
+              f"the leader's pod's links cut and healed every 2 s for {flap_for_s:.0f} s",
+              every, target="leader", cut_s=flap_for_s, flap_s=2.0),
+        Fault("flapping_slow",
+              f"one pod's links cut and healed every 7 s for {flap_for_s:.0f} s (past the TTL)",
+              every, cut_s=flap_for_s, flap_s=7.0),
     )}  # fmt: skip
 
 
@@ -120,6 +126,8 @@ class PhaseResult:
     stale_sessions_max: int = 0
     # What the PostgreSQL ledger says of each lost message: (Message-ID, status, stream id)
     ledger_of_lost: list[tuple[str, str, str]] = field(default_factory=list)
+    # Every ledger row of each duplicated message: which provider, folder and UID published it
+    ledger_of_duplicated: list[tuple[str, ...]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -309,6 +317,9 @@ class PhaseRunner:
         result.consumer_new_event_ids = sum(len(ids[m]) - 1 for m in sent if seen.get(m, 0) > 1)
         if result.stream.lost:
             result.ledger_of_lost = self.ledger_rows(result.stream.lost_ids)
+        if result.stream.duplicated or result.pointer.duplicated:
+            dups = sorted(set(result.stream.duplicated_ids) | set(result.pointer.duplicated_ids))
+            result.ledger_of_duplicated = self.ledger_detail(dups)
 
     def ledger_rows(self, mids: list[str]) -> list[tuple[str, str, str]]:
         import psycopg
@@ -320,6 +331,18 @@ class PhaseRunner:
                 (self.pool.tenant, [f"<{m}>" for m in mids] + mids),
             ).fetchall()
         return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+    def ledger_detail(self, mids: list[str]) -> list[tuple[str, ...]]:
+        import psycopg
+
+        with psycopg.connect(self.pool.settings.database_url) as conn:
+            rows = conn.execute(
+                "SELECT message_id, provider_id::text, folder, uid::text, status, "
+                "coalesce(stream_id, ''), published_at::text FROM shardworker_ledger "
+                "WHERE tenant = %s AND message_id = ANY(%s) ORDER BY message_id, uid",
+                (self.pool.tenant, [f"<{m}>" for m in mids] + mids),
+            ).fetchall()
+        return [tuple(str(v) for v in row) for row in rows]
 
     def stale_check(self, pod: str, cut_wall: float, heal_wall: float) -> StaleCheck:
         """Per worker pid: a ``published`` line for a provider it had given up is stale."""
@@ -426,4 +449,5 @@ def phase_line(p: PhaseResult) -> str:
         f"{p.stale_sessions_max} (cut {p.cut_at}, heal {p.heal_at} UTC)"
         + (f"; before the heal: {p.unserved}" if p.takeover_s is None and p.unserved else "")
         + (f"; ledger of lost: {p.ledger_of_lost[:3]}" if p.ledger_of_lost else "")
+        + (f"; ledger of duplicated: {p.ledger_of_duplicated}" if p.ledger_of_duplicated else "")
     )

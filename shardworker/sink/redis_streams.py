@@ -34,6 +34,7 @@ from shardworker.config import Settings
 from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.logs import get_logger
 from shardworker.luasource import lua_source
+from shardworker.redisconn import STALE_REQUEST_S, watch_failures
 from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult, Settled
 from shardworker.sink.replication import ReplicaWait
 
@@ -229,6 +230,7 @@ class RedisStreamsSink:
             # PX 0 would fail inside the script after the XADD: published but not deduped.
             raise ConfigError("SHARDWORKER_DEDUPE_TTL_S: must be at least 1 second")
         self._client = client
+        self._failures = watch_failures(client)
         self._replicas = ReplicaWait(client, settings, clock)
         self._settings = settings
         self._clock = clock
@@ -336,10 +338,15 @@ class RedisStreamsSink:
         raise PublishError(f"Redis keeps losing the {script.name} script (SCRIPT FLUSH loop?)")
 
     def settle(self, settled: Sequence[Settled]) -> None:
-        """Delete the per-UID and per-Message-ID keys of committed messages in one round trip.
+        """Drop the per-UID and per-Message-ID keys of committed messages in one round trip.
 
         The keys exist only for the window between the XADD and the ledger commit; once the
         ledger holds a message, it answers for it (docs/DESIGN.md, "Lean dedupe state").
+
+        Except after a failed call: its request (a publish whose retry then succeeded) may
+        still be in flight, and would run the script after the keys are gone, with a lease
+        token that is still valid, and publish a second time.  So within
+        ``STALE_REQUEST_S`` of a failure the keys are kept that long instead of deleted.
         """
         keys = [uid_key(s.tenant, s.provider_id, s.folder, s.uid_validity, s.uid) for s in settled]
         keys += [
@@ -348,7 +355,13 @@ class RedisStreamsSink:
         if not keys:
             return
         try:
-            self._client.unlink(*keys)
+            if self._failures.within(STALE_REQUEST_S):
+                with self._client.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.pexpire(key, STALE_REQUEST_S * 1000)
+                    pipe.execute()
+            else:
+                self._client.unlink(*keys)
         except RedisError as exc:
             # Harmless: the keys expire after dedupe_ttl_s, and the ledger answers already.
             log.warning("dedupe_settle_failed", keys=len(keys), error=_scrub(str(exc)))
