@@ -9,8 +9,13 @@ the pool, with a short deadline (libpq ``connect_timeout`` and ``tcp_user_timeou
 ``db/link.py``): a silent link fails a probe within the deadline, a slow server does not
 (TCP acknowledges what a busy server has not answered yet).
 
+The libpq bounds only see a silent *link*.  A peer that acknowledges but never answers
+(a frozen server, or a connection pooler whose PostgreSQL is cut off) holds a probe for as
+long as that lasts, so a probe still unanswered after its deadline counts as failed too;
+it ends by itself when the answer comes.
+
 ``down_for()`` is how long PostgreSQL has been unreachable: the time since the last
-successful probe while the latest one failed, else 0.  The thread has a stop message
+successful probe while the latest one failed (or is overdue), else 0.  The thread has a stop message
 (``stop``), a bounded join, and plain counters.
 """
 
@@ -37,7 +42,9 @@ class DatabaseWatch:
         bounds = LinkTimeouts(connect_s=deadline_s, silence_s=deadline_s)
         self._conninfo = link_conninfo(dsn, bounds)
         self.every_s = every_s
+        self.deadline_s = deadline_s
         self.clock = clock
+        self._inflight_since: float | None = None  # a probe waiting for its answer
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
         self._lock = threading.Lock()
         self._last_ok = clock()  # the worker booted with a working pool
@@ -55,12 +62,14 @@ class DatabaseWatch:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                return  # stuck in a probe: a daemon thread, its connection dies with us
         self._close()
 
     def healthy(self) -> bool:
-        """The latest probe succeeded."""
+        """The latest probe succeeded (and none is overdue)."""
         with self._lock:
-            return not self._failing
+            return not self._down()
 
     def ok_age(self) -> float:
         """Seconds since the last successful probe (however the latest went)."""
@@ -70,10 +79,16 @@ class DatabaseWatch:
     def down_for(self) -> float:
         """Seconds since the last successful probe while the latest failed; else 0."""
         with self._lock:
-            return self.clock() - self._last_ok if self._failing else 0.0
+            return self.clock() - self._last_ok if self._down() else 0.0
+
+    def _down(self) -> bool:
+        since = self._inflight_since
+        return self._failing or (since is not None and self.clock() - since > self.deadline_s)
 
     def probe_once(self) -> bool:
         self.probes += 1
+        with self._lock:
+            self._inflight_since = self.clock()
         try:
             if self._conn is None:
                 self._conn = psycopg.connect(self._conninfo, autocommit=True)
@@ -82,6 +97,7 @@ class DatabaseWatch:
             self.failures += 1
             self._close()
             with self._lock:
+                self._inflight_since = None
                 first = not self._failing
                 self._failing = True
             if first:
@@ -89,6 +105,7 @@ class DatabaseWatch:
             return False
         with self._lock:
             recovered, self._failing = self._failing, False
+            self._inflight_since = None
             self._last_ok = self.clock()
         if recovered:
             log.info("database_reachable")
