@@ -90,11 +90,28 @@ def _session(dovecot: Any, user: str, password: str, security: Security) -> Fold
     return session
 
 
-@pytest.fixture(name="f", params=["plain", "tls"])
-def folder_fixture(
-    request: pytest.FixtureRequest, migrated_dsn: str, redis_url: str, dovecot: Any
+class RecordingSink:
+    """The real sink, noting the order of the calls made to it."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.sink, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return attr(*args, **kwargs)
+
+        return call
+
+
+@contextlib.contextmanager
+def open_folder(
+    dovecot: Any, dsn: str, redis_url: str, security: Security, **overrides: str
 ) -> Iterator[Folder]:
-    settings = rig_settings(migrated_dsn, redis_url, str(dovecot.cafile))
+    settings = rig_settings(dsn, redis_url, str(dovecot.cafile), **overrides)
     rig = Rig(settings, dovecot)
     user, password = dovecot.add_user()
     pid = rig.add_provider(user, password)
@@ -102,7 +119,7 @@ def folder_fixture(
     store = Store(pool)  # type: ignore[arg-type]  # the counting proxy lends the same connections
     provider = store.load_provider(rig.tenant, pid)
     assert provider is not None
-    session = _session(dovecot, user, password, request.param)
+    session = _session(dovecot, user, password, security)
     status = session.examine()
     sync = FolderSync(_context(settings, store, rig.redis, provider), session)
     cursor = FolderCursor(status.uid_validity, status.uid_next - 1)
@@ -114,10 +131,17 @@ def folder_fixture(
         rig.close()
 
 
+@pytest.fixture(name="f", params=["plain", "tls"])
+def folder_fixture(
+    request: pytest.FixtureRequest, migrated_dsn: str, redis_url: str, dovecot: Any
+) -> Iterator[Folder]:
+    with open_folder(dovecot, migrated_dsn, redis_url, request.param) as f:
+        yield f
+
+
 def _context(settings: Settings, store: Store, client: redis.Redis, p: ProviderConfig) -> Any:
-    return SyncContext(
-        settings, store, open_sink(settings, client), Caps.from_settings(settings), p, None
-    )
+    sink = RecordingSink(open_sink(settings, client))
+    return SyncContext(settings, store, sink, Caps.from_settings(settings), p, None)
 
 
 def _drain(f: Folder, prefetch: Prefetch | None) -> Any:
@@ -193,6 +217,42 @@ def test_uids_above_the_prefetched_range_are_drained_in_order(f: Folder) -> None
     result = _drain(f, prefetch)
     assert result.published == 5
     assert message_ids(f.redis) == mids
+
+
+def test_a_push_reads_backpressure_after_its_xadd_and_a_lagging_reading_holds_it(
+    migrated_dsn: str, redis_url: str, dovecot: Any
+) -> None:
+    """The XINFO GROUPS reading (0.55 ms at 5,000 folders) left the push path: the last
+    reading decides before a push's batch, a fresh one is taken after its XADD."""
+    lag = {"backpressure_max_lag": "1", "backpressure_check_s": "0"}
+    with open_folder(dovecot, migrated_dsn, redis_url, "plain", **lag) as f:
+        group = f.sync.ctx.settings.backpressure_group
+        f.redis.xgroup_create("workflow:events:global", group, id="$", mkstream=True)
+        sink = f.sync.ctx.sink
+        assert isinstance(sink, RecordingSink)
+        asked = ("last_backpressure", "backpressured", "publish_batch")
+
+        result = _drain(f, f.push(make_mail(message_id="<bp-1@example.com>")))
+        assert [c for c in sink.calls if c in asked] == [
+            "last_backpressure", "publish_batch", "backpressured",
+        ]  # fmt: skip
+        assert result.published == 1 and not result.backpressured  # a lag of 1: at the bound
+
+        result = _drain(f, f.push(make_mail(message_id="<bp-2@example.com>")))
+        assert result.published == 1 and result.backpressured  # over it, seen after the XADD
+
+        held = f.cursor
+        sink.calls.clear()
+        result = _drain(f, f.push(make_mail(message_id="<bp-3@example.com>")))
+        assert result.backpressured and result.published == 0 and f.cursor == held
+        assert "publish_batch" not in sink.calls
+        assert message_ids(f.redis) == ["<bp-1@example.com>", "<bp-2@example.com>"]
+
+        for _, entries in f.redis.xreadgroup(group, "c1", {"workflow:events:global": ">"}):
+            f.redis.xack("workflow:events:global", group, *[e[0] for e in entries])
+        result = _drain(f, None)  # the next cycle: not a push, a fresh reading first
+        assert result.published == 1
+        assert message_ids(f.redis)[-1] == "<bp-3@example.com>"
 
 
 def test_the_push_fetch_is_one_batch_within_the_size_guard() -> None:
