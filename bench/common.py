@@ -603,13 +603,17 @@ class StageTracer:
 
     STAGES = (
         ("shardworker.imap.session", "FolderSession", "leave_idle"),
+        ("shardworker.imap.session", "FolderSession", "leave_idle_fetching"),
         ("shardworker.imap.session", "FolderSession", "new_messages"),
         ("shardworker.imap.session", "FolderSession", "fetch_bodies"),
         ("shardworker.imap.session", "FolderSession", "enter_idle"),
         ("shardworker.db.store", "Store", "known_uids"),
         ("shardworker.db.store", "Store", "known_message_ids"),
+        ("shardworker.db.store", "Store", "known_uids_and_message_ids"),
         ("shardworker.db.store", "Store", "commit_batch"),
         ("shardworker.sink.redis_streams", "RedisStreamsSink", "publish_batch"),
+        ("shardworker.sink.redis_streams", "RedisStreamsSink", "backpressured"),
+        ("shardworker.gate", "MessageGate", "admit"),
     )
 
     def __init__(self) -> None:

@@ -287,7 +287,8 @@ class Settings:
     backpressure_check_s: float = _setting(
         1.0,
         "How long a backlog reading is reused; the lag bound can overshoot by what "
-        "one process publishes in this time.",
+        "one process publishes in this time (and by one push batch per sync thread: a "
+        "push goes by the last reading and takes a new one after its XADD).",
         lo=0,
         hi=60,
     )

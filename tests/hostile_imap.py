@@ -7,8 +7,10 @@ cannot depend on the user, so each pre-login behaviour gets its own port
 (:meth:`HostileImap.listen`).
 
 It speaks just enough IMAP for shardworker's client path: greeting, CAPABILITY, LOGIN,
-SELECT/EXAMINE, UID FETCH (``RFC822.SIZE INTERNALDATE``, ``BODY.PEEK[]``, ``BODYSTRUCTURE``,
-``BODY.PEEK[HEADER]``, ``BODY.PEEK[n]``), UID SEARCH, IDLE/DONE, NOOP and LOGOUT.  The
+SELECT/EXAMINE, UID FETCH (``RFC822.SIZE INTERNALDATE``, alone or with a partial
+``BODY.PEEK[]<0.n>``; ``BODY.PEEK[]``, ``BODYSTRUCTURE``, ``BODY.PEEK[HEADER]``,
+``BODY.PEEK[n]``), UID SEARCH, IDLE/DONE (a command pipelined behind DONE too), NOOP and
+LOGOUT.  The
 ``good`` role behaves correctly, so the same server can host a healthy mailbox.
 
 Post-login roles (``phase`` says which command misbehaves):
@@ -57,6 +59,7 @@ PHANTOMS = 3  # messages an ``echo`` mailbox counts in EXISTS that FETCH never f
 INTERNALDATE = '"01-Jan-2024 00:00:00 +0000"'
 GARBAGE = b"\x00\xff\xfe\x80 garbage \x1b[31m\x07 )))((( \xc3\x28\r\n"
 
+_PARTIAL = re.compile(rb"BODY\.PEEK\[\]<0\.(\d+)>")
 _COMMAND = re.compile(rb"^(?P<tag>[^\s]+) (?P<cmd>[A-Za-z]+)(?: (?P<args>.*))?$")
 _QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)"|(\S+)')
 
@@ -364,8 +367,12 @@ class Connection:
         index = uid - 1 - (FLIP_OFFSET if self.flipped else 0)
         raw = box.raws[index]
         if b"RFC822.SIZE" in items:
-            meta = f"UID {uid} RFC822.SIZE {len(raw)} INTERNALDATE {INTERNALDATE}"
-            return f"* {seq} FETCH ({meta})\r\n".encode()
+            meta = f"UID {uid} RFC822.SIZE {len(raw)} INTERNALDATE {INTERNALDATE}".encode()
+            partial = _PARTIAL.search(items)
+            if partial is not None and index not in box.ghosts:
+                cut = raw[: int(partial.group(1))]
+                meta += b" BODY[]<0> {%d}\r\n" % len(cut) + cut
+            return b"* %d FETCH (%s)\r\n" % (seq, meta)
         if index in box.ghosts:
             return b""
         header, sep, text = raw.partition(b"\n\n")

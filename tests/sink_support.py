@@ -47,6 +47,9 @@ class MemorySink:
     def backpressured(self) -> bool:
         return self.lagging
 
+    def last_backpressure(self) -> bool:
+        return self.lagging
+
     def settle(self, settled: Sequence[Settled]) -> None:
         with self.lock:
             for s in settled:

@@ -131,6 +131,20 @@ _NEW_LAST = f"""(CASE WHEN {_OLD_UV} = %(uv)s::text AND {_OLD_LAST} ~ '^[0-9]{{1
 _SET_LAST = "%(last_uid)s::bigint"
 
 
+# The two ledger questions of a batch as one statement: its UIDs, then its Message-IDs
+# (the same rows ``known_uids`` and ``known_message_ids`` read, one round trip).
+_KNOWN_BOTH = (
+    "SELECT true, uid, NULL::text, stream_id FROM shardworker_ledger "
+    "WHERE tenant = %(tenant)s::uuid AND provider_id = %(pid)s::uuid AND folder = %(folder)s "
+    "AND uid_validity = %(uv)s AND uid = ANY(%(uids)s::bigint[]) "
+    "UNION ALL "
+    "(SELECT DISTINCT ON (message_id) false, NULL::bigint, message_id, stream_id "
+    "FROM shardworker_ledger WHERE tenant = %(tenant)s::uuid AND provider_id = %(pid)s::uuid "
+    "AND message_id = ANY(%(mids)s::text[]) AND status <> 'dead_lettered' "
+    "ORDER BY message_id, stream_id NULLS LAST)"
+)
+
+
 def _cursor_update(new_last: str, sync_columns: str) -> str:
     return f"""
 UPDATE imap_email_provider_config c SET
@@ -292,6 +306,28 @@ class Store:
                 (tenant, provider_id, ids),
             ).fetchall()
         return {str(mid): stream_id for mid, stream_id in rows}
+
+    def known_uids_and_message_ids(  # noqa: PLR0917 - positional API shared with the engine
+        self,
+        tenant: str,
+        provider_id: str,
+        folder: str,
+        uid_validity: int,
+        uids: Iterable[int],
+        message_ids: Iterable[str],
+    ) -> tuple[dict[int, str | None], dict[str, str | None]]:
+        """``known_uids`` and ``known_message_ids`` in one round trip (a push, whose bodies
+        are already in hand, asks both at once)."""
+        uid_list, ids = list(uids), list(dict.fromkeys(message_ids))
+        if not uid_list and not ids:
+            return {}, {}
+        params = {"tenant": tenant, "pid": provider_id, "folder": folder,
+                  "uv": uid_validity, "uids": uid_list, "mids": ids}  # fmt: skip
+        with self._pool.connection() as conn:
+            rows = conn.execute(_KNOWN_BOTH, params).fetchall()
+        known = {int(uid): stream_id for is_uid, uid, _, stream_id in rows if is_uid}
+        mids = {str(mid): stream_id for is_uid, _, mid, stream_id in rows if not is_uid}
+        return known, mids
 
     def commit_batch(  # noqa: PLR0917 - positional API shared with the engine
         self,

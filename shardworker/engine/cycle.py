@@ -25,7 +25,7 @@ from shardworker.engine.claims import MessageIdClaims
 from shardworker.engine.failures import classify_failure
 from shardworker.engine.resync import run_jobs
 from shardworker.engine.state import ProviderRuntime, Slot
-from shardworker.engine.sync import FolderSync, SyncContext, SyncResult
+from shardworker.engine.sync import FolderSync, SyncContext, SyncResult, push_fetch_limits
 from shardworker.errors import (
     FolderError,
     ImapError,
@@ -48,7 +48,7 @@ from shardworker.imap.dialects import (
 )
 from shardworker.imap.folders import FolderResolution, resolve_folders
 from shardworker.imap.guard import literal_cap
-from shardworker.imap.session import FolderStatus
+from shardworker.imap.session import FolderStatus, Prefetch
 from shardworker.logs import get_logger
 from shardworker.mime import Caps
 from shardworker.netpolicy import OutboundPolicy
@@ -192,10 +192,11 @@ class Cycle:
 
     def _run(self, slot: Slot) -> Outcome:
         out = Outcome("idle", cursor=slot.cursor, status=slot.status)
+        prefetch: Prefetch | None = None
         if not slot.connected:
             self._connect(slot, out)
         elif slot.session.idling:
-            metrics.timed_imap("idle_done", slot.session.leave_idle)
+            prefetch = self._leave_idle(slot, out.cursor)
         elif not slot.session.has_idle:
             metrics.timed_imap("noop", slot.session.poll)
         if slot.want_stop:
@@ -212,7 +213,7 @@ class Cycle:
                 out.kind = "backpressure"
                 return out
             out.buffered = job_state == "more"  # come straight back for the rest
-        out.cursor, out.result = sync.drain(out.cursor)
+        out.cursor, out.result = sync.drain(out.cursor, prefetch)
         if out.result.backpressured:
             out.kind = "backpressure"
             return out
@@ -221,6 +222,19 @@ class Cycle:
         else:
             out.kind = "poll"
         return out
+
+    def _leave_idle(self, slot: Slot, cursor: FolderCursor | None) -> Prefetch | None:
+        """Leave IDLE; when a drain follows, with the push's likely news fetched in the
+        same round trip (``FolderSession.leave_idle_fetching``)."""
+        if slot.want_stop or slot.jobs or cursor is None:
+            metrics.timed_imap("idle_done", slot.session.leave_idle)
+            return None
+        count, max_bytes = push_fetch_limits(
+            slot.provider.config.max_emails_per_sync, self.deps.caps.max_raw_bytes
+        )
+        return metrics.timed_imap(
+            "idle_done_fetch", slot.session.leave_idle_fetching, cursor.last_uid, count, max_bytes
+        )
 
     def _context(self, provider: ProviderRuntime) -> SyncContext:
         d = self.deps

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +24,7 @@ from shardworker.engine.claims import MessageIdClaims
 from shardworker.errors import ParseError
 from shardworker.gate import MessageGate
 from shardworker.imap.dialects import apply_gmail, wanted_in_all_mail
-from shardworker.imap.session import FolderSession, MessageInfo
+from shardworker.imap.session import FolderSession, MessageInfo, Prefetch
 from shardworker.logs import get_logger
 from shardworker.metrics import providers as provider_metrics
 from shardworker.mime import (
@@ -42,6 +42,11 @@ log = get_logger(__name__)
 # Raw bytes fetched in one UID FETCH at most, so a batch of big messages stays bounded.
 FETCH_BUDGET_BYTES = 32 * 1024 * 1024
 BIG_GROUP_BYTES = 24 * 1024 * 1024 // 7  # 24 MiB a thread / (raw + mime.PARSE_PEAK_FACTOR)
+# A push: the UIDs just above the cursor come back, bodies and all, from the command that
+# leaves IDLE (``FolderSession.leave_idle_fetching``): at most this many messages, each
+# cut at this many bytes (a cut body is dropped and fetched the usual way).
+PUSH_FETCH_MESSAGES = 16
+PUSH_FETCH_BYTES = 256 * 1024
 
 
 @dataclass
@@ -92,6 +97,13 @@ class SyncContext:
         return None if self.fence is None else self.fence.epoch
 
 
+def push_fetch_limits(max_emails_per_sync: int | None, max_raw_bytes: int) -> tuple[int, int]:
+    """(messages, bytes each) of the fetch that leaves IDLE: one batch at most, and never
+    more of a message than the size guard lets the usual fetch take whole."""
+    batch = max(1, max_emails_per_sync or 50)
+    return min(PUSH_FETCH_MESSAGES, batch), max(1, min(PUSH_FETCH_BYTES, max_raw_bytes))
+
+
 def _identity(info: MessageInfo, mail: ParsedMail) -> str:
     """The cross-folder dedupe identity: Gmail's X-GM-MSGID (one message in two labels is
     one message), else the Message-ID."""
@@ -135,27 +147,70 @@ class FolderSync:
             "folder": session.folder,
         }
 
-    def drain(self, cursor: FolderCursor) -> tuple[FolderCursor, SyncResult]:
+    def drain(
+        self, cursor: FolderCursor, prefetch: Prefetch | None = None
+    ) -> tuple[FolderCursor, SyncResult]:
+        """Everything above the cursor; ``prefetch`` (what left IDLE with the push) first.
+
+        The prefetch holds the lowest UIDs above the cursor, so committing up to its last
+        skips nothing; whatever lies above it is the loop's ``new_messages`` as always.
+        """
         result = SyncResult()
-        batch_size = max(1, self.ctx.provider.max_emails_per_sync or 50)
-        while True:
+        if prefetch is not None and prefetch.infos and prefetch.after_uid == cursor.last_uid:
+            cursor = self._drain_prefetched(cursor, prefetch, result)
+        while not result.backpressured:
             infos = metrics.timed_imap("fetch_meta", self.session.new_messages, cursor.last_uid)
             if not infos:
-                return cursor, result
+                break
             log.info("new_messages", **self.log_fields, count=len(infos))
-            with metrics.DrainProgress(len(infos), self.log_fields) as progress:
-                for batch in _batches(infos, batch_size):
-                    if self.ctx.sink.backpressured():
-                        result.backpressured = True
-                        return cursor, result
-                    cursor = self._process_batch(cursor, batch, result)
-                    progress.advance(len(batch))
+            cursor = self._drain_infos(cursor, infos, result)
+        return cursor, result
+
+    def _drain_prefetched(
+        self, cursor: FolderCursor, prefetch: Prefetch, result: SyncResult
+    ) -> FolderCursor:
+        """A push's batch (at most ``PUSH_FETCH_MESSAGES``), checked for backpressure after
+        its XADD rather than before: the last reading, however old, decides before it,
+        so a push pays no Redis round trip for the reading.  The lag bound can overshoot by
+        one push batch per sync thread beyond what ``backpressure_check_s`` allows."""
+        self._count_download(prefetch.nbytes)
+        infos = list(prefetch.infos)
+        log.info("new_messages", **self.log_fields, count=len(infos), prefetched=True)
+        if self.ctx.sink.last_backpressure():
+            result.backpressured = True
+            return cursor
+        batch_size = max(1, self.ctx.provider.max_emails_per_sync or 50)
+        first, rest = infos[:batch_size], infos[batch_size:]
+        with metrics.DrainProgress(len(first), self.log_fields) as progress:
+            cursor = self._process_batch(cursor, first, result, prefetch.bodies)
+            progress.advance(len(first))
+        if rest:  # never with the session's own limits; checked before each batch then
+            return self._drain_infos(cursor, rest, result, prefetch.bodies)
+        result.backpressured = self.ctx.sink.backpressured()
+        return cursor
+
+    def _drain_infos(
+        self, cursor: FolderCursor, infos: list[MessageInfo], result: SyncResult,
+        bodies: Mapping[int, bytes] | None = None,
+    ) -> FolderCursor:  # fmt: skip
+        batch_size = max(1, self.ctx.provider.max_emails_per_sync or 50)
+        with metrics.DrainProgress(len(infos), self.log_fields) as progress:
+            for batch in _batches(infos, batch_size):
+                if self.ctx.sink.backpressured():
+                    result.backpressured = True
+                    return cursor
+                cursor = self._process_batch(cursor, batch, result, bodies)
+                progress.advance(len(batch))
+        return cursor
 
     def _process_batch(
-        self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult
-    ) -> FolderCursor:
+        self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult,
+        bodies: Mapping[int, bytes] | None = None,
+    ) -> FolderCursor:  # fmt: skip
         last_uid = batch[-1].uid
-        self._publish_and_commit(cursor, batch, result, checkpoint_uid=last_uid, always=True)
+        self._publish_and_commit(
+            cursor, batch, result, checkpoint_uid=last_uid, always=True, bodies=bodies
+        )
         if self.progress is not None:
             self.progress()
         return FolderCursor(uid_validity=cursor.uid_validity, last_uid=last_uid)
@@ -180,15 +235,20 @@ class FolderSync:
     def _publish_and_commit(
         self, cursor: FolderCursor, batch: list[MessageInfo], result: SyncResult, *,
         checkpoint_uid: int, always: bool, backfill: bool = False,
+        bodies: Mapping[int, bytes] | None = None,
     ) -> None:  # fmt: skip
-        """Publish what the ledger does not know yet, then commit ledger and cursor at once."""
+        """Publish what the ledger does not know yet, then commit ledger and cursor at once.
+
+        ``bodies``: raw messages already fetched (a push).  When they cover the batch, it
+        is parsed first and the ledger answers its UIDs and Message-IDs in one query.
+        """
         p, folder = self.ctx.provider, self.session.folder
-        known = self.ctx.store.known_uids(
-            p.tenant, p.provider_id, folder, cursor.uid_validity, [m.uid for m in batch]
-        )
-        todo = [m for m in batch if m.uid not in known]
+        have = bodies or {}
         with contextlib.ExitStack() as claims:
-            entries = self._publish(cursor.uid_validity, todo, result, claims) if todo else []
+            if have and all(self._usable(m, have) for m in batch):
+                entries = self._publish_in_hand(cursor.uid_validity, batch, have, result, claims)
+            else:
+                entries = self._publish_unknown(cursor.uid_validity, batch, result, claims, have)
             if not entries and not always:
                 return
             self.ctx.store.commit_batch(
@@ -213,26 +273,73 @@ class FolderSync:
         if settled:
             self.ctx.sink.settle(settled)
 
+    def _usable(self, info: MessageInfo, have: Mapping[int, bytes]) -> bool:
+        """An in-hand body stands for the fetch only where the fetch would take it whole."""
+        return info.uid in have and info.size <= self.ctx.caps.max_raw_bytes
+
+    def _publish_unknown(
+        self, uid_validity: int, batch: list[MessageInfo], result: SyncResult,
+        claims: contextlib.ExitStack, have: Mapping[int, bytes],
+    ) -> list[LedgerEntry]:  # fmt: skip
+        """The ledger's known UIDs first, so that no body of theirs is fetched."""
+        p = self.ctx.provider
+        known = self.ctx.store.known_uids(
+            p.tenant, p.provider_id, self.session.folder, uid_validity, [m.uid for m in batch]
+        )
+        todo = [m for m in batch if m.uid not in known]
+        return self._publish(uid_validity, todo, result, claims, have) if todo else []
+
     def _publish(
         self, uid_validity: int, todo: list[MessageInfo], result: SyncResult,
-        claims: contextlib.ExitStack,
+        claims: contextlib.ExitStack, have: Mapping[int, bytes],
     ) -> list[LedgerEntry]:  # fmt: skip
-        parsed, entries = self._fetch_and_parse(uid_validity, todo, result)
+        parsed, entries = self._fetch_and_parse(uid_validity, todo, result, have)
         info_of = {m.uid: m for m in todo}
         keyed = [(info_of[uid], mail, _identity(info_of[uid], mail)) for uid, mail in parsed]
+        p = self.ctx.provider
         # Claimed before the ledger is asked, held until the commit (engine/claims.py).
         claims.enter_context(
-            self.ctx.claims.hold(
-                self.ctx.provider.tenant,
-                self.ctx.provider.provider_id,
-                [key for _, _, key in keyed],
-            )
+            self.ctx.claims.hold(p.tenant, p.provider_id, [key for _, _, key in keyed])
         )
         mids = self.ctx.store.known_message_ids(
-            self.ctx.provider.tenant,
-            self.ctx.provider.provider_id,
-            [key for _, _, key in keyed],
+            p.tenant, p.provider_id, [key for _, _, key in keyed]
         )
+        return self._publish_keyed(uid_validity, keyed, mids, result, entries)
+
+    def _publish_in_hand(
+        self, uid_validity: int, batch: list[MessageInfo], have: Mapping[int, bytes],
+        result: SyncResult, claims: contextlib.ExitStack,
+    ) -> list[LedgerEntry]:  # fmt: skip
+        """A push whose bodies came with it: parse, claim, then one ledger query for the
+        known UIDs and the known Message-IDs together.  A known UID's body is discarded
+        unread by anyone, and a parse failure is dead-lettered only once the ledger says
+        the UID is new."""
+        p = self.ctx.provider
+        outcomes = [(info, self._parse(info, have[info.uid])) for info in batch]
+        keyed = [(info, mail, _identity(info, mail))
+                 for info, mail in outcomes if isinstance(mail, ParsedMail)]  # fmt: skip
+        keys = [key for _, _, key in keyed]
+        claims.enter_context(self.ctx.claims.hold(p.tenant, p.provider_id, keys))
+        known, mids = self.ctx.store.known_uids_and_message_ids(
+            p.tenant, p.provider_id, self.session.folder, uid_validity,
+            [m.uid for m in batch], keys,
+        )  # fmt: skip
+        got = _Collected(uid_validity, result)
+        for info, mail in outcomes:
+            if info.uid in known:
+                continue
+            if isinstance(mail, ParsedMail):
+                result.bytes += len(have[info.uid])
+            else:
+                self._dead_letter(got, info.uid, mail, have[info.uid])
+        fresh = [item for item in keyed if item[0].uid not in known]
+        return self._publish_keyed(uid_validity, fresh, mids, result, got.dead)
+
+    def _publish_keyed(
+        self, uid_validity: int, keyed: list[tuple[MessageInfo, ParsedMail, str]],
+        mids: Mapping[str, str | None], result: SyncResult, entries: list[LedgerEntry],
+    ) -> list[LedgerEntry]:  # fmt: skip
+        """Admit and publish parsed messages the ledger does not hold by Message-ID."""
         outbound: list[Outbound] = []
         for info, mail, key in keyed:
             if key in mids:
@@ -312,12 +419,18 @@ class FolderSync:
         )
 
     def _fetch_and_parse(
-        self, uid_validity: int, todo: list[MessageInfo], result: SyncResult
-    ) -> tuple[list[tuple[int, ParsedMail]], list[LedgerEntry]]:
+        self, uid_validity: int, todo: list[MessageInfo], result: SyncResult,
+        have: Mapping[int, bytes],
+    ) -> tuple[list[tuple[int, ParsedMail]], list[LedgerEntry]]:  # fmt: skip
         caps = self.ctx.caps
         got = _Collected(uid_validity, result)
         by_uid = {m.uid: m for m in todo}
-        small = [m for m in todo if m.size <= caps.max_raw_bytes]
+        in_hand = [m for m in todo if self._usable(m, have)]
+        for info in in_hand:
+            self._parse_one(info, have[info.uid], got)
+        parsed_uids = {m.uid for m in in_hand}
+        fetch = [m for m in todo if m.uid not in parsed_uids]
+        small = [m for m in fetch if m.size <= caps.max_raw_bytes]
         for group in _fetch_groups(small, FETCH_BUDGET_BYTES):
             size = sum(by_uid[uid].size for uid in group)
             # A group costs up to 7x its size (raw + parse peak): big groups take turns, so a
@@ -327,12 +440,12 @@ class FolderSync:
                 bodies = metrics.timed_imap("fetch_body", self.session.fetch_bodies, group)
                 for uid in group:
                     self._parse_one(by_uid[uid], bodies.pop(uid, None), got)
-        for info in todo:
+        for info in fetch:
             if info.size > caps.max_raw_bytes:
                 self._parse_large_one(info, got)
         got.parsed.sort(key=lambda item: item[0])
-        if not self.prepaid:
-            self._count_download(sum(m.size for m in todo))
+        if not self.prepaid:  # an in-hand body was counted when it came (drain)
+            self._count_download(sum(m.size for m in fetch))
         return got.parsed, got.dead
 
     def _count_download(self, nbytes: int) -> None:
@@ -352,17 +465,23 @@ class FolderSync:
             self._dead_letter(got, info.uid, "fetch_returned_nothing", None)
             return
         got.result.bytes += len(raw)
+        mail = self._parse(info, raw)
+        if isinstance(mail, ParsedMail):
+            got.parsed.append((info.uid, mail))
+        else:
+            self._dead_letter(got, info.uid, mail, raw)
+
+    def _parse(self, info: MessageInfo, raw: bytes) -> ParsedMail | str:
+        """The parsed message, or why it cannot be published (the dead letter's reason)."""
         try:
-            mail = parse_message(
+            return parse_message(
                 raw, uid=info.uid, mailbox=self.ctx.provider.mailbox,
                 internal_date=info.internal_date, caps=self.ctx.caps,
             )  # fmt: skip
         except ParseError as exc:
-            self._dead_letter(got, info.uid, f"parse_error: {exc}", raw)
+            return f"parse_error: {exc}"
         except Exception as exc:  # one bad message never blocks a mailbox
-            self._dead_letter(got, info.uid, f"parser_crash: {type(exc).__name__}", raw)
-        else:
-            got.parsed.append((info.uid, mail))
+            return f"parser_crash: {type(exc).__name__}"
 
     def _parse_large_one(self, info: MessageInfo, got: _Collected) -> None:
         def sections_for(structure: object) -> list[str]:

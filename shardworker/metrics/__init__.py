@@ -71,7 +71,7 @@ MESSAGE_RESULTS = ("published", "duplicate", "dead_lettered", "skipped")
 PUBLISH_RESULTS = ("ok", "fenced", "error")
 DEAD_LETTER_REASONS = ("parse_error", "parser_crash", "fetch_returned_nothing")
 IMAP_COMMANDS = ("connect", "examine", "fetch_meta", "fetch_body", "fetch_large", "idle_enter",
-                 "idle_done", "noop", "logout")  # fmt: skip
+                 "idle_done", "idle_done_fetch", "noop", "logout")  # fmt: skip
 MOVE_REASONS = ("new", "orphaned", "rebalance")
 # Rejected logins (by response code) and secret trouble exist from the start, so increase()
 # sees the first failure: a counter series born at 1 hides it.

@@ -131,3 +131,8 @@ class Sink(Protocol):
     def backpressured(self) -> bool:
         """True while the consumers lag too far behind: the engine stops fetching."""
         ...
+
+    def last_backpressure(self) -> bool:
+        """The last ``backpressured()`` answer however old, without asking (False before
+        the first): a push's small batch goes by it and asks after its XADD."""
+        ...

@@ -483,6 +483,10 @@ class RedisStreamsSink:
         self._backpressure = (now, verdict)
         return verdict
 
+    def last_backpressure(self) -> bool:
+        cached = self._backpressure
+        return cached is not None and cached[1]
+
     def _stream_full(self) -> bool:
         with _redis_errors("EXISTS"):
             return bool(self._client.exists(FULL_FLAG))
