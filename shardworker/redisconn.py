@@ -33,7 +33,7 @@ HEALTH_CHECK_S = 30
 # hold the lease keeper (heartbeat, then renewal) past the lease TTL.
 RETRIES = 1
 SENTINEL_TIMEOUT_S = 0.5
-BLOCK_MARGIN_S = 1.0  # above the longest XREAD BLOCK the pool issues (assignment_poll_s)
+BLOCK_MARGIN_S = 1.0  # above an XREAD BLOCK: the waits between a worker's assignment rounds
 
 
 def call_timeout_s(settings: Settings) -> float:

@@ -35,7 +35,7 @@ from shardworker.pool.agent import PoolAgent
 from shardworker.pool.childproc import ChildChannel
 from shardworker.pool.leases import LeaseManager
 from shardworker.pool.registry import Registry
-from shardworker.redisconn import redis_client
+from shardworker.redisconn import BLOCK_MARGIN_S, redis_client
 from shardworker.secrets.store import SecretStore
 from shardworker.sink import SINKS, SinkFactory, open_sink
 from shardworker.sink.base import Sink
@@ -108,9 +108,12 @@ def _boot(settings: Settings, member: str) -> tuple[WorkerContext, PoolAgent]:
     released: queue.SimpleQueue[str] = queue.SimpleQueue()
     ctx = build_worker(settings, on_released=released.put)
     leases = LeaseManager(ctx.redis, OwnershipStore(ctx.pool), member, settings.lease_ttl_s)
+    # The pause between assignment rounds blocks for up to assignment_check_s: on a
+    # connection of its own, so the keeper's calls keep their short timeout.
+    waiter = redis_client(settings, timeout_s=settings.assignment_check_s + BLOCK_MARGIN_S)
     agent = PoolAgent(
         settings, member, registry=Registry(ctx.redis), leases=leases, store=ctx.store,
-        engine=ctx.engine, released=released,
+        engine=ctx.engine, released=released, wait_client=waiter,
     )  # fmt: skip
     return ctx, agent
 

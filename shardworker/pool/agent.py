@@ -5,12 +5,19 @@ Two threads, neither of which ever touches IMAP:
 * the *keeper* heartbeats and renews every held lease in one Lua call each
   ``lease_renew_s``; a lease that is lost (or may have expired while Redis was
   unreachable) stops its provider in the engine at once;
-* the *assigner* polls this member's share version (one small read) and reads the share
-  only when it moved; it loads the configs of providers new to it by key, picks up config
+* the *assigner* reads this member's share version (one small read) and the share only
+  when it moved; it loads the configs of providers new to it by key, picks up config
   changes of its providers by ``updated_at`` (never re-reading every row), acquires the
-  leases it lacks, hands the engine exactly the providers it holds leases for, and releases a lease
-  only after the engine has drained that provider (finished in-flight work, checkpointed,
-  logged out), so the next owner never overlaps with us.
+  leases it lacks, hands the engine exactly the providers it holds leases for, and
+  releases a lease only after the engine has drained that provider (finished in-flight
+  work, checkpointed, logged out), so the next owner never overlaps with us.
+
+Between rounds the assigner makes one blocking read (:meth:`CommandInbox.wait`) on its
+command stream and its assignment note stream together.  While a handoff is in flight
+(a lease to take that another member still holds, a drained provider to release, a
+drain) it comes back every ``assignment_poll_s``; once settled it waits for the leader's
+note that its share changed, an admin command, or at most ``assignment_check_s`` (and the
+next config refresh): a missed note delays a change by at most that.
 
 The held-lease map belongs to the :class:`~shardworker.pool.leases.LeaseManager`, which
 takes its own lock for every access; the agent only asks it.  Every thread here ends the
@@ -27,6 +34,8 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+import redis
+
 from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.db.models import split_key
@@ -36,7 +45,7 @@ from shardworker.errors import ShardworkerError
 from shardworker.logs import get_logger
 from shardworker.pool.inbox import CommandInbox
 from shardworker.pool.leases import Lease, LeaseManager
-from shardworker.pool.registry import MemberAssignment, Registry
+from shardworker.pool.registry import MemberAssignment, Registry, note_stream
 
 log = get_logger(__name__)
 
@@ -49,7 +58,11 @@ class PoolAgent:
     def __init__(
         self, settings: Settings, member: str, *, registry: Registry, leases: LeaseManager,
         store: Store, engine: Engine, released: queue.SimpleQueue[str],
+        wait_client: redis.Redis | None = None,
     ) -> None:  # fmt: skip
+        """``wait_client`` serves only the blocking read between rounds (its socket timeout
+        must exceed ``assignment_check_s``), and :meth:`stop` closes it; without it the
+        registry's client does."""
         self.settings = settings
         self.member = member
         self.registry = registry
@@ -66,10 +79,14 @@ class PoolAgent:
         self._configs_at = float("-inf")
         self._configs_since: datetime | None = None  # database time of the last read
         self._share: MemberAssignment | None = None
+        self._settled = False  # every config served under its lease, no lease left over
         self._threads: list[threading.Thread] = []
         self.on_lease_lost: Callable[[Lease], None] | None = None
         # Admin commands addressed to this member, served between assignment reads.
-        self.commands = CommandInbox(registry.client, store, engine, member, owner=self)
+        self.commands = CommandInbox(registry.client, store, engine, member, owner=self,
+                                     reader=wait_client)  # fmt: skip
+        self._notes = note_stream(member)
+        self._wait_client = wait_client
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -104,6 +121,8 @@ class PoolAgent:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout_s)
+        if self._wait_client is not None:
+            self._wait_client.close()
 
     # -- keeper --------------------------------------------------------------------------
 
@@ -133,12 +152,21 @@ class PoolAgent:
             except Exception as exc:
                 log.warning("assign_failed", member=self.member, error_type=type(exc).__name__,
                             error=str(exc))  # fmt: skip
-            self._wait_for_commands(self.settings.assignment_poll_s)
+            self._wait_for_wake(self._pause_s())
 
-    def _wait_for_commands(self, timeout_s: float) -> None:
-        """The pause between assignment reads, spent blocked on the command stream."""
+    def _pause_s(self) -> float:
+        """Short while a handoff is in flight; settled, until the safety-net read or the
+        next config refresh, whichever comes first."""
+        poll = self.settings.assignment_poll_s
+        if self.draining.is_set() or not self._settled:
+            return poll
+        refresh_in = self._configs_at + self.settings.provider_refresh_s - self.leases.clock()
+        return max(poll, min(self.settings.assignment_check_s, refresh_in))
+
+    def _wait_for_wake(self, timeout_s: float) -> None:
+        """The pause between rounds: one blocking read of commands and share notes."""
         try:
-            self.commands.serve(timeout_s)
+            self.commands.wait(timeout_s, self._notes)
         except Exception as exc:
             log.warning("commands_failed", member=self.member, error_type=type(exc).__name__,
                         error=str(exc))  # fmt: skip
@@ -156,6 +184,7 @@ class PoolAgent:
         self._configs_at = float("-inf")
 
     def assign_once(self) -> None:
+        self._settled = False
         self._release_drained()
         if self.draining.is_set():
             return
@@ -174,6 +203,7 @@ class PoolAgent:
         serve = [c for p, c in configs.items() if p in held_now]
         fences = {p: lease.fence for p, lease in held_now.items()}
         self.engine.update_providers(serve, fences)
+        self._settled = len(serve) == len(configs) == len(held_now)
 
     def _read_share(self) -> frozenset[str]:
         """This member's share: one version read, the share itself only when it moved."""
