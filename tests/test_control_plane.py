@@ -221,6 +221,8 @@ def test_one_blocking_read_ends_on_a_note_or_a_command_and_otherwise_at_the_time
     started = time.monotonic()
     assert inbox.wait(5.0, stream) is True
     assert inbox.wait(0.2, stream) is False  # the same note does not wake it twice
+    rig.registry.wake("pod-x/0", "drain")  # a member waking itself (drain, lost lease, stop)
+    assert inbox.wait(5.0, stream) is True
     command = {
         "command_id": "e" * 32, "op": "reconnect", "tenant": str(uuid.uuid4()),
         "provider_id": str(uuid.uuid4()), "args": "{}", "created_at": str(time.time()),

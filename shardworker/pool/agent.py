@@ -110,6 +110,7 @@ class PoolAgent:
         except Exception:
             log.warning("member_leave_failed", member=self.member)
         self.engine.request_stop()
+        self._wake("drain")  # drained providers' leases are released every poll from now
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """After the engine stopped: release what is left and end both threads."""
@@ -119,10 +120,19 @@ class PoolAgent:
         except ShardworkerError as exc:
             log.warning("lease_release_failed", error=str(exc))
         self._stop.set()
+        self._wake("stop")
         for thread in self._threads:
             thread.join(timeout_s)
         if self._wait_client is not None:
             self._wait_client.close()
+
+    def _wake(self, reason: str) -> None:
+        """End the assigner's blocking wait now; if Redis cannot be told, it ends by itself
+        within ``assignment_check_s``."""
+        try:
+            self.registry.wake(self.member, reason)
+        except Exception as exc:
+            log.warning("wake_failed", member=self.member, error_type=type(exc).__name__)
 
     # -- keeper --------------------------------------------------------------------------
 
@@ -142,6 +152,8 @@ class PoolAgent:
                 self.engine.drop_provider_now(lease.provider)
                 if self.on_lease_lost is not None:
                     self.on_lease_lost(lease)
+            if lost:
+                self._wake("lease_lost")  # take it back at once if it is still ours
 
     # -- assigner ------------------------------------------------------------------------
 

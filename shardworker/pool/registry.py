@@ -164,6 +164,11 @@ class Registry:
         got = self.client.hget(VERSIONS, member)
         return None if got is None else int(got)
 
+    def wake(self, member: str, reason: str) -> None:
+        """Note on ``member``'s note stream, ending its blocking wait at once (its own
+        drain, a lease it lost: anything that must not wait for the next check)."""
+        self.client.xadd(note_stream(member), {"wake": reason}, maxlen=8)
+
     def member_assignment(self, member: str) -> MemberAssignment | None:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hget(VERSIONS, member)
