@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import orjson
 import redis
+from redis.typing import KeyT, StreamIdT
 
 from shardworker.db.models import provider_key
 from shardworker.db.store import Store
@@ -124,7 +125,7 @@ class CommandInbox:
         return self._read(block_s, notes)[1]
 
     def _read(self, block_s: float, notes: str | None) -> tuple[int, bool]:
-        streams = {self.stream: self._last_id}
+        streams: dict[KeyT, StreamIdT] = {self.stream: self._last_id}
         if notes is not None:
             streams[notes] = self._notes_last
         got: list[tuple[Any, list[tuple[Any, Any]]]] = self.reader.xread(  # type: ignore[assignment]
