@@ -134,7 +134,14 @@ class Settings:
     )
     assignment_poll_s: float = _setting(
         0.5,
-        "How often a worker reads its share of the assignment.",
+        "How often a worker retries while a handoff is in flight (leases to take or release).",
+        lo=0.05,
+        hi=600,
+    )
+    assignment_check_s: float = _setting(
+        5.0,
+        "A settled worker, woken by the leader's notes, still reads its share version this "
+        "often: the bound on a missed note.",
         lo=0.05,
         hi=600,
     )

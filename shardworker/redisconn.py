@@ -37,7 +37,7 @@ HEALTH_CHECK_S = 30
 # hold the lease keeper (heartbeat, then renewal) past the lease TTL.
 RETRIES = 1
 SENTINEL_TIMEOUT_S = 0.5
-BLOCK_MARGIN_S = 1.0  # above the longest XREAD BLOCK the pool issues (assignment_poll_s)
+BLOCK_MARGIN_S = 1.0  # above an XREAD BLOCK: the waits between a worker's assignment rounds
 # A request sent on a connection that then failed (timed out, was cut) is not gone: the
 # kernel retransmits it, after redis-py has closed the socket too, and Redis runs it when
 # it arrives.  TCP_USER_TIMEOUT bounds that: data unacknowledged this long aborts the

@@ -37,7 +37,7 @@ from shardworker.pool.childproc import ChildChannel
 from shardworker.pool.dbwatch import DatabaseWatch
 from shardworker.pool.leases import LeaseManager
 from shardworker.pool.registry import Registry
-from shardworker.redisconn import redis_client
+from shardworker.redisconn import BLOCK_MARGIN_S, redis_client
 from shardworker.secrets.store import SecretStore
 from shardworker.sink import SINKS, SinkFactory, open_sink
 from shardworker.sink.base import Sink
@@ -115,9 +115,12 @@ def _boot(settings: Settings, member: str) -> tuple[WorkerContext, PoolAgent]:
     # libpq's connect deadline has a floor of 2 s; a renewal round is the probe's cadence.
     database = DatabaseWatch(settings.database_url, every_s=settings.lease_renew_s,
                              deadline_s=max(2.0, settings.lease_renew_s))  # fmt: skip
+    # The pause between assignment rounds blocks for up to assignment_check_s: on a
+    # connection of its own, so the keeper's calls keep their short timeout.
+    waiter = redis_client(settings, timeout_s=settings.assignment_check_s + BLOCK_MARGIN_S)
     agent = PoolAgent(
         settings, member, registry=Registry(ctx.redis), leases=leases, store=ctx.store,
-        engine=ctx.engine, released=released, database=database,
+        engine=ctx.engine, released=released, database=database, wait_client=waiter,
     )  # fmt: skip
     return ctx, agent
 

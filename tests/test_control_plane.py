@@ -2,11 +2,14 @@
 
 An unchanged cluster costs no full provider scan between reconciles and publishes
 nothing; a change is picked up within a round and published as a delta; a lost published
-state is repaired; a new leader starts from the published owners and moves nothing.
+state is repaired; a new leader starts from the published owners and moves nothing; a
+changed share is noted on the member's note stream, and one blocking read ends on a note
+or a command.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -18,8 +21,9 @@ import redis
 from shardworker.db.ownership import OwnershipStore
 from shardworker.db.providers import create_provider
 from shardworker.db.store import open_pool
+from shardworker.pool.inbox import CommandInbox, command_stream, status_key
 from shardworker.pool.leader import Leader
-from shardworker.pool.registry import ASSIGNMENT, Registry
+from shardworker.pool.registry import ASSIGNMENT, Registry, note_stream
 from tests.admin_support import private_database
 from tests.support import rig_settings
 
@@ -171,3 +175,59 @@ def test_two_tenants_with_one_provider_id_are_two_providers(rig: Rig) -> None:
     found = owners(rig)
     assert f"{rig.tenant}:{rig.pids[1]}" in found and f"{other}:{rig.pids[1]}" in found
     assert len(found) == 41
+
+
+def notes(rig: Rig, member: str) -> list[int]:
+    entries = rig.redis.xrange(note_stream(member))
+    return [int(fields[b"version"]) for _, fields in entries]
+
+
+def test_a_changed_share_is_noted_with_its_version_and_a_departed_member_loses_its_notes(
+    rig: Rig,
+) -> None:
+    leader = rig.leader()
+    rig.rounds(leader, 2)
+    for member in MEMBERS:  # the first publish gave every member its share
+        assert notes(rig, member)[-1] == rig.registry.member_version(member)
+    quiet = {m: notes(rig, m) for m in MEMBERS}
+    rig.rounds(leader, 5)
+    assert {m: notes(rig, m) for m in MEMBERS} == quiet  # nothing changed, nothing noted
+    gone = MEMBERS[0]
+    rig.registry.leave(gone)
+    leader.round()
+    assert rig.redis.exists(note_stream(gone)) == 0
+    for member in MEMBERS[1:]:  # each took some of its providers
+        assert notes(rig, member)[-1] == rig.registry.member_version(member) == leader.stats.version
+        assert len(notes(rig, member)) <= 8
+
+
+class NobodysProviders:
+    def holds(self, provider: str) -> bool:
+        return False
+
+    def invalidate_configs(self) -> None:
+        raise AssertionError("must not be called")
+
+
+def test_one_blocking_read_ends_on_a_note_or_a_command_and_otherwise_at_the_timeout(
+    rig: Rig,
+) -> None:
+    inbox = CommandInbox(rig.redis, None, None, "pod-x/0", owner=NobodysProviders())  # type: ignore[arg-type]
+    stream = note_stream("pod-x/0")
+    started = time.monotonic()
+    assert inbox.wait(0.3, stream) is False
+    assert time.monotonic() - started >= 0.25
+    rig.redis.xadd(stream, {"version": "7"})
+    started = time.monotonic()
+    assert inbox.wait(5.0, stream) is True
+    assert inbox.wait(0.2, stream) is False  # the same note does not wake it twice
+    rig.registry.wake("pod-x/0", "drain")  # a member waking itself (drain, lost lease, stop)
+    assert inbox.wait(5.0, stream) is True
+    command = {
+        "command_id": "e" * 32, "op": "reconnect", "tenant": str(uuid.uuid4()),
+        "provider_id": str(uuid.uuid4()), "args": "{}", "created_at": str(time.time()),
+    }  # fmt: skip
+    rig.redis.xadd(command_stream("pod-x/0"), command)  # type: ignore[arg-type]
+    assert inbox.wait(5.0, stream) is False  # a command ends the wait too, and is served
+    assert time.monotonic() - started < 2.0
+    assert rig.redis.hget(status_key("e" * 32), "state") == b"rejected"

@@ -8,8 +8,10 @@
 --   sadd <key> <member>          (a member's share)
 --   srem <key> <member>
 --   del  <key>
+--   note <key> <version>         (XADD to a member's note stream, kept to its last 8)
 --
--- The keys written are the registry's own (sw:owners:*, sw:assign:*, sw:assignment);
+-- The keys written are the registry's own (sw:owners:*, sw:assign:*, sw:assignnote:*,
+-- sw:assignver, sw:assignment);
 -- they are not declared in KEYS, which a single Redis (the supported deployment) allows.
 -- Returns the number of operations applied, or the error NOTLEADER.
 
@@ -34,6 +36,9 @@ while i <= #ARGV do
   elseif op == 'del' then
     redis.call('DEL', ARGV[i + 1])
     i = i + 2
+  elseif op == 'note' then
+    redis.call('XADD', ARGV[i + 1], 'MAXLEN', '8', '*', 'version', ARGV[i + 2])
+    i = i + 3
   else
     return redis.error_reply('BADOP ' .. tostring(op))
   end

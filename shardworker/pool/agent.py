@@ -5,12 +5,19 @@ Two threads, neither of which ever touches IMAP:
 * the *keeper* heartbeats and renews every held lease in one Lua call each
   ``lease_renew_s``; a lease that is lost (or may have expired while Redis was
   unreachable) stops its provider in the engine at once;
-* the *assigner* polls this member's share version (one small read) and reads the share
-  only when it moved; it loads the configs of providers new to it by key, picks up config
+* the *assigner* reads this member's share version (one small read) and the share only
+  when it moved; it loads the configs of providers new to it by key, picks up config
   changes of its providers by ``updated_at`` (never re-reading every row), acquires the
-  leases it lacks, hands the engine exactly the providers it holds leases for, and releases a lease
-  only after the engine has drained that provider (finished in-flight work, checkpointed,
-  logged out), so the next owner never overlaps with us.
+  leases it lacks, hands the engine exactly the providers it holds leases for, and
+  releases a lease only after the engine has drained that provider (finished in-flight
+  work, checkpointed, logged out), so the next owner never overlaps with us.
+
+Between rounds the assigner makes one blocking read (:meth:`CommandInbox.wait`) on its
+command stream and its assignment note stream together.  While a handoff is in flight
+(a lease to take that another member still holds, a drained provider to release, a
+drain) it comes back every ``assignment_poll_s``; once settled it waits for the leader's
+note that its share changed, an admin command, or at most ``assignment_check_s`` (and the
+next config refresh): a missed note delays a change by at most that.
 
 The held-lease map belongs to the :class:`~shardworker.pool.leases.LeaseManager`, which
 takes its own lock for every access; the agent only asks it.  Every thread here ends the
@@ -43,6 +50,8 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+import redis
+
 from shardworker import metrics
 from shardworker.config import Settings
 from shardworker.db.models import split_key
@@ -53,7 +62,7 @@ from shardworker.logs import get_logger
 from shardworker.pool.dbwatch import DatabaseWatch
 from shardworker.pool.inbox import CommandInbox
 from shardworker.pool.leases import Lease, LeaseManager
-from shardworker.pool.registry import MemberAssignment, Registry
+from shardworker.pool.registry import MemberAssignment, Registry, note_stream
 
 log = get_logger(__name__)
 
@@ -67,7 +76,11 @@ class PoolAgent:
         self, settings: Settings, member: str, *, registry: Registry, leases: LeaseManager,
         store: Store, engine: Engine, released: queue.SimpleQueue[str],
         database: DatabaseWatch | None = None,
+        wait_client: redis.Redis | None = None,
     ) -> None:  # fmt: skip
+        """``wait_client`` serves only the blocking read between rounds (its socket timeout
+        must exceed ``assignment_check_s``), and :meth:`stop` closes it; without it the
+        registry's client does."""
         self.settings = settings
         self.member = member
         self.registry = registry
@@ -88,10 +101,14 @@ class PoolAgent:
         self._configs_at = float("-inf")
         self._configs_since: datetime | None = None  # database time of the last read
         self._share: MemberAssignment | None = None
+        self._settled = False  # every config served under its lease, no lease left over
         self._threads: list[threading.Thread] = []
         self.on_lease_lost: Callable[[Lease], None] | None = None
         # Admin commands addressed to this member, served between assignment reads.
-        self.commands = CommandInbox(registry.client, store, engine, member, owner=self)
+        self.commands = CommandInbox(registry.client, store, engine, member, owner=self,
+                                     reader=wait_client)  # fmt: skip
+        self._notes = note_stream(member)
+        self._wait_client = wait_client
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -117,6 +134,7 @@ class PoolAgent:
         except Exception:
             log.warning("member_leave_failed", member=self.member)
         self.engine.request_stop()
+        self._wake("drain")  # drained providers' leases are released every poll from now
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """After the engine stopped: release what is left and end both threads."""
@@ -126,10 +144,21 @@ class PoolAgent:
         except ShardworkerError as exc:
             log.warning("lease_release_failed", error=str(exc))
         self._stop.set()
+        self._wake("stop")
         for thread in self._threads:
             thread.join(timeout_s)
         if self.database is not None:
             self.database.stop()
+        if self._wait_client is not None:
+            self._wait_client.close()
+
+    def _wake(self, reason: str) -> None:
+        """End the assigner's blocking wait now; if Redis cannot be told, it ends by itself
+        within ``assignment_check_s``."""
+        try:
+            self.registry.wake(self.member, reason)
+        except Exception as exc:
+            log.warning("wake_failed", member=self.member, error_type=type(exc).__name__)
 
     # -- keeper --------------------------------------------------------------------------
 
@@ -150,6 +179,8 @@ class PoolAgent:
                 self.engine.drop_provider_now(lease.provider)
                 if self.on_lease_lost is not None:
                     self.on_lease_lost(lease)
+            if lost:
+                self._wake("lease_lost")  # take it back at once if it is still ours
 
     # -- PostgreSQL unreachable ----------------------------------------------------------
 
@@ -216,12 +247,21 @@ class PoolAgent:
             except Exception as exc:
                 log.warning("assign_failed", member=self.member, error_type=type(exc).__name__,
                             error=str(exc))  # fmt: skip
-            self._wait_for_commands(self.settings.assignment_poll_s)
+            self._wait_for_wake(self._pause_s())
 
-    def _wait_for_commands(self, timeout_s: float) -> None:
-        """The pause between assignment reads, spent blocked on the command stream."""
+    def _pause_s(self) -> float:
+        """Short while a handoff is in flight; settled, until the safety-net read or the
+        next config refresh, whichever comes first."""
+        poll = self.settings.assignment_poll_s
+        if self.draining.is_set() or not self._settled:
+            return poll
+        refresh_in = self._configs_at + self.settings.provider_refresh_s - self.leases.clock()
+        return max(poll, min(self.settings.assignment_check_s, refresh_in))
+
+    def _wait_for_wake(self, timeout_s: float) -> None:
+        """The pause between rounds: one blocking read of commands and share notes."""
         try:
-            self.commands.serve(timeout_s)
+            self.commands.wait(timeout_s, self._notes)
         except Exception as exc:
             log.warning("commands_failed", member=self.member, error_type=type(exc).__name__,
                         error=str(exc))  # fmt: skip
@@ -239,6 +279,7 @@ class PoolAgent:
         self._configs_at = float("-inf")
 
     def assign_once(self) -> None:
+        self._settled = False
         self._release_drained()
         if self.draining.is_set():
             return
@@ -262,6 +303,7 @@ class PoolAgent:
         with self._serve_lock:
             if not self.given_up.is_set():
                 self.engine.update_providers(serve, fences)
+                self._settled = len(serve) == len(configs) == len(held_now)
                 return
         self._release_now(list(self.leases.held()))
 

@@ -1,39 +1,58 @@
-"""Which member serves which provider: rendezvous hashing with bounded loads, sticky rounds.
+"""Which member serves which provider: consistent hashing with bounded loads, sticky rounds.
 
-``plan_assignment`` is pure and deterministic: the leader calls it every round with the
-previous assignment and publishes the result.  Every provider ranks the members by a stable
-64-bit score (blake2b of ``member \\0 provider``, identical in every process and Python
-version), so a member that joins or leaves changes only the providers that rank it first.
+``plan_assignment`` is pure and deterministic: the leader calls it with the previous
+assignment and publishes the result.  Every member has ``VNODES`` points on a 64-bit ring
+and every provider one point (blake2b, identical in every process and Python version).  A
+provider prefers the member whose point follows its own soonest clockwise: its
+*distance* to a member is how far it has to walk to that member's next point.  A member
+joining or leaving therefore concerns only the providers on the arcs next to its points,
+and placing a provider looks at a handful of points, not at every member (Mirrokni,
+Thorup, Zadimoghaddam, "Consistent Hashing with Bounded Loads", 2018).
 
 A round runs four phases over an in-memory state:
 
 1. keep: a provider whose owner is still a member stays put (moving costs a drain);
-2. shed: members above ``cap`` give up the providers that score them lowest;
-3. place: new, orphaned and shed providers go to their best-ranked member below ``cap``;
-4. fill: members below ``floor`` pull, first from providers that are moving this round
-   anyway (free), then from the most-loaded members' sticky providers.
+2. shed: members above ``cap`` give up the providers farthest from them;
+3. place: new, orphaned and shed providers walk clockwise from their point and take the
+   first member below ``cap``;
+4. fill: members below ``floor`` pull the providers nearest to their own points (walking
+   counter-clockwise from each point), first those moving this round anyway (free),
+   then sticky ones, only ever from members above ``floor``.
 
 Only sticky providers moved by phases 2 and 4 count against ``max_rebalance_moves``, so new
 and orphaned providers are always served while a flapping pod cannot cause a move storm;
 later rounds finish the rebalancing.  Each rebalance move lowers the total distance of the
 loads from ``[floor, cap]`` by at least one, so repeated rounds converge, then move nothing.
+
+Cost: a cold start hashes each provider once and walks a few ring points for it; a lost
+member costs its providers; a taker in phase 4 visits about as many providers as it takes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import hashlib
+import heapq
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from bisect import bisect_left, bisect_right
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Reason = Literal["new", "orphaned", "rebalance"]
 
+# Points per member: a member's share of the ring varies by about 1 / sqrt(VNODES) (9 %),
+# which the bounded loads absorb; more points cost ring memory and join time only.
+VNODES = 128
+RING_SIZE = 1 << 64
 
-@dataclass(frozen=True, slots=True)
-class Move:
+
+class Move(NamedTuple):
     """One provider changing hands; ``src`` is None for a provider nobody served."""
 
     provider: str
@@ -52,10 +71,45 @@ class Plan:
     loads: dict[str, int]
 
 
-def score(member: str, provider: str) -> int:
-    """The rendezvous weight of ``member`` for ``provider``: higher is preferred."""
-    digest = hashlib.blake2b(f"{member}\0{provider}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
+def ring_point(text: str) -> int:
+    """The point of a provider (its ``tenant:provider_id``) on the ring."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def member_points(member: str) -> list[int]:
+    """The ``VNODES`` points of ``member``, sorted."""
+    return sorted(ring_point(f"{member}\0{i}") for i in range(VNODES))
+
+
+class Ring:
+    """The points of a set of members (sorted by name, handled by index), in ring order."""
+
+    def __init__(self, members: Sequence[str]) -> None:
+        self.members = list(members)
+        self.own = [member_points(m) for m in self.members]
+        placed = sorted((p, i) for i, points in enumerate(self.own) for p in points)
+        self.points = [p for p, _ in placed]
+        self.owners = [i for _, i in placed]
+        self.slots: list[list[int]] = [[] for _ in self.members]
+        for slot, member in enumerate(self.owners):
+            self.slots[member].append(slot)
+
+    def slot_of(self, point: int) -> int:
+        """The first ring slot at or after ``point`` (clockwise, wrapping)."""
+        slot = bisect_left(self.points, point)
+        return 0 if slot == len(self.points) else slot
+
+    def distance(self, point: int, member: int) -> int:
+        """How far ``point`` walks clockwise to the next point of ``member``."""
+        own = self.own[member]
+        at = bisect_left(own, point)
+        return (own[at] if at < len(own) else own[0] + RING_SIZE) - point
+
+
+@functools.lru_cache(maxsize=4)
+def ring_of(members: tuple[str, ...]) -> Ring:
+    """The ring of these (sorted, unique) members; cached, since members rarely change."""
+    return Ring(members)
 
 
 def load_bounds(n_providers: int, n_members: int, slack: float) -> tuple[int, int]:
@@ -82,79 +136,144 @@ def plan_assignment(
         raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
     if max_rebalance_moves is not None and max_rebalance_moves < 0:
         raise ValueError(f"max_rebalance_moves must be >= 0, got {max_rebalance_moves}")
-    ordered = sorted(set(providers))
-    live = sorted(set(members))
+    ordered = list(dict.fromkeys(sorted(providers)))  # linear when already sorted
+    live = tuple(sorted(set(members)))
     if not live:
         return Plan(assignment={}, moves=(), imbalance=1.0, loads={})
-    state = _Round(live, load_bounds(len(ordered), len(live), slack), max_rebalance_moves)
-    pending = state.keep_live_owners(ordered, current)
-    pending += state.shed_overloaded()
-    state.place(sorted(pending))
-    state.fill_underloaded()
-    return state.result(ordered, current)
+    bounds = load_bounds(len(ordered), len(live), slack)
+    with _collector_paused():
+        state = _Round(ring_of(live), bounds, max_rebalance_moves)
+        pending = state.keep_live_owners(ordered, current)
+        pending += state.shed_overloaded()
+        state.place(sorted(pending))
+        state.fill_underloaded(ordered)
+        return state.result(ordered, current)
 
 
-class _Preferences:
-    """Per-round cache of rendezvous scores, each computed at most once and only when asked.
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for one plan.
 
-    A steady round scores nothing; a join scores moving providers against the members below
-    cap and the rest against their owner and the joining members: far fewer than P x M.
-    """
+    A plan allocates a few objects per provider and no reference cycles, yet every few
+    hundred allocations the collector would walk the growing heap: at a million
+    providers that is three quarters of the time.  Reference counting still frees
+    everything; the collector resumes (if it ran before) when the plan is done."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
-    def __init__(self, members: list[str]) -> None:
-        # Hashing "member\0" once and copying the state gives the same digest as hashing
-        # the whole string, at about two thirds of the cost.
-        self._prefixes = [hashlib.blake2b(f"{m}\0".encode(), digest_size=8) for m in members]
-        self._scores: dict[str, list[int]] = {}  # -1: not computed yet
 
-    def _row(self, provider: str) -> list[int]:
-        row = self._scores.get(provider)
-        if row is None:
-            row = self._scores[provider] = [-1] * len(self._prefixes)
-        return row
+def place_new(
+    providers: Iterable[str], members: Sequence[str], loads: Mapping[str, int], cap: int
+) -> dict[str, str]:
+    """Place only these providers, each on its first member clockwise below ``cap``
+    (counting the ones placed before it), or where it points if every member is full.
 
-    def _hash(self, provider: str, member: int) -> int:
-        hasher = self._prefixes[member].copy()
-        hasher.update(provider.encode())
-        return int.from_bytes(hasher.digest(), "big")
+    The leader's path when providers came or went and the members did not."""
+    live = tuple(sorted(set(members)))
+    if not live:
+        return {}
+    ring = ring_of(live)
+    counts = [loads.get(m, 0) for m in live]
+    walk = _OpenWalk(ring, [c >= cap for c in counts])
+    placed: dict[str, str] = {}
+    for provider in sorted(set(providers)):
+        member = walk.first_open(ring.slot_of(ring_point(provider)))
+        counts[member] += 1
+        if counts[member] >= cap:
+            walk.close(member)
+        placed[provider] = live[member]
+    return placed
 
-    def score(self, provider: str, member: int) -> int:
-        row = self._row(provider)
-        if row[member] < 0:
-            row[member] = self._hash(provider, member)
-        return row[member]
 
-    def best(self, provider: str, members: list[int]) -> int:
-        """The one of ``members`` that ``provider`` prefers."""
-        row = self._row(provider)
-        for member in members:
-            if row[member] < 0:
-                row[member] = self._hash(provider, member)
-        return max(members, key=row.__getitem__)
+class _OpenWalk:
+    """The clockwise walk to the first open member, skipping full members' points.
+
+    A slot of a full member points past itself; the pointers are compressed as they are
+    followed, so a walk costs nearly nothing however many members are full.  Members
+    only ever close during a walk's life."""
+
+    def __init__(self, ring: Ring, full: Sequence[bool]) -> None:
+        self.ring = ring
+        self.next = list(range(len(ring.points)))
+        self.open = len(full)
+        for member, closed in enumerate(full):
+            if closed:
+                self.close(member)
+
+    def close(self, member: int) -> None:
+        size = len(self.next)
+        for slot in self.ring.slots[member]:
+            self.next[slot] = (slot + 1) % size
+        self.open -= 1
+
+    def first_open(self, slot: int) -> int:
+        """The member of the first open slot from ``slot``; with none open, ``slot``'s."""
+        if self.open <= 0:
+            return self.ring.owners[slot]
+        root = slot
+        while self.next[root] != root:
+            root = self.next[root]
+        while self.next[slot] != root:
+            self.next[slot], slot = root, self.next[slot]
+        return self.ring.owners[root]
+
+
+class _Arcs:
+    """Providers in ring order, for walking counter-clockwise from a member's points."""
+
+    def __init__(self, names: Sequence[str], points: Sequence[int]) -> None:
+        # ``names`` in name order and a stable sort by point: ties stay in name order.
+        order = sorted(range(len(names)), key=points.__getitem__)
+        self.points = [points[i] for i in order]
+        self.names = [names[i] for i in order]
+
+    def nearest(self, own: list[int]) -> Iterator[str]:
+        """The providers by their distance to the next of ``own`` (sorted points): first
+        the ones just before each point, each provider once."""
+        heap: list[tuple[int, int, int]] = []
+        for arc, point in enumerate(own):
+            self._push(heap, own, arc, bisect_right(self.points, point) - 1)
+        while heap:
+            _, at, arc = heapq.heappop(heap)
+            yield self.names[at]
+            self._push(heap, own, arc, at - 1)
+
+    def _push(self, heap: list[tuple[int, int, int]], own: list[int], arc: int,
+              at: int) -> None:  # fmt: skip
+        """Queue the provider at index ``at`` (negative: wrapped past zero) if it still
+        lies on ``arc``, the span after the previous point up to ``own[arc]``."""
+        if at < -len(self.points):
+            return
+        start = own[arc - 1] if arc else own[-1] - RING_SIZE
+        point = self.points[at] if at >= 0 else self.points[at] - RING_SIZE
+        if point > start:
+            heapq.heappush(heap, (own[arc] - point, at, arc))
 
 
 class _Round:
-    """Mutable state of one planning round; members are handled by index."""
+    """Mutable state of one planning round; members are handled by index.
 
-    def __init__(self, members: list[str], bounds: tuple[int, int], budget: int | None) -> None:
-        self.members = members
-        self.index = {m: i for i, m in enumerate(members)}
-        self.prefs = _Preferences(members)
+    Loads are counts; a member's providers are collected only when it must shed."""
+
+    def __init__(self, ring: Ring, bounds: tuple[int, int], budget: int | None) -> None:
+        self.ring = ring
+        self.members = ring.members
+        self.index: dict[str | None, int] = {m: i for i, m in enumerate(self.members)}
         self.floor, self.cap = bounds
         self.budget = budget
         self.owner: dict[str, int] = {}
-        self.held: list[set[str]] = [set() for _ in members]
+        self.loads = [0] * len(self.members)
         self.free: set[str] = set()  # moving this round anyway: re-routing them costs nothing
+        self.points: dict[str, int] = {}
 
-    def _load(self, member: int) -> int:
-        return len(self.held[member])
-
-    def _put(self, provider: str, member: int) -> None:
-        previous = self.owner.get(provider)
-        if previous is not None:
-            self.held[previous].discard(provider)
-        self.owner[provider] = member
-        self.held[member].add(provider)
+    def _points_of(self, providers: Sequence[str]) -> list[int]:
+        known = self.points
+        return [known[p] if p in known else ring_point(p) for p in providers]
 
     def _allowance(self) -> int:
         return sys.maxsize if self.budget is None else self.budget
@@ -165,106 +284,118 @@ class _Round:
 
     def keep_live_owners(self, providers: list[str], current: Mapping[str, str]) -> list[str]:
         """Phase 1: keep providers with a live owner; return the ones needing a member."""
-        pending = []
-        for provider in providers:
-            owner = current.get(provider)
-            member = None if owner is None else self.index.get(owner)
-            if member is None:
-                pending.append(provider)
-                self.free.add(provider)
-            else:
-                self._put(provider, member)
+        index = self.index
+        self.owner = owner = {
+            p: i for p in providers if (i := index.get(current.get(p))) is not None
+        }
+        for member, load in Counter(owner.values()).items():
+            self.loads[member] = load
+        pending = [p for p in providers if p not in owner]
+        self.free.update(pending)
         return pending
 
     def shed_overloaded(self) -> list[str]:
-        """Phase 2: take from members above cap the providers that score them lowest."""
+        """Phase 2: take from members above cap the providers farthest from them."""
+        over = [m for m, load in enumerate(self.loads) if load > self.cap]
+        if not over or self._allowance() <= 0:
+            return []
+        held: dict[int, list[str]] = {m: [] for m in over}
+        for provider, member in self.owner.items():
+            if member in held:
+                held[member].append(provider)
         shed: list[str] = []
-        for member in range(len(self.members)):
-            excess = min(self._load(member) - self.cap, self._allowance())
-            if excess <= 0:
-                continue
-            unwanted = self._least_wanted(member)[:excess]
+        for member in over:
+            excess = min(self.loads[member] - self.cap, self._allowance())
+            unwanted = self._least_wanted(member, held[member])[:excess]
             for provider in unwanted:
-                self.held[member].discard(provider)
                 del self.owner[provider]
+            self.loads[member] -= len(unwanted)
             self.free.update(unwanted)
             self._spend(len(unwanted))
             shed += unwanted
         return shed
 
+    def _least_wanted(self, member: int, held: list[str]) -> list[str]:
+        """``held`` (``member``'s), farthest first: the likeliest to prefer another."""
+        distance = self.ring.distance
+        points = self._points_of(held)
+        self.points.update(zip(held, points, strict=True))
+        ranked = sorted((-distance(x, member), p) for p, x in zip(held, points, strict=True))
+        return [p for _, p in ranked]
+
     def place(self, providers: list[str]) -> None:
-        """Phase 3: each provider goes to its best-ranked member still below cap."""
-        open_members = [m for m in range(len(self.members)) if self._load(m) < self.cap]
-        for provider in providers:
-            best = self.prefs.best(provider, open_members)
-            self._put(provider, best)
-            if self._load(best) >= self.cap:
-                open_members.remove(best)
+        """Phase 3: each provider walks clockwise to the first member below cap."""
+        loads, cap, owner = self.loads, self.cap, self.owner
+        walk = _OpenWalk(self.ring, [load >= cap for load in loads])
+        ring_points, first_open = self.ring.points, walk.first_open
+        points = self._points_of(providers)
+        self.points.update(zip(providers, points, strict=True))
+        for provider, point in zip(providers, points, strict=True):
+            slot = bisect_left(ring_points, point)
+            member = first_open(slot if slot < len(ring_points) else 0)
+            owner[provider] = member
+            loads[member] += 1
+            if loads[member] >= cap:
+                walk.close(member)
 
-    def fill_underloaded(self) -> None:
+    def fill_underloaded(self, providers: list[str]) -> None:
         """Phase 4: raise every member below floor to floor, least-loaded first."""
-        for member in sorted(range(len(self.members)), key=self._load):
-            if self._load(member) < self.floor:
-                self._pull_into(member)
+        loads = self.loads
+        takers = [m for m in sorted(range(len(loads)), key=loads.__getitem__)
+                  if loads[m] < self.floor]  # fmt: skip
+        if not takers:
+            return
+        every: _Arcs | None = None
+        if 2 * len(self.free) >= len(providers):  # walking them all skips few sticky ones
+            free = every = _Arcs(providers, self._points_of(providers))
+        else:
+            moving = sorted(self.free)
+            free = _Arcs(moving, self._points_of(moving))
+        for taker in takers:
+            if self._pull(taker, free.nearest(self.ring.own[taker]), sticky=False):
+                continue
+            if self._allowance() <= 0:
+                continue
+            if every is None:
+                every = _Arcs(providers, self._points_of(providers))
+            self._pull(taker, every.nearest(self.ring.own[taker]), sticky=True)
 
-    def _pull_into(self, taker: int) -> None:
-        donors = [m for m in range(len(self.members)) if self._load(m) > self.floor]
-        pools = [self._candidates(donors, taker, free=True)]
-        while self._load(taker) < self.floor:
-            provider = self._pop_from_most_loaded(pools[0])
-            if provider is None and self._allowance() > 0:
-                if len(pools) == 1:
-                    pools.append(self._candidates(donors, taker, free=False))
-                provider = self._pop_from_most_loaded(pools[1])
-                if provider is not None:
-                    self._spend(1)
-            if provider is None:
-                return
-            self._put(provider, taker)
-            self.free.add(provider)
+    def _pull(self, taker: int, candidates: Iterator[str], *, sticky: bool) -> bool:
+        """Take ``candidates`` held above floor until ``taker`` reaches floor (True) or
+        they run out; sticky ones only while the budget lasts."""
+        loads, owner, floor = self.loads, self.owner, self.floor
+        for provider in candidates:
+            if loads[taker] >= floor:
+                return True
+            donor = owner[provider]
+            if donor == taker or loads[donor] <= floor:
+                continue
+            if provider not in self.free:
+                if not sticky:
+                    continue
+                if self._allowance() <= 0:
+                    return False
+                self._spend(1)
+                self.free.add(provider)
+            owner[provider] = taker
+            loads[donor] -= 1
+            loads[taker] += 1
+        return loads[taker] >= floor
 
-    def _least_wanted(self, member: int) -> list[str]:
-        """``member``'s providers, lowest score first: the likeliest to rank it below others."""
-        return sorted(self.held[member], key=lambda p: (self.prefs.score(p, member), p))
-
-    def _candidates(self, donors: list[int], taker: int, *, free: bool) -> dict[int, list[str]]:
-        """Per donor, its free (or sticky) providers, the one wanting ``taker`` most last.
-
-        Wanting means first preferring ``taker`` to the donor, then scoring ``taker`` high:
-        the providers that rendezvous hashing would hand to ``taker`` anyway.
-        """
-        return {
-            d: sorted(
-                (p for p in self.held[d] if (p in self.free) == free),
-                key=lambda p: self._want(p, taker, d),
-            )
-            for d in donors
-        }
-
-    def _want(self, provider: str, taker: int, donor: int) -> tuple[bool, int, str]:
-        weight = self.prefs.score(provider, taker)
-        return weight > self.prefs.score(provider, donor), weight, provider
-
-    def _pop_from_most_loaded(self, pool: dict[int, list[str]]) -> str | None:
-        donors = [d for d, left in pool.items() if left and self._load(d) > self.floor]
-        if not donors:
-            return None
-        return pool[max(donors, key=lambda d: (self._load(d), -d))].pop()
+    def _reason(self, src: str | None) -> Reason:
+        if src is None:
+            return "new"
+        return "rebalance" if src in self.index else "orphaned"
 
     def result(self, providers: list[str], current: Mapping[str, str]) -> Plan:
-        assignment = {p: self.members[self.owner[p]] for p in providers}
+        members, owner = self.members, self.owner
+        assignment = {p: members[owner[p]] for p in providers}
         moves = tuple(
-            _move(p, current.get(p), dst, self.index)
+            Move(p, src, dst, self._reason(src))
             for p, dst in assignment.items()
-            if current.get(p) != dst
+            if (src := current.get(p)) != dst
         )
-        loads = {m: self._load(i) for i, m in enumerate(self.members)}
-        mean = len(providers) / len(self.members)
+        loads = dict(zip(members, self.loads, strict=True))
+        mean = len(providers) / len(members)
         imbalance = max(loads.values()) / mean if providers else 1.0
         return Plan(assignment=assignment, moves=moves, imbalance=imbalance, loads=loads)
-
-
-def _move(provider: str, src: str | None, dst: str, live: Mapping[str, int]) -> Move:
-    if src is None:
-        return Move(provider, None, dst, "new")
-    return Move(provider, src, dst, "rebalance" if src in live else "orphaned")

@@ -7,7 +7,9 @@ internals:
 * the command goes to the owning member's stream ``sw:cmd:<member>`` and its status into
   the hash ``sw:cmdstatus:<command_id>`` (state ``queued``), kept for a day;
 * :class:`CommandInbox`, served from the pool agent's assign loop, ``XREAD BLOCK``s on its
-  own stream (this doubles as the loop's pause), then ``XDEL``s;
+  own stream, then ``XDEL``s; :meth:`CommandInbox.wait` blocks in the same single read on
+  the member's assignment note stream too, so that one blocking read is the loop's whole
+  pause: it ends on a command, on a note that the share changed, or at the timeout;
 * a command is applied only while this member holds the lease of exactly the provider it
   names, ``(tenant, provider_id)``: a provider of another tenant with the same id is a
   different provider (``rejected``, ``not_owner``); it goes through the engine's
@@ -26,6 +28,7 @@ from typing import Any, Protocol
 
 import orjson
 import redis
+from redis.typing import KeyT, StreamIdT
 
 from shardworker.db.models import provider_key
 from shardworker.db.store import Store
@@ -97,9 +100,11 @@ class Owner(Protocol):
 class CommandInbox:
     def __init__(
         self, client: redis.Redis, store: Store, engine: Engine, member: str, *, owner: Owner,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.time, reader: redis.Redis | None = None,
     ) -> None:  # fmt: skip
         self.client = client
+        # The blocking read's own client: its socket timeout must exceed the longest block.
+        self.reader = client if reader is None else reader
         self.store = store
         self.engine = engine
         self.member = member
@@ -108,20 +113,35 @@ class CommandInbox:
         self.stream = command_stream(member)
         # From the start: commands queued while this member restarted are still served.
         self._last_id = "0-0"
+        self._notes_last = "0-0"
 
     def serve(self, block_s: float) -> int:
         """Wait up to ``block_s`` for commands and apply them; returns how many arrived."""
-        got: list[tuple[Any, list[tuple[Any, Any]]]] = self.client.xread(  # type: ignore[assignment]
-            {self.stream: self._last_id}, count=50, block=max(1, int(block_s * 1000))
+        return self._read(block_s, None)[0]
+
+    def wait(self, block_s: float, notes: str) -> bool:
+        """Wait up to ``block_s`` for a command (applied) or an entry on the ``notes``
+        stream, in one blocking read; returns whether a note arrived."""
+        return self._read(block_s, notes)[1]
+
+    def _read(self, block_s: float, notes: str | None) -> tuple[int, bool]:
+        streams: dict[KeyT, StreamIdT] = {self.stream: self._last_id}
+        if notes is not None:
+            streams[notes] = self._notes_last
+        got: list[tuple[Any, list[tuple[Any, Any]]]] = self.reader.xread(  # type: ignore[assignment]
+            streams, count=50, block=max(1, int(block_s * 1000))
         )
-        count = 0
-        for _, entries in got or ():
+        count, noted = 0, False
+        for stream, entries in got or ():
+            if _str(stream) == notes:
+                self._notes_last, noted = _str(entries[-1][0]), True
+                continue
             for entry_id, fields in entries:
                 self._last_id = _str(entry_id)
                 self.handle(decode_fields(fields))
                 self.client.xdel(self.stream, self._last_id)
                 count += 1
-        return count
+        return count, noted
 
     def handle(self, command: dict[str, Any]) -> None:
         cid, pid = str(command["command_id"]), str(command["provider_id"])

@@ -10,8 +10,9 @@ the work that something changing calls for:
   view right;
 * the live members are read (heartbeats within the grace period) and joins debounced;
 * a plan runs only when providers or members changed (or the last one was rate-limited):
-  new and removed providers alone are placed incrementally, a member change re-plans
-  with rendezvous hashing and bounded loads (``assign.plan_assignment``);
+  new and removed providers alone are placed incrementally (``assign.place_new``), a
+  member change re-plans with consistent hashing and bounded loads
+  (``assign.plan_assignment``);
 * only the difference is published, as a versioned delta (``Registry.publish_delta``),
   and mirrored into Alga's lease columns; the mirror's TTL is refreshed in batches.
 
@@ -44,7 +45,7 @@ from shardworker.db.models import provider_key, split_key
 from shardworker.db.ownership import OwnershipStore
 from shardworker.errors import LeaseLostError, ShardworkerError
 from shardworker.logs import get_logger
-from shardworker.pool.assign import load_bounds, plan_assignment, score
+from shardworker.pool.assign import load_bounds, place_new, plan_assignment
 from shardworker.pool.registry import Assignment, Delta, Registry
 from shardworker.sink.housekeeping import Housekeeper
 
@@ -332,21 +333,17 @@ class Leader:
     def _place(
         self, view: View, members: tuple[str, ...], added: set[str], removed: set[str]
     ) -> dict[str, str | None]:
-        """Only providers came or went: place the new ones, each on its best-ranked member
-        below the cap; nothing else moves."""
+        """Only providers came or went: place the new ones, each on the first member
+        clockwise from it below the cap; nothing else moves."""
         changes: dict[str, str | None] = {k: None for k in removed if k in view.owners}
         if not members:
             return changes
         cap = load_bounds(len(view.providers), len(members), 0.1)[1]
-        loads = Counter({m: view.loads.get(m, 0) for m in members})
-        for key in sorted(added):
-            if key in view.owners and view.owners[key] in loads:
-                continue
-            open_members = [m for m in members if loads[m] < cap] or list(members)
-            best = max(open_members, key=lambda m: score(m, key))
-            loads[best] += 1
-            changes[key] = best
-            self.stats.moves["new"] += 1
+        loads = {m: view.loads.get(m, 0) for m in members}
+        todo = [k for k in added if view.owners.get(k) not in loads]
+        placed = place_new(todo, members, loads, cap)
+        changes.update(placed)
+        self.stats.moves["new"] += len(placed)
         return changes
 
     # -- publishing ----------------------------------------------------------------------

@@ -16,13 +16,16 @@ Keys:
   - ``sw:assign:<member>``: SET of the member's ``tenant:provider_id`` keys, its share;
   - ``sw:assignver``: HASH member → the version at which that member's share last
     changed: a worker polls this one field and reads its share only when it moved;
-  - ``sw:assignment``: HASH ``version``, ``epoch`` (of the leadership that wrote it).
+  - ``sw:assignment``: HASH ``version``, ``epoch`` (of the leadership that wrote it);
+  - ``sw:assignnote:<member>``: STREAM (its last 8 entries) of notes "your share is now at
+    version N", written with the version: a worker blocks on it instead of polling.
 
   The leader publishes *deltas* through ``registry_apply.lua``, which first checks the
   leader lease, in chunks of at most ``CHUNK_OPS`` operations; the owner-shard entry and
   the share entries of one provider always travel in the same chunk, and the versions
-  (members' and the global one) in the last, so a worker that sees a new version sees
-  every change before it.  See docs/DESIGN.md, "The incremental control plane".
+  (members' and the global one) and the notes in the last, so a worker that sees a new
+  version or a note sees every change before it.  See docs/DESIGN.md, "The incremental
+  control plane".
 """
 
 from __future__ import annotations
@@ -45,9 +48,15 @@ ASSIGNMENT = "sw:assignment"
 ASSIGN_PREFIX = "sw:assign:"
 VERSIONS = "sw:assignver"
 OWNERS_PREFIX = "sw:owners:"
+NOTES_PREFIX = "sw:assignnote:"
 OWNER_SHARDS = 256
 CHUNK_OPS = 4000
 DB_FORGET_MS = 86_400_000  # a member silent that long leaves sw:members:db
+
+
+def note_stream(member: str) -> str:
+    """The stream on which the leader notes that ``member``'s share changed."""
+    return NOTES_PREFIX + member
 
 
 def owner_shard(key: str) -> str:
@@ -170,6 +179,11 @@ class Registry:
         got = self.client.hget(VERSIONS, member)
         return None if got is None else int(got)
 
+    def wake(self, member: str, reason: str) -> None:
+        """Note on ``member``'s note stream, ending its blocking wait at once (its own
+        drain, a lease it lost: anything that must not wait for the next check)."""
+        self.client.xadd(note_stream(member), {"wake": reason}, maxlen=8)
+
     def member_assignment(self, member: str) -> MemberAssignment | None:
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hget(VERSIONS, member)
@@ -252,11 +266,13 @@ def _chunks(delta: Delta) -> list[list[str]]:
         chunks[-1] += ops
     last: list[str] = []
     for member in sorted(delta.drop):
-        last += ["del", ASSIGN_PREFIX + member, "hdel", VERSIONS, member]
+        last += ["del", ASSIGN_PREFIX + member, "hdel", VERSIONS, member,
+                 "del", note_stream(member)]  # fmt: skip
         changed.pop(member, None)
     for member in sorted(set(changed) | set(delta.touch)):
         if member not in delta.drop:
-            last += ["hset", VERSIONS, member, str(delta.version)]
+            last += ["hset", VERSIONS, member, str(delta.version),
+                     "note", note_stream(member), str(delta.version)]  # fmt: skip
     last += ["hset", ASSIGNMENT, "version", str(delta.version),
              "hset", ASSIGNMENT, "epoch", str(delta.epoch)]  # fmt: skip
     chunks.append(last)
