@@ -199,3 +199,29 @@ def test_a_silent_redis_cannot_hold_a_renewal_past_the_ttl(env: dict[str, Any]) 
         assert a.renew() == []  # nothing held; the stuck call is not waited for again
     finally:
         silent.close()
+
+
+class _FailingEpochs(OwnershipStore):
+    """PostgreSQL refusing the epoch step once (a pool timeout under load)."""
+
+    def __init__(self, inner: OwnershipStore) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.failures = 1
+
+    def acquire_epochs(self, items: Any, owner: str) -> dict[tuple[str, str], int]:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("epoch step failed")
+        return super().acquire_epochs(items, owner)
+
+
+def test_a_failed_epoch_step_leaves_no_provisional_lease_behind(env: dict[str, Any]) -> None:
+    """Else the provisional tokens keep every member off the providers for a whole TTL
+    (a graceful handoff waited 20 s for them)."""
+    items = [(env["tenant"], p) for p in env["pids"]]
+    a = LeaseManager(env["redis"], _FailingEpochs(env["ownership"]), "pod-a/0", 30.0)
+    with pytest.raises(RuntimeError, match="epoch step failed"):
+        a.acquire(items)
+    assert [env["redis"].get(lease_key(t, p)) for t, p in items] == [None] * len(items)
+    got = manager(env, "pod-b/0").acquire(items)
+    assert len(got) == len(items)

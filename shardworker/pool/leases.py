@@ -27,6 +27,7 @@ while it is still stuck, later rounds only expire leases locally.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -140,12 +141,18 @@ class LeaseManager:
         mine = [(item, tok) for item, tok, ok in zip(todo, provisional, won, strict=True) if ok]
         if not mine:
             return []
-        epochs = self.ownership.acquire_epochs([item for item, _ in mine], self.member)
-        final = [(t, p, tok, f"{self.member}|{epochs[t, p]}") for (t, p), tok in mine]
-        swapped = self._swap(
-            keys=[lease_key(t, p) for t, p, _, _ in final],
-            args=[self.ttl_ms, *[x for _, _, old, new in final for x in (old, new)]],
-        )
+        try:
+            epochs = self.ownership.acquire_epochs([item for item, _ in mine], self.member)
+            final = [(t, p, tok, f"{self.member}|{epochs[t, p]}") for (t, p), tok in mine]
+            swapped = self._swap(
+                keys=[lease_key(t, p) for t, p, _, _ in final],
+                args=[self.ttl_ms, *[x for _, _, old, new in final for x in (old, new)]],
+            )
+        except BaseException:
+            # Left in place, the provisional tokens would keep every member (this one
+            # too) off these providers for a whole TTL.
+            self._drop_provisional(mine)
+            raise
         out = [
             Lease(t, p, token, epochs[t, p], sent + self.ttl_s)
             for (t, p, _, token), ok in zip(final, swapped, strict=True)
@@ -268,6 +275,12 @@ class LeaseManager:
             raise LeaseError(
                 f"releasing {len(leases)} lease(s) failed: {type(exc).__name__}"
             ) from None
+
+    def _drop_provisional(self, mine: list[tuple[tuple[str, str], str]]) -> None:
+        """Delete the provisional tokens of a failed acquisition (those still ours)."""
+        with contextlib.suppress(redis.RedisError):  # else the TTL frees them
+            self._release(keys=[lease_key(t, p) for (t, p), _ in mine],
+                          args=[tok for _, tok in mine])  # fmt: skip
 
     def release_all(self) -> int:
         with self._lock:
