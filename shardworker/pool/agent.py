@@ -137,16 +137,19 @@ class PoolAgent:
         self._wake("drain")  # drained providers' leases are released every poll from now
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """After the engine stopped: release what is left and end both threads."""
+        """After the engine stopped: end both threads, then release what is left.
+
+        In that order: an assign round still under way could otherwise acquire leases
+        after the release, which nobody would give back before their TTL ran out."""
+        self._stop.set()
+        self._wake("stop")
+        for thread in self._threads:
+            thread.join(timeout_s)
         self._release_drained()
         try:
             self.leases.release_all()
         except ShardworkerError as exc:
             log.warning("lease_release_failed", error=str(exc))
-        self._stop.set()
-        self._wake("stop")
-        for thread in self._threads:
-            thread.join(timeout_s)
         if self.database is not None:
             self.database.stop()
         if self._wait_client is not None:
