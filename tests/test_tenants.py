@@ -55,6 +55,15 @@ class Twins:
         sessions = self.c.dovecot.who()
         return leased and all(sessions.get(u, 0) == 1 for u in self.users.values())
 
+    def settled(self, members: int) -> bool:
+        """Every member has joined and the leases follow an assignment made with all of
+        them: a rebalance still to come would log a provider in again mid-test."""
+        if len(self.c.registry.live_members(60)) < members:
+            return False
+        owners = [self.c.owners(t).get(SHARED_ID) for t in self.tenants]
+        leases = [self.c.leases(t).get(SHARED_ID) for t in self.tenants]
+        return None not in owners and owners == leases and self.both_served()
+
 
 @pytest.fixture(scope="module")
 def twins(redis_server: str, dovecot: Dovecot, tmp_path_factory: Any) -> Iterator[Twins]:
@@ -70,6 +79,15 @@ def twins(redis_server: str, dovecot: Dovecot, tmp_path_factory: Any) -> Iterato
             cluster.start_pod("pod-a")
             cluster.start_pod("pod-b")
             cluster.wait(found.both_served, 60, "both tenants' providers served")
+            # Two pods of two workers; settled twice, 2 s apart, with no login between.
+            for _ in range(10):
+                cluster.wait(lambda: found.settled(4), 60, "all four members joined")
+                logins = [found.logins(t) for t in found.tenants]
+                time.sleep(2.0)
+                if found.settled(4) and [found.logins(t) for t in found.tenants] == logins:
+                    break
+            else:
+                raise AssertionError(f"the pool never settled; {cluster.diagnose()}")
             yield found
         finally:
             cluster.close()
