@@ -31,6 +31,10 @@ POOL_TIMINGS = {
 }  # fmt: skip
 
 
+# Warnings every plaintext test rig logs, left out of :meth:`Cluster.warnings`.
+QUIET_EVENTS = frozenset({"imap_plaintext_connection"})
+
+
 class Pod:
     def __init__(self, name: str, settings: Settings, log_path: Path) -> None:
         self.name = name
@@ -183,6 +187,34 @@ class Cluster:
             f"{dict(sessions)}, assignment by pod {dict(owners)}, live members {members}, "
             f"leader {self.registry.current_leader()}"
         )
+
+    def unserved(self, by_pods: set[str]) -> str:
+        """Why :meth:`all_served` says no: the raw lease values of providers not leased
+        by ``by_pods`` and the mailboxes without exactly one session (a few of each)."""
+        prefix = f"sw:lease:{self.tenant}:"
+        raw = {pid: self.redis.get(prefix + pid) for pid in self.users}
+        leased = {p: (v.decode() if v else None) for p, v in raw.items()}
+        off = {p: v for p, v in leased.items()
+               if v is None or "|p|" in v or v.split("/")[0] not in by_pods}  # fmt: skip
+        sessions = {u: n for u, n in self.sessions().items() if n != 1}
+        some_off, some_sessions = dict(list(off.items())[:5]), dict(list(sessions.items())[:5])
+        return (f"{len(off)} not leased by {sorted(by_pods)}: {some_off}; "
+                f"{len(sessions)} without one session: {some_sessions}")  # fmt: skip
+
+    def warnings(self, limit: int = 40) -> str:
+        """The pods' warning and error lines, counted by event, with the first few in
+        full: what a failed timing assertion shows (expected plaintext notes left out)."""
+        counts: Counter[str] = Counter()
+        first: list[str] = []
+        for name, pod in self.pods.items():
+            for line in pod.log_lines():
+                event = str(line.get("event"))
+                if line.get("level") not in ("warning", "error") or event in QUIET_EVENTS:
+                    continue
+                counts[f"{name}:{event}"] += 1
+                if len(first) < limit:
+                    first.append(f"{name} {line}")
+        return f"warnings {dict(counts)}\n" + "\n".join(first)
 
     def close(self) -> None:
         for pod in self.pods.values():
