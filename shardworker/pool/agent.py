@@ -291,6 +291,8 @@ class PoolAgent:
             return
         desired = self._read_share()
         configs = self._load_configs(desired)
+        if self.draining.is_set():
+            return  # began while this round read: take nothing (stop releases what is held)
         held = self.leases.held()
         wanted = [(c.tenant, c.provider_id) for p, c in configs.items() if p not in held]
         for start in range(0, len(wanted), ACQUIRE_BATCH):
