@@ -227,7 +227,10 @@ def test_pointer_job_key_order_and_no_content(redis_client: redis.Redis) -> None
         "jobId", "schemaVersion", "tenantId", "providerId", "enqueuedAt",
         "attempt", "maxAttempts", "provider", "pointer",
     ]  # fmt: skip
-    assert uuid.UUID(job["jobId"])
+    [(_, flat)] = entries(redis_client)
+    event_id = dict(zip(flat[0::2], flat[1::2], strict=True))["event_id"]
+    assert job["jobId"] == event_id  # deterministic: a copy after a failover is recognised
+    assert uuid.UUID(job["jobId"]).version == 5
     assert (job["schemaVersion"], job["attempt"], job["maxAttempts"]) == (1, 0, 5)
     assert (job["tenantId"], job["providerId"], job["provider"]) == (TENANT, PROVIDER, "imap")
     assert job["enqueuedAt"].endswith("Z") and len(job["enqueuedAt"]) == 24

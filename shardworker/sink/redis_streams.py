@@ -151,8 +151,11 @@ def event_bus_event(out: Outbound, event_id: str) -> bytes:
     return orjson.dumps(event)
 
 
-def pointer_job(out: Outbound, enqueued_at: datetime) -> bytes:
+def pointer_job(out: Outbound, enqueued_at: datetime, job_id: str) -> bytes:
     """A unified pointer-queue job: the pointer only, never the message content.
+
+    ``job_id`` is the message's ``event_id``: a job enqueued again after a lossy Redis
+    failover carries the id of the first, so a consumer can tell the copy.
 
     ``pointer.mailbox`` is the IMAP folder: Alga's job processor SELECTs it, and falls
     back to the first folder filter when it looks like an address (wrong folder).
@@ -166,7 +169,7 @@ def pointer_job(out: Outbound, enqueued_at: datetime) -> bytes:
     if out.message_id:
         pointer["messageId"] = out.message_id
     job = {
-        "jobId": str(uuid.uuid4()),
+        "jobId": job_id,
         "schemaVersion": 1,
         "tenantId": out.tenant,
         "providerId": out.provider_id,
@@ -267,7 +270,7 @@ class RedisStreamsSink:
             event = event_bus_event(out, eid) if s.publish_event_bus else b""
         except orjson.JSONEncodeError as exc:
             raise PublishError(f"payload of UID {out.uid} is not JSON-serialisable: {exc}") from exc
-        job = pointer_job(out, datetime.now(UTC)) if s.publish_pointer_queue else b""
+        job = pointer_job(out, datetime.now(UTC), eid) if s.publish_pointer_queue else b""
         own_key = uid_key(out.tenant, out.provider_id, out.folder, out.uid_validity, out.uid)
         # No Message-ID means no identity across folders: the UID key stands in for it.
         mid_key = (
