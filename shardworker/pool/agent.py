@@ -1,10 +1,11 @@
 """A worker's membership in the pool: heartbeats, leases, and what its engine serves.
 
-Two threads, neither of which ever touches IMAP:
+Three threads, none of which ever touches IMAP:
 
-* the *keeper* heartbeats and renews every held lease in one Lua call each
-  ``lease_renew_s``; a lease that is lost (or may have expired while Redis was
-  unreachable) stops its provider in the engine at once;
+* the *keeper* renews every held lease in one Lua call each ``lease_renew_s``, and does
+  nothing else (a renewal never waits behind another call); a lease that is lost (or may
+  have expired while Redis was unreachable) stops its provider in the engine at once;
+* the *heartbeat* checks PostgreSQL (see below) and heartbeats each ``lease_renew_s``;
 * the *assigner* reads this member's share version (one small read) and the share only
   when it moved; it loads the configs of providers new to it by key, picks up config
   changes of its providers by ``updated_at`` (never re-reading every row), acquires the
@@ -116,7 +117,8 @@ class PoolAgent:
         self.registry.heartbeat(self.member, self._database_ok_age())
         if self.database is not None:
             self.database.start()
-        for name, target in (("keeper", self._keep), ("assigner", self._assign)):
+        threads = (("keeper", self._keep), ("heartbeat", self._beat), ("assigner", self._assign))
+        for name, target in threads:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -166,14 +168,9 @@ class PoolAgent:
     # -- keeper --------------------------------------------------------------------------
 
     def _keep(self) -> None:
+        """Renewals only: nothing that can block (a heartbeat stuck in a slow Redis, a
+        give-up's releases) runs between two of them."""
         while not self._stop.wait(self.settings.lease_renew_s):
-            self.check_database()
-            try:
-                with self._heartbeat_lock:
-                    if not self.draining.is_set() and not self.given_up.is_set():
-                        self.registry.heartbeat(self.member, self._database_ok_age())
-            except Exception:
-                log.warning("heartbeat_failed", member=self.member)
             lost = self.leases.renew()
             metrics.lease_renewal(self.leases.count(), len(lost))
             for lease in lost:
@@ -184,6 +181,17 @@ class PoolAgent:
                     self.on_lease_lost(lease)
             if lost:
                 self._wake("lease_lost")  # take it back at once if it is still ours
+
+    def _beat(self) -> None:
+        """Liveness on its own thread: the PostgreSQL check, then the heartbeat."""
+        while not self._stop.wait(self.settings.lease_renew_s):
+            self.check_database()
+            try:
+                with self._heartbeat_lock:
+                    if not self.draining.is_set() and not self.given_up.is_set():
+                        self.registry.heartbeat(self.member, self._database_ok_age())
+            except Exception:
+                log.warning("heartbeat_failed", member=self.member)
 
     # -- PostgreSQL unreachable ----------------------------------------------------------
 
