@@ -41,7 +41,9 @@ from typing import Any
 import psycopg
 import redis
 
+from bench import redis_counting
 from bench.common import bench_settings, private_redis, settings_env, throwaway_database
+from bench.redis_counting import CountingConnection
 from shardworker import logs
 from shardworker.config import Settings, load_settings
 from shardworker.db.ownership import OwnershipStore
@@ -89,7 +91,8 @@ class NullEngine:
 def run_members(settings: Settings, names: list[str]) -> None:
     logs.configure("WARNING", stream=sys.stderr)
     client = redis.Redis.from_url(settings.redis_url, max_connections=4 * len(names) + 8,
-                                  socket_timeout=30)  # fmt: skip
+                                  socket_timeout=30,
+                                  connection_class=CountingConnection)  # fmt: skip
     pool = open_pool(settings.database_url, max_size=4)
     ownership, store = OwnershipStore(pool), Store(pool)
     agents = []
@@ -101,12 +104,15 @@ def run_members(settings: Settings, names: list[str]) -> None:
         agent.start()
         agents.append(agent)
     while True:  # until the bench kills the process group
-        time.sleep(3600)
+        time.sleep(1.0)
+        line = {"stats": True, "redis": redis_counting.snapshot(), "t": time.time()}
+        print(json.dumps(line), file=sys.stdout, flush=True)
 
 
 def run_leader(settings: Settings, name: str) -> None:
     logs.configure("INFO", stream=sys.stderr)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30,
+                                  connection_class=CountingConnection)  # fmt: skip
     pool = open_pool(settings.database_url, max_size=2)
     ownership = OwnershipStore(pool)
     leader = Leader(settings, Registry(client), ownership, name)
@@ -117,7 +123,8 @@ def run_leader(settings: Settings, name: str) -> None:
         line = {"stats": True, "leader": s.is_leader, "version": s.version, "plans": s.plans,
                 "full_scans": ownership.full_scans, "last_round_s": s.last_round_s,
                 "members": s.members, "providers": s.providers, "unowned": s.unowned,
-                "moves": dict(s.moves), "t": time.time()}  # fmt: skip
+                "moves": dict(s.moves), "redis": redis_counting.snapshot(),
+                "t": time.time()}  # fmt: skip
         print(json.dumps(line), file=sys.stdout, flush=True)
 
 
@@ -205,9 +212,14 @@ class Probe:
         self.client = client
         self.dsn = dsn
 
-    def redis_counts(self) -> tuple[int, int, int]:
+    def redis_counts(self) -> tuple[dict[str, int], int, int]:
+        """Calls per command (``INFO commandstats``, commands inside scripts included) and
+        the server's byte totals.  The bench's own ``INFO`` calls are left out of the
+        calls; their replies (a few KB per window end) are in the server's bytes out."""
         stats = self.client.info("stats")
-        calls = sum(int(v["calls"]) for v in self.client.info("commandstats").values())
+        calls = {k.removeprefix("cmdstat_"): int(v["calls"])
+                 for k, v in self.client.info("commandstats").items()}  # fmt: skip
+        calls.pop("info", None)
         return calls, int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
 
     def pg_counts(self) -> tuple[int, int]:
@@ -251,18 +263,41 @@ def wait_for(what: str, predicate: Any, timeout_s: float, every_s: float = 0.25)
     raise SystemExit(f"{what}: not within {timeout_s:.0f}s")
 
 
-def steady(probe: Probe, leader: Proc, window_s: float, round_s: float) -> dict[str, float]:
+def client_counts(procs: Sequence[Proc]) -> dict[str, list[int]]:
+    """The simulator processes' own per-request Redis counts, summed (bench.redis_counting)."""
+    total: dict[str, list[int]] = {}
+    for proc in procs:
+        for label, row in proc.last().get("redis", {}).items():
+            mine = total.setdefault(label, [0, 0, 0])
+            for i, value in enumerate(row):
+                mine[i] += int(value)
+    return total
+
+
+def steady(
+    probe: Probe, leader: Proc, procs: Sequence[Proc], window_s: float, round_s: float
+) -> dict[str, Any]:
+    c0 = client_counts(procs)
     r0, pg0, cpu0, t0 = probe.redis_counts(), probe.pg_counts(), cpu_s(leader.pid), time.time()
     scans0 = leader.last().get("full_scans", 0)
     time.sleep(window_s)
     r1, pg1, cpu1, t1 = probe.redis_counts(), probe.pg_counts(), cpu_s(leader.pid), time.time()
+    time.sleep(1.5)  # every process has printed its counts since t1
+    c1 = client_counts(procs)
     dt = t1 - t0
     cpu = (cpu1 - cpu0) / dt
+    calls = {k: round((v - r0[0].get(k, 0)) / dt, 1) for k, v in r1[0].items()
+             if v != r0[0].get(k, 0)}  # fmt: skip
+    by_request = redis_counting.delta(c0, c1, dt)
     return {
         "window_s": round(dt, 1),
         "leader_cpu_pct": round(100 * cpu, 2),
         "leader_cpu_ms_per_round": round(1000 * cpu * round_s, 2),
-        "redis_cmds_per_s": round((r1[0] - r0[0]) / dt, 1),
+        "redis_cmds_per_s": round(sum(calls.values()), 1),
+        "redis_calls_per_s_by_command": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
+        "redis_by_request": by_request,
+        "redis_client_bytes_in_per_s": sum(r["bytes_in_per_s"] for r in by_request.values()),
+        "redis_client_bytes_out_per_s": sum(r["bytes_out_per_s"] for r in by_request.values()),
         "redis_bytes_in_per_s": round((r1[1] - r0[1]) / dt),
         "redis_bytes_out_per_s": round((r1[2] - r0[2]) / dt),
         "pg_rows_read_per_s": round((pg1[0] - pg0[0]) / dt, 1),
@@ -315,7 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["initial_settle_s"] = round(time.monotonic() - started, 1)
         time.sleep(args.quiet_s)
         lead = next(p for p in leaders if p.last().get("leader"))
-        out["steady"] = steady(probe, lead, args.window_s, settings.leader_round_s)
+        out["steady"] = steady(probe, lead, procs, args.window_s, settings.leader_round_s)
         out["steady"]["leader_rss_mb"] = round(rss_mb(lead.pid), 1)
         name, size = probe.largest_value()
         out["largest_value"] = {"key": name, "bytes": size}
@@ -427,6 +462,16 @@ def table(out: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows)
     for name, value in rows:
         buf.write(f"{name.ljust(width)}  {value}\n")
+    buf.write(f"\nRedis by request, steady (simulator sockets: in "
+              f"{s['redis_client_bytes_in_per_s']} B/s, "
+              f"out {s['redis_client_bytes_out_per_s']} B/s)\n")  # fmt: skip
+    for label, row in list(s["redis_by_request"].items())[:15]:
+        buf.write(
+            f"  {label[:48].ljust(48)} {row['requests_per_s']:>8} req/s  in "
+            f"{row['bytes_in_per_s']:>7} B/s  out {row['bytes_out_per_s']:>7} B/s\n"
+        )
+    calls = ", ".join(f"{k} {v}" for k, v in list(s["redis_calls_per_s_by_command"].items())[:12])
+    buf.write(f"Redis calls/s by command (server, inside scripts too): {calls}\n")
     return buf.getvalue()
 
 

@@ -11,7 +11,7 @@ import redis
 from shardworker.config import load_settings
 from shardworker.errors import ConfigError
 from shardworker.metrics import footprint
-from shardworker.sink.housekeeping import Housekeeper
+from shardworker.sink.housekeeping import Housekeeper, scan_coverage
 from shardworker.sink.redis_streams import FULL_FLAG, WORKFLOW_STREAM, RedisStreamsSink
 from tests.test_publish import make_settings, outbound
 
@@ -143,3 +143,42 @@ def test_a_long_read_backlog_is_trimmed_in_bounded_steps(
     while house.trim()[0].trimmed:
         pass
     assert [e for e, _ in redis_client.xrange(WORKFLOW_STREAM)] == ids[-1:]
+
+
+class ScanRecorder(redis.Redis):
+    """A client that keeps the key names its SCAN replies carried."""
+
+    scanned: list[bytes]
+
+    def scan(self, *args: Any, **kwargs: Any) -> Any:
+        cursor, keys = super().scan(*args, **kwargs)
+        self.scanned += keys
+        return cursor, keys
+
+
+def test_dedupe_sample_reads_no_other_key_name(redis_url: str) -> None:
+    """A pool's Redis holds a lease per provider: the sample must not carry their names
+    (it did: 5,000 key names per housekeeping round, most of the pool's steady traffic),
+    and the estimate, scaled by the SCAN cursor, still comes out close."""
+    client = ScanRecorder.from_url(redis_url)
+    client.scanned = []
+    client.flushdb()
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(30_000):
+            pipe.set(f"sw:lease:tenant-{i}:provider-{i}", "member|1")
+        for i in range(600):
+            pipe.set(f"sw:pub:dedupe-{i}", "x" * 40)
+        pipe.execute()
+    exact = sum(int(client.memory_usage(f"sw:pub:dedupe-{i}") or 0) for i in range(600))
+    estimate = Housekeeper(client, make_settings()).estimate_dedupe_bytes()
+    assert client.scanned and all(k.startswith(b"sw:pub:") for k in client.scanned)
+    assert estimate == pytest.approx(exact, rel=0.35)
+    client.flushdb()
+    client.close()
+
+
+def test_scan_coverage_reads_the_cursor_bits_as_a_binary_fraction() -> None:
+    assert scan_coverage(0) == 1.0
+    assert scan_coverage(0b1) == 0.5  # half of the buckets
+    assert scan_coverage(0b11) == 0.75
+    assert scan_coverage(0b10) == 0.25

@@ -17,7 +17,8 @@ Once per ``SHARDWORKER_HOUSEKEEPING_S`` the leader's round calls :meth:`Housekee
   (docs/DESIGN.md, "Lean dedupe state").
 * **Memory by kind** (stream, event bus, dedupe, DLQ, pointer queue): ``MEMORY USAGE`` of
   the few keys shardworker writes, and for the dedupe keys an estimate from a bounded
-  ``SCAN`` sample (never a full scan of a Redis that holds Alga's whole platform).
+  ``SCAN MATCH`` sample (never a full scan of a Redis that holds Alga's whole platform,
+  and no other key's name on the wire).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ TRIM_LIMIT = 50_000  # entries one XTRIM may drop per round
 SCAN_SAMPLE_STEPS = 5  # SCAN calls per round for the dedupe estimate
 SCAN_STEP_COUNT = 1000
 SIZE_SAMPLES = 5  # MEMORY USAGE of that many dedupe keys, averaged
+DEDUPE_PREFIXES = ("sw:pub:", "sw:mid:")
+DEDUPE_MATCH = "sw:[mp][iu][bd]:*"  # both prefixes (and a few names nobody writes)
 
 
 def _text(value: Any) -> str:
@@ -207,20 +210,39 @@ class Housekeeper:
         return int(self.client.memory_usage(key) or 0)
 
     def estimate_dedupe_bytes(self) -> int:
-        """Dedupe keys' bytes from a bounded SCAN sample scaled by DBSIZE.
+        """Dedupe keys' bytes from a bounded SCAN sample, scaled by how much of the
+        keyspace the sample covered (:func:`scan_coverage`).
 
-        Exact when the sample covers the whole keyspace (small Redis, tests).
+        The SCAN matches the dedupe prefixes on the server, so its replies carry only
+        dedupe keys: an unfiltered sample returned ``SCAN_SAMPLE_STEPS * SCAN_STEP_COUNT``
+        key names of whatever the Redis holds (in a pool, every provider's lease: ≈ 45 KB/s
+        at one sample per 10 s, most of the pool's steady Redis traffic).  Exact when the
+        sample covers the whole keyspace (small Redis, tests).
         """
-        visited, matched, cursor = 0, [], 0
+        matched, cursor = [], 0
         for _ in range(SCAN_SAMPLE_STEPS):
-            cursor, keys = self.client.scan(cursor, count=SCAN_STEP_COUNT)
-            visited += len(keys)
-            matched += [k for k in keys if _text(k).startswith(("sw:pub:", "sw:mid:"))]
+            cursor, keys = self.client.scan(cursor, match=DEDUPE_MATCH, count=SCAN_STEP_COUNT)
+            matched += [k for k in keys if _text(k).startswith(DEDUPE_PREFIXES)]
             if cursor == 0:
                 break
         if not matched:
             return 0
         sizes = [self._usage(_text(k)) for k in matched[:SIZE_SAMPLES]]
         mean = sum(sizes) / len(sizes)
-        count = len(matched) if cursor == 0 else len(matched) * int(self.client.dbsize()) / visited
-        return int(mean * count)
+        return int(mean * len(matched) / scan_coverage(int(cursor)))
+
+
+def scan_coverage(cursor: int) -> float:
+    """The fraction of the keyspace a SCAN has visited when it returned ``cursor``.
+
+    Redis walks its hash table in reverse-binary bucket order: the cursor's bits read
+    from the lowest up are the binary digits of the fraction of buckets done, whatever
+    the table's size (0 means the walk is complete)."""
+    if cursor == 0:
+        return 1.0
+    fraction, weight = 0.0, 0.5
+    while cursor:
+        fraction += weight * (cursor & 1)
+        cursor >>= 1
+        weight /= 2
+    return max(fraction, 2.0**-64)
