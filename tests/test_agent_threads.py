@@ -67,6 +67,21 @@ def _provider(pool: Any, tenant: str, i: int) -> str:
     )  # fmt: skip
 
 
+def _agent(
+    settings: Any, registry: Registry, leases: LeaseManager, pool: Any, *, tenant: str,
+    pids: list[str],
+) -> PoolAgent:  # fmt: skip
+    """The agent of ``ME``, published as the owner of ``pids`` by a leader."""
+    token = registry.elect("pod-a", 30, None)
+    assert token is not None
+    owners = {provider_key(tenant, p): ME for p in pids}
+    registry.publish(token, Assignment(1, 1, owners), [ME], [])
+    return PoolAgent(
+        settings, ME, registry=registry, leases=leases, store=Store(pool),
+        engine=cast(Engine, NullEngine()), released=queue.SimpleQueue(),
+    )  # fmt: skip
+
+
 def test_stop_releases_the_leases_an_assign_round_took_while_it_stopped(
     migrated_dsn: str, redis_url: str
 ) -> None:
@@ -77,15 +92,8 @@ def test_stop_releases_the_leases_an_assign_round_took_while_it_stopped(
         pids = [_provider(pool, tenant, i) for i in range(3)]
         settings = rig_settings(migrated_dsn, redis_url, "", lease_ttl_s="30")
         registry = Registry(client)
-        token = registry.elect("pod-a", 30, None)
-        assert token is not None
-        owners = {provider_key(tenant, p): ME for p in pids}
-        registry.publish(token, Assignment(1, 1, owners), [ME], [])
         leases = HeldAcquire(client, OwnershipStore(pool), ME, settings.lease_ttl_s)
-        agent = PoolAgent(
-            settings, ME, registry=registry, leases=leases, store=Store(pool),
-            engine=cast(Engine, NullEngine()), released=queue.SimpleQueue(),
-        )  # fmt: skip
+        agent = _agent(settings, registry, leases, pool, tenant=tenant, pids=pids)
         agent.start()
         assert leases.entered.wait(10), "the assigner never tried to acquire"
         stopper = threading.Thread(target=agent.stop, kwargs={"timeout_s": 10.0})
@@ -128,15 +136,8 @@ def test_a_heartbeat_stuck_in_redis_does_not_hold_the_renewals(
         pids = [_provider(pool, tenant, i) for i in range(3)]
         settings = rig_settings(migrated_dsn, redis_url, "", lease_ttl_s="2",
                                 lease_renew_s="0.3")  # fmt: skip
-        token = registry.elect("pod-a", 30, None)
-        assert token is not None
-        owners = {provider_key(tenant, p): ME for p in pids}
-        registry.publish(token, Assignment(1, 1, owners), [ME], [])
         leases = LeaseManager(client, OwnershipStore(pool), ME, settings.lease_ttl_s)
-        agent = PoolAgent(
-            settings, ME, registry=registry, leases=leases, store=Store(pool),
-            engine=cast(Engine, NullEngine()), released=queue.SimpleQueue(),
-        )  # fmt: skip
+        agent = _agent(settings, registry, leases, pool, tenant=tenant, pids=pids)
         agent.start()
         try:
             wait_until(lambda: leases.count() == 3, timeout_s=10)
