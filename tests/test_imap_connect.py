@@ -43,6 +43,7 @@ from shardworker.imap.connect import (
 from tests.conftest import start_dovecot
 from tests.harness.dovecot import Dovecot, ImapUser
 from tests.harness.net import free_port
+from tests.support import wait_until
 
 SECRET = 'pa"ss\\w0rd-s3cr3t'
 
@@ -621,7 +622,9 @@ def test_oauth2_login_on_dovecot(
     finally:
         close_client(client)
     mechanism = request.node.callspec.params["oauth_dovecot"]
-    assert f"user=<{user.name}>, method={mechanism}" in server.log_text()
+    # Dovecot writes its login line asynchronously: wait for it instead of reading once.
+    wanted = f"user=<{user.name}>, method={mechanism}"
+    wait_until(lambda: wanted in server.log_text(), timeout_s=10)
 
 
 def test_rejected_oauth2_token_on_dovecot(oauth_dovecot: tuple[Dovecot, ImapUser]) -> None:
