@@ -33,7 +33,7 @@ from tests.harness.pg import PG_ADMIN_DSN, create_database, drop_database, dsn_f
 from tests.pool_support import Cluster, Pod
 from tests.support import make_mail, message_ids
 
-PRODUCTION = {"lease_ttl_s": "8", "lease_renew_s": "2.5", "member_grace_s": "8",
+PRODUCTION = {"lease_ttl_s": "8", "lease_renew_s": "2.5", "member_grace_s": "6",
               "leader_ttl_s": "6", "leader_round_s": "1", "assignment_poll_s": "0.5",
               "join_debounce_s": "1", "drain_deadline_s": "20", "provider_refresh_s": "5",
               "worker_ping_timeout_s": "10", "sync_threads": "8"}  # fmt: skip

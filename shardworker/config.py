@@ -112,7 +112,11 @@ class Settings:
         2.5, "How often leases are renewed (one Lua call per worker).", lo=0.05, hi=1200
     )
     member_grace_s: float = _setting(
-        8.0, "A member gone for less than this keeps its providers.", lo=0, hi=3600
+        6.0,
+        "A member gone for less than this keeps its providers; below the lease TTL, so the "
+        "leader re-plans while a dead member's leases run out.",
+        lo=0,
+        hi=3600,
     )
     worker_ping_timeout_s: float = _setting(
         10.0,
@@ -581,6 +585,11 @@ def _check_cross_fields(s: Settings) -> None:
         # Two renewals may fail (a Redis blip) before the lease can lapse.
         raise ConfigError(
             f"{env_name('lease_renew_s')}: must be at most a third of SHARDWORKER_LEASE_TTL_S"
+        )
+    if s.member_grace_s < 2 * s.lease_renew_s:
+        # Members heartbeat every renewal: one late heartbeat must not drop a member.
+        raise ConfigError(
+            f"{env_name('member_grace_s')}: must be at least twice SHARDWORKER_LEASE_RENEW_S"
         )
     if s.backpressure_max_lag >= s.stream_maxlen:
         raise ConfigError(

@@ -43,6 +43,7 @@ REFUSED: list[tuple[str, dict[str, str], str]] = [
                            "SHARDWORKER_ADMIN_TOKEN": " \n"}, "SHARDWORKER_ADMIN_TOKEN"),
     ("renew-vs-ttl", {"SHARDWORKER_LEASE_TTL_S": "6", "SHARDWORKER_LEASE_RENEW_S": "2.5"},
      "SHARDWORKER_LEASE_RENEW_S"),
+    ("grace-vs-renew", {"SHARDWORKER_MEMBER_GRACE_S": "4"}, "SHARDWORKER_MEMBER_GRACE_S"),
     ("lag-vs-maxlen", {"SHARDWORKER_STREAM_MAXLEN": "1000",
                        "SHARDWORKER_BACKPRESSURE_MAX_LAG": "1000"},
      "SHARDWORKER_BACKPRESSURE_MAX_LAG"),
