@@ -64,6 +64,10 @@ def test_a_pod_cut_off_from_redis_is_replaced_and_publishes_nothing_stale(
     assert p.stale.published_while_cut == 0
     assert p.takeover_s is not None, f"its providers were not taken over: {p.unserved}"
     assert p.stale_sessions_max == 0, "the cut-off pod kept IMAP sessions after the takeover"
+    published = [e for e in runner.pool.log_entries(p.pod) if e.get("event") == "published"]
+    assert any(str(e.get("first_stream_id", "")).count("-") == 1 for e in published), (
+        "the stale check dates publishes by their stream id; no published line carries one"
+    )
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +120,8 @@ class PhaseResult:
     stale: StaleCheck = field(default_factory=StaleCheck)
     failover: dict[str, Any] = field(default_factory=dict)
     unserved: str = ""  # why the takeover did not complete during the fault, if it did not
+    # How the takeover went: (seconds since the cut, why not served yet) at each change
+    unserved_trail: list[tuple[float, str]] = field(default_factory=list)
     cut_at: str = ""
     heal_at: str = ""
     # IMAP sessions the cut-off pod still had open once others served all its providers
@@ -277,6 +279,10 @@ class PhaseRunner:
     def _check_takeover(self, fault: Fault, pod: str, result: PhaseResult, started: float) -> None:
         if result.takeover_s is None:
             result.unserved = self._unserved(frozenset({pod}))
+            trail = result.unserved_trail
+            if result.unserved and (not trail or trail[-1][1] != result.unserved):
+                trail.append((round(time.monotonic() - started, 1), result.unserved))
+                del trail[:-20]
             if not result.unserved and self._cutting:
                 result.takeover_s = round(time.monotonic() - started, 1)
         elif not fault.flap_s and "imap" not in fault.deps:
@@ -345,23 +351,7 @@ class PhaseRunner:
         return [tuple(str(v) for v in row) for row in rows]
 
     def stale_check(self, pod: str, cut_wall: float, heal_wall: float) -> StaleCheck:
-        """Per worker pid: a ``published`` line for a provider it had given up is stale."""
-        out = StaleCheck()
-        owned: dict[int, set[str]] = {}
-        for e in self.pool.log_entries(pod):
-            pid, event, provider = e.get("pid", 0), e.get("event"), str(e.get("provider_id", ""))
-            mine = owned.setdefault(pid, set())
-            if event == "lease_acquired":
-                mine.add(provider)
-            elif event in ("lease_lost", "provider_dropped"):
-                out.leases_lost += event == "lease_lost" and cut_wall <= e["t"]
-                mine.discard(provider)
-            elif event == "session_error" and e.get("error_type") == "FencedError":
-                out.fenced += cut_wall <= e["t"]
-            elif event == "published" and e["t"] >= cut_wall:
-                out.published_after_loss += provider not in mine
-                out.published_while_cut += cut_wall + self.ttl_s < e["t"] < heal_wall
-        return out
+        return stale_check(self.pool.log_entries(pod), cut_wall, heal_wall, self.ttl_s)
 
 
 @dataclass
@@ -422,6 +412,42 @@ def run_partitions(plan: Plan, log_dir: Path, progress: Progress = print) -> Run
         return RunReport(plan, phases, runner.ready_s, total, load)
 
 
+def stale_check(
+    entries: Iterable[dict[str, Any]], cut_wall: float, heal_wall: float, ttl_s: float
+) -> StaleCheck:
+    """Per worker pid: a ``published`` line for a provider it had given up is stale.
+
+    A ``published`` line is written after the checkpoint, which can come much later than
+    the XADD (a PostgreSQL cut holds it): it is dated by its first stream id, the moment
+    Redis accepted the publish, so a publish made under the lease and checkpointed after a
+    give-up (the epoch still the owner's) is not counted."""
+    out = StaleCheck()
+    owned: dict[int, set[str]] = {}
+    for e in sorted(entries, key=_event_time):
+        pid, event, provider = e.get("pid", 0), e.get("event"), str(e.get("provider_id", ""))
+        mine = owned.setdefault(pid, set())
+        at = _event_time(e)
+        if event == "lease_acquired":
+            mine.add(provider)
+        elif event in ("lease_lost", "provider_dropped"):
+            out.leases_lost += event == "lease_lost" and cut_wall <= at
+            mine.discard(provider)
+        elif event == "session_error" and e.get("error_type") == "FencedError":
+            out.fenced += cut_wall <= at
+        elif event == "published" and at >= cut_wall:
+            out.published_after_loss += provider not in mine
+            out.published_while_cut += cut_wall + ttl_s < at < heal_wall
+    return out
+
+
+def _event_time(entry: dict[str, Any]) -> float:
+    """A log entry's time; a ``published`` line's is its first XADD's (the stream id)."""
+    stream_id = entry.get("first_stream_id") if entry.get("event") == "published" else None
+    if isinstance(stream_id, str) and "-" in stream_id:
+        return int(stream_id.split("-", 1)[0]) / 1000
+    return float(entry["t"])
+
+
 def _iso(wall: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
 
@@ -448,6 +474,7 @@ def phase_line(p: PhaseResult) -> str:
         f"{p.stale.published_after_loss + p.stale.published_while_cut}, stale sessions "
         f"{p.stale_sessions_max} (cut {p.cut_at}, heal {p.heal_at} UTC)"
         + (f"; before the heal: {p.unserved}" if p.takeover_s is None and p.unserved else "")
+        + (f"; takeover trail: {p.unserved_trail[-3:]}" if p.unserved_trail else "")
         + (f"; ledger of lost: {p.ledger_of_lost[:3]}" if p.ledger_of_lost else "")
         + (f"; ledger of duplicated: {p.ledger_of_duplicated}" if p.ledger_of_duplicated else "")
     )

@@ -257,9 +257,12 @@ class FolderSync:
             )  # fmt: skip
             self._settle(cursor.uid_validity, entries)
         if entries:
+            # Logged after the checkpoint; the stream id dates the first XADD (Redis's clock).
+            first = next((e.stream_id for e in entries if e.status == "published"), None)
             log.info(
                 "published", **self.log_fields, count=len(entries), first_uid=batch[0].uid,
                 last_uid=batch[-1].uid, epoch=self.ctx.epoch, backfill=backfill,
+                first_stream_id=first,
             )  # fmt: skip
 
     def _settle(self, uid_validity: int, entries: list[LedgerEntry]) -> None:
