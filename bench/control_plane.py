@@ -11,7 +11,8 @@ provider as soon as it is told to stop.  Measured:
 * steady state: leader CPU per round and per second; Redis commands and bytes per second
   (``INFO commandstats`` / ``INFO stats`` deltas of the private server, every member
   together); PostgreSQL rows read and written per second (``pg_stat_user_tables``);
-* a member process SIGKILLed: time until every provider it held is leased elsewhere, and
+* one member SIGKILLed (it runs alone in its own process, as a worker does), then a
+  process of several members: time until every provider it held is leased elsewhere, and
   providers moved against the optimum (the ones it held);
 * a member joining: time until its share is leased, moved against the optimum (its load);
 * the leader SIGKILLed: time until the standby leads, providers moved (ideally none);
@@ -338,9 +339,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         leaders = [Proc("leader", env, ["--name", f"coord-{i}"], logdir / f"leader{i}.log")
                    for i in range(2)]  # fmt: skip
         procs += leaders
-        per = -(-args.members // args.procs)
-        groups = [member_names(i, min(per, args.members - i * per)) for i in range(args.procs)
-                  if args.members - i * per > 0]  # fmt: skip
+        # M - 1 members over the processes, plus one member alone in its own process: the
+        # one killed first, as a crashed worker (one member) is in production.
+        rest = args.members - 1
+        per = -(-rest // args.procs)
+        groups = [member_names(i, min(per, rest - i * per)) for i in range(args.procs)
+                  if rest - i * per > 0]  # fmt: skip
+        groups.append(["sim-solo/0"])
         members = [Proc("members", env, ["--names", ",".join(g)], logdir / f"members{i}.log")
                    for i, g in enumerate(groups)]  # fmt: skip
         procs += members
@@ -356,6 +361,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["largest_value"] = {"key": name, "bytes": size}
         out["member_killed"] = kill_members(probe, members[-1], groups[-1], keys, settings)
         procs.remove(members[-1])
+        out["member_process_killed"] = kill_members(probe, members[-2], groups[-2], keys,
+                                                    settings)  # fmt: skip
+        procs.remove(members[-2])
         out["member_joined"] = join_member(probe, env, logdir, keys, procs)
         out["leader_killed"] = kill_leader(probe, leaders, keys)
         out["ttl_s"] = settings.lease_ttl_s
@@ -438,6 +446,7 @@ def kill_leader(probe: Probe, leaders: list[Proc], keys: list[str]) -> dict[str,
 def table(out: dict[str, Any]) -> str:
     buf = io.StringIO()
     s, k, j, ld = out["steady"], out["member_killed"], out["member_joined"], out["leader_killed"]
+    kp = out["member_process_killed"]
     rows = [
         ("providers / members", f"{out['providers']} / {out['members']}"),
         ("initial settle", f"{out['initial_settle_s']} s"),
@@ -448,9 +457,12 @@ def table(out: dict[str, Any]) -> str:
         ("PostgreSQL, steady", f"{s['pg_rows_read_per_s']} rows read/s, "
                                f"{s['pg_rows_written_per_s']} rows written/s"),
         ("full scans in window", str(s["full_scans_in_window"])),
-        ("member process killed", f"{k['members']} members, {k['providers_held']} providers "
-                                  f"leased elsewhere in {k['leased_elsewhere_s']} s (TTL "
-                                  f"{k['ttl_s']} s), moved {k['moved_vs_optimum']} x optimum"),
+        ("member killed", f"{k['providers_held']} providers leased elsewhere in "
+                          f"{k['leased_elsewhere_s']} s (TTL {k['ttl_s']} s), moved "
+                          f"{k['moved_vs_optimum']} x optimum"),
+        ("member process killed", f"{kp['members']} members, {kp['providers_held']} providers "
+                                  f"leased elsewhere in {kp['leased_elsewhere_s']} s (TTL "
+                                  f"{kp['ttl_s']} s), moved {kp['moved_vs_optimum']} x optimum"),
         ("member joined", f"share of {j['load']} leased in {j['share_leased_s']} s, moved "
                           f"{j['moved_vs_optimum']} x optimum"),
         ("leader killed", f"standby leads in {ld['new_leader_s']} s, moved {ld['moved']}, "
