@@ -223,6 +223,11 @@ class Probe:
         calls.pop("info", None)
         return calls, int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
 
+    def redis_cpu_s(self) -> float:
+        """CPU seconds the Redis server has used (``INFO cpu``, user + system)."""
+        cpu = self.client.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
     def pg_counts(self) -> tuple[int, int]:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute("SELECT pg_stat_clear_snapshot()")
@@ -280,9 +285,11 @@ def steady(
 ) -> dict[str, Any]:
     c0 = client_counts(procs)
     r0, pg0, cpu0, t0 = probe.redis_counts(), probe.pg_counts(), cpu_s(leader.pid), time.time()
+    redis_cpu0 = probe.redis_cpu_s()
     scans0 = leader.last().get("full_scans", 0)
     time.sleep(window_s)
     r1, pg1, cpu1, t1 = probe.redis_counts(), probe.pg_counts(), cpu_s(leader.pid), time.time()
+    redis_cpu1 = probe.redis_cpu_s()
     time.sleep(1.5)  # every process has printed its counts since t1
     c1 = client_counts(procs)
     dt = t1 - t0
@@ -295,6 +302,7 @@ def steady(
         "leader_cpu_pct": round(100 * cpu, 2),
         "leader_cpu_ms_per_round": round(1000 * cpu * round_s, 2),
         "redis_cmds_per_s": round(sum(calls.values()), 1),
+        "redis_server_cpu_pct": round(100 * (redis_cpu1 - redis_cpu0) / dt, 1),
         "redis_calls_per_s_by_command": dict(sorted(calls.items(), key=lambda kv: -kv[1])),
         "redis_by_request": by_request,
         "redis_client_bytes_in_per_s": sum(r["bytes_in_per_s"] for r in by_request.values()),
@@ -453,7 +461,8 @@ def table(out: dict[str, Any]) -> str:
         ("leader CPU, steady", f"{s['leader_cpu_pct']} % of a core, "
                                f"{s['leader_cpu_ms_per_round']} ms/round"),
         ("Redis, steady (all)", f"{s['redis_cmds_per_s']} cmd/s, in {s['redis_bytes_in_per_s']} "
-                                f"B/s, out {s['redis_bytes_out_per_s']} B/s"),
+                                f"B/s, out {s['redis_bytes_out_per_s']} B/s, server CPU "
+                                f"{s['redis_server_cpu_pct']} % of a core"),
         ("PostgreSQL, steady", f"{s['pg_rows_read_per_s']} rows read/s, "
                                f"{s['pg_rows_written_per_s']} rows written/s"),
         ("full scans in window", str(s["full_scans_in_window"])),
