@@ -613,7 +613,8 @@ class StageTracer:
         ("shardworker.db.store", "Store", "commit_batch"),
         ("shardworker.sink.redis_streams", "RedisStreamsSink", "publish_batch"),
         ("shardworker.sink.redis_streams", "RedisStreamsSink", "backpressured"),
-        ("shardworker.gate", "MessageGate", "admit"),
+        ("shardworker.gate", "MessageGate", "assess"),  # classify, no Redis
+        ("shardworker.gate", "MessageGate", "ask"),  # the guard's own round trip (flag)
     )
 
     def __init__(self) -> None:

@@ -17,6 +17,12 @@ rule); a ping-pong stops for good, because a held message is never answered.  Ke
 tenant and provider in a hash tag, and a SHA-1 of the address, never the address:
 ``sw:loop:{<tenant>:<provider_id>}:<sha1(sender)>``.
 
+The check is :data:`HIT`, one script call per message (:meth:`SenderRateGuard.check`).  A
+sink that writes to the same Redis makes the same check inside its publish script instead
+(``lua/publish.lua``, KEYS[7..8]): :meth:`SenderRateGuard.plan` gives it the question as a
+:class:`~shardworker.sink.base.RateCheck` and :meth:`SenderRateGuard.record` takes its
+answer, so counters, hooks and the trip log are the same either way.
+
 Core code never imports prometheus_client: :class:`GuardStats` holds plain counters and
 ``on_trip`` / ``on_held`` hooks let the metrics module count.
 """
@@ -35,6 +41,7 @@ from redis.exceptions import RedisError
 
 from shardworker.errors import PublishError
 from shardworker.logs import get_logger
+from shardworker.sink.base import RateCheck
 
 log = get_logger(__name__)
 
@@ -43,6 +50,8 @@ log = get_logger(__name__)
 # Returns {rank, first_trip (0/1)}: the message's rank among the admitted ones (0 =
 # oldest), or the limit when it is held.  Only admitted messages are stored, so the set
 # never exceeds the limit, and a message seen before gets the answer it got then.
+# lua/publish.lua repeats these lines for its own rate check; tests/test_publish_rate.py
+# holds the two to the same answers.
 HIT = """
 local now, window, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
@@ -147,20 +156,44 @@ class SenderRateGuard:
         domain = "@" + address.rsplit("@", 1)[-1] if "@" in address else ""
         return not address or address in self.exempt or domain in self.exempt
 
-    def check(self, tenant: str, provider_id: str, sender: str, message_key: str) -> GuardAnswer:
+    def plan(
+        self, tenant: str, provider_id: str, sender: str, message_key: str
+    ) -> RateCheck | None:
+        """The question to ask for this message now; None when the guard lets it through
+        unasked (off, or an exempt sender)."""
         if self.limit <= 0 or self.is_exempt(sender):
-            return GuardAnswer(held=False)
+            return None
         key = sender_key(tenant, provider_id, sender)
-        rank, first = self.store.hit(
-            key, message_key, now_ms=int(self.clock() * 1000), window_ms=self.window_ms,
-            limit=self.limit,
+        return RateCheck(
+            key=key, marker_key=key + ":tripped", member=message_key,
+            now_ms=int(self.clock() * 1000), window_ms=self.window_ms, limit=self.limit,
         )  # fmt: skip
-        held = rank >= self.limit
+
+    def check(self, tenant: str, provider_id: str, sender: str, message_key: str) -> GuardAnswer:
+        rate = self.plan(tenant, provider_id, sender, message_key)
+        if rate is None:
+            return GuardAnswer(held=False)
+        return self.ask(tenant, provider_id, sender, rate)
+
+    def ask(self, tenant: str, provider_id: str, sender: str, rate: RateCheck) -> GuardAnswer:
+        """:meth:`plan`'s question, asked in a round trip of its own."""
+        rank, first = self.store.hit(
+            rate.key, rate.member, now_ms=rate.now_ms, window_ms=rate.window_ms,
+            limit=rate.limit,
+        )  # fmt: skip
+        return self.record(tenant, provider_id, sender, rate, rank=rank, first=first)
+
+    def record(
+        self, tenant: str, provider_id: str, sender: str, rate: RateCheck, *, rank: int,
+        first: bool,
+    ) -> GuardAnswer:  # fmt: skip
+        """Count an answer to ``rate`` (from :meth:`ask` or a sink's publish)."""
+        held = rank >= rate.limit
         self.stats.add(held=held, tripped=first)
         if held and self.on_held is not None:
             self.on_held()
         if first:
-            self._tripped(tenant, provider_id, sender, key)
+            self._tripped(tenant, provider_id, sender, rate.key)
         return GuardAnswer(held=held, rank=rank, first_trip=first)
 
     def _tripped(self, tenant: str, provider_id: str, sender: str, key: str) -> None:

@@ -50,6 +50,9 @@ class MemorySink:
     def last_backpressure(self) -> bool:
         return self.lagging
 
+    def checks_rates(self) -> bool:
+        return False  # the engine asks the loop guard itself
+
     def settle(self, settled: Sequence[Settled]) -> None:
         with self.lock:
             for s in settled:

@@ -1,6 +1,11 @@
 """The per-folder pipeline: fetch → parse → publish exactly once → checkpoint.
 
 Runs on a sync thread with the folder's session selected.  Everything is UID-based.
+Under the loop guard's rate action ``skip`` (the default), the sender's rate check travels
+in the publish script (``lua/publish.lua``, when the sink ``checks_rates``): the push path
+then makes one Redis round trip before and including the XADD.  A message it holds writes
+nothing and gets the ledger row ``skipped`` / ``sender_rate_limited``, with the same
+counters, metrics and log lines as a guard asked before the publish (``shardworker.gate``).
 A backlog drains in batches of ``max_emails_per_sync`` until nothing is left (no per-cycle
 cap leaves mail waiting); only backpressure or an error stops it early, and then the
 cursor stands exactly after the last committed batch.
@@ -22,7 +27,7 @@ from shardworker.config import Settings
 from shardworker.db.store import FolderCursor, LedgerEntry, ProviderConfig, Store
 from shardworker.engine.claims import MessageIdClaims
 from shardworker.errors import ParseError
-from shardworker.gate import MessageGate
+from shardworker.gate import Assessment, MessageGate
 from shardworker.imap.dialects import apply_gmail, wanted_in_all_mail
 from shardworker.imap.session import FolderSession, MessageInfo, Prefetch
 from shardworker.logs import get_logger
@@ -35,7 +40,15 @@ from shardworker.mime import (
     parse_message,
     plan_large_fetch,
 )
-from shardworker.sink.base import DeadLetter, Fence, Outbound, Settled, Sink
+from shardworker.sink.base import (
+    DeadLetter,
+    Fence,
+    Outbound,
+    PublishResult,
+    RateCheck,
+    Settled,
+    Sink,
+)
 
 log = get_logger(__name__)
 
@@ -69,6 +82,17 @@ class _Collected:
     result: SyncResult
     parsed: list[tuple[int, ParsedMail]] = field(default_factory=list)
     dead: list[LedgerEntry] = field(default_factory=list)
+
+
+@dataclass
+class _Ready:
+    """A batch's admitted messages, waiting for their publish round trip."""
+
+    result: SyncResult
+    entries: list[LedgerEntry]
+    outbound: list[Outbound] = field(default_factory=list)
+    # UID -> the assessment of a message whose publish makes its rate check.
+    folded: dict[int, Assessment] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -343,43 +367,70 @@ class FolderSync:
         mids: Mapping[str, str | None], result: SyncResult, entries: list[LedgerEntry],
     ) -> list[LedgerEntry]:  # fmt: skip
         """Admit and publish parsed messages the ledger does not hold by Message-ID."""
-        outbound: list[Outbound] = []
+        ready = _Ready(result, entries)
         for info, mail, key in keyed:
             if key in mids:
                 entries.append(LedgerEntry(info.uid, key, mids[key], "duplicate"))
                 result.duplicates += 1
                 continue
-            admitted = self._admit(uid_validity, info, mail, key)
-            if isinstance(admitted, Outbound):
-                outbound.append(admitted)
-            else:
-                entries.append(admitted)
+            skipped = self._admit(uid_validity, info, mail, key, ready)
+            if skipped is not None:
+                entries.append(skipped)
                 result.skipped += 1
-        if outbound:
-            results = self.ctx.sink.publish_batch(outbound, self.ctx.fence)
-            done = time.monotonic()
-            for out, res in zip(outbound, results, strict=True):
-                if res.dead_lettered:
-                    # Dead-lettered by an earlier attempt that crashed before its checkpoint.
-                    entries.append(LedgerEntry(out.uid, out.identity, None, "dead_lettered",
-                                               "dead-lettered earlier"))  # fmt: skip
-                    continue
-                status = "duplicate" if res.duplicate else "published"
-                entries.append(LedgerEntry(out.uid, out.identity, res.stream_id, status))
-                if res.duplicate:
-                    result.duplicates += 1
-                else:
-                    result.published += 1
-                    result.published_at.append(done)
+        self._publish_ready(ready)
         return entries
 
+    def _publish_ready(self, ready: _Ready) -> None:
+        """One publish round trip for the admitted messages, then their ledger entries."""
+        outbound, folded = ready.outbound, ready.folded
+        if not outbound:
+            return
+        ready.outbound, ready.folded = [], {}
+        results = self.ctx.sink.publish_batch(outbound, self.ctx.fence)
+        done = time.monotonic()
+        for out, res in zip(outbound, results, strict=True):
+            assessment = folded.get(out.uid)
+            if assessment is not None and not self._rate_answered(out, res, assessment, ready):
+                continue
+            if res.dead_lettered:
+                # Dead-lettered by an earlier attempt that crashed before its checkpoint.
+                ready.entries.append(LedgerEntry(out.uid, out.identity, None, "dead_lettered",
+                                                 "dead-lettered earlier"))  # fmt: skip
+                continue
+            status = "duplicate" if res.duplicate else "published"
+            ready.entries.append(LedgerEntry(out.uid, out.identity, res.stream_id, status))
+            if res.duplicate:
+                ready.result.duplicates += 1
+            else:
+                ready.result.published += 1
+                ready.result.published_at.append(done)
+
+    def _rate_answered(
+        self, out: Outbound, res: PublishResult, assessment: Assessment, ready: _Ready
+    ) -> bool:
+        """The publish made the message's rate check: count its answer as the gate's own;
+        False when it held the message (then nothing was written)."""
+        assert self.ctx.gate is not None
+        adm = self.ctx.gate.record(assessment, rank=res.rank, first_trip=res.first_trip)
+        provider_metrics.loop_message(adm.decision.verdict.klass.value, adm.decision.action.value)
+        if adm.publish:
+            return True
+        log.info("message_skipped", **self.log_fields, uid=out.uid, reason=adm.ledger_reason)
+        ready.entries.append(LedgerEntry(out.uid, out.identity, None, "skipped",
+                                         adm.ledger_reason))  # fmt: skip
+        ready.result.skipped += 1
+        return False
+
     def _admit(
-        self, uid_validity: int, info: MessageInfo, mail: ParsedMail, key: str
-    ) -> Outbound | LedgerEntry:
-        """The message's event, or the ledger row that says why it is not published.
+        self, uid_validity: int, info: MessageInfo, mail: ParsedMail, key: str, ready: _Ready
+    ) -> LedgerEntry | None:
+        """Queue the message's event in ``ready``, or the ledger row that says why not.
 
         Only messages about to be published get here (never a duplicate), so a retried
-        batch or a second folder never counts against the sender's rate.
+        batch or a second folder never counts against the sender's rate.  Under the rate
+        action ``skip`` the publish itself makes the rate check (``MessageGate.folds``);
+        a guard asked here is asked after the messages before it were published, so the
+        sender's window counts in batch order either way.
         """
         labels, gmail = self.ctx.gmail_labels, info.gmail
         if labels is not None and gmail is not None and not wanted_in_all_mail(gmail, labels):
@@ -388,21 +439,33 @@ class FolderSync:
         gate, p = self.ctx.gate, self.ctx.provider
         if gate is None:
             data = mail.email_data if gmail is None else apply_gmail(mail.email_data, gmail)
-            return self._outbound(uid_validity, info.uid, mail, data, key)
-        adm = gate.admit(
+            ready.outbound.append(self._outbound(uid_validity, info.uid, mail, data, key))
+            return None
+        assessment = gate.assess(
             tenant=p.tenant, provider_id=p.provider_id, mailbox=p.mailbox, message_key=key,
             email_data=mail.email_data, gmail=gmail,
         )  # fmt: skip
+        if gate.folds(assessment) and self.ctx.sink.checks_rates():
+            data = gate.conclude(assessment, held=False).email_data
+            out = self._outbound(uid_validity, info.uid, mail, data, key, rate=assessment.rate)
+            ready.outbound.append(out)
+            ready.folded[info.uid] = assessment
+            return None
+        if assessment.rate is not None and ready.folded:
+            self._publish_ready(ready)
+        adm = gate.ask(assessment)
         provider_metrics.loop_message(adm.decision.verdict.klass.value, adm.decision.action.value)
         if not adm.publish:
             log.info("message_skipped", **self.log_fields, uid=info.uid,
                      reason=adm.ledger_reason)  # fmt: skip
             return LedgerEntry(info.uid, key, None, "skipped", adm.ledger_reason)
-        return self._outbound(uid_validity, info.uid, mail, adm.email_data, key)
+        ready.outbound.append(self._outbound(uid_validity, info.uid, mail, adm.email_data, key))
+        return None
 
     def _outbound(
-        self, uid_validity: int, uid: int, mail: ParsedMail, email_data: dict[str, Any], key: str
-    ) -> Outbound:
+        self, uid_validity: int, uid: int, mail: ParsedMail, email_data: dict[str, Any], key: str,
+        *, rate: RateCheck | None = None,
+    ) -> Outbound:  # fmt: skip
         p = self.ctx.provider
         now = datetime.now(UTC)
         payload = build_payload(
@@ -419,6 +482,7 @@ class FolderSync:
             payload=payload,
             event_time=now,
             dedupe_key=key,
+            rate=rate,
         )
 
     def _fetch_and_parse(

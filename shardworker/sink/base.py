@@ -33,6 +33,25 @@ class Fence:
 
 
 @dataclass(frozen=True)
+class RateCheck:
+    """The per-sender rate check (:mod:`shardworker.loopguard`) a sink makes atomically with
+    the write, so that it costs no round trip of its own.
+
+    ``member`` (the message's identity) counts in the sorted set ``key`` unless ``limit``
+    members already arrived within ``window_ms`` before ``now_ms``; then the message is
+    *held*: nothing is written, and ``marker_key`` (set once per window) tells the first
+    hold.  A member counted before gets the answer it got then.
+    """
+
+    key: str
+    marker_key: str
+    member: str
+    now_ms: int
+    window_ms: int
+    limit: int
+
+
+@dataclass(frozen=True)
 class Outbound:
     """One parsed message ready to publish; ``payload`` is the full event payload."""
 
@@ -48,6 +67,8 @@ class Outbound:
     # The cross-folder identity the engine's ledger dedupes on: Gmail's ``gm:<X-GM-MSGID>``,
     # else the Message-ID (None: the Message-ID).  ``message_id`` stays the RFC one.
     dedupe_key: str | None = None
+    # Publish only if the sender is under this rate (None: no check).
+    rate: RateCheck | None = None
 
     @property
     def identity(self) -> str:
@@ -60,12 +81,19 @@ class PublishResult:
 
     ``dead_lettered`` (then also ``duplicate``) means the UID was dead-lettered earlier;
     ``stream_id`` is then that dead-letter entry's id.
+
+    ``held``: the message's :class:`RateCheck` held it; nothing was written and
+    ``stream_id`` is ''.  ``rank`` is its rank among the sender's counted messages (the
+    limit when held), ``first_trip`` whether this was the window's first hold.
     """
 
     uid: int
     stream_id: str
     duplicate: bool
     dead_lettered: bool = False
+    held: bool = False
+    rank: int = 0
+    first_trip: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,7 +138,17 @@ class Sink(Protocol):
         Raises FencedError when ``fence`` is not held (those messages wrote nothing; any
         earlier ones that did are answered as duplicates on the retry), PublishError when
         the sink fails.  ``fence=None`` (tests, tools) publishes unfenced.
+
+        A message with ``rate`` set is checked against it first, in batch order, before
+        its dedupe keys (as if the engine had asked the guard just before the publish):
+        held, it writes nothing and its result says ``held``.  Only a sink whose
+        :meth:`checks_rates` is True is handed such messages.
         """
+        ...
+
+    def checks_rates(self) -> bool:
+        """Whether :meth:`publish_batch` makes ``Outbound.rate`` checks: a sink on the
+        Redis the rate guard counts in.  Otherwise the engine asks the guard itself."""
         ...
 
     def dead_letter(self, letter: DeadLetter, fence: Fence | None) -> str:

@@ -2,7 +2,10 @@
 exactly-once Lua, dead letters, backpressure.
 
 Every message is one EVALSHA of ``lua/publish.lua``; a batch is one pipelined round trip.
-The script checks the lease token (fencing), then two dedupe keys: the UID key answers
+The script checks the lease token (fencing), then, for a message that carries a
+:class:`~shardworker.sink.base.RateCheck`, the sender's rate window (the loop guard's
+check, made here so that the push path pays no round trip for it: a held message writes
+nothing), then two dedupe keys: the UID key answers
 "this UID was published" and the Message-ID key answers "this message was published from
 another folder".  Either hit returns the original stream id and writes nothing, so a
 batch retried after a crash (or a redis-py connection retry) never publishes twice.
@@ -35,7 +38,14 @@ from shardworker.errors import ConfigError, FencedError, PublishError
 from shardworker.logs import get_logger
 from shardworker.luasource import lua_source
 from shardworker.redisconn import STALE_REQUEST_S, watch_failures
-from shardworker.sink.base import DeadLetter, Fence, Outbound, PublishResult, Settled
+from shardworker.sink.base import (
+    DeadLetter,
+    Fence,
+    Outbound,
+    PublishResult,
+    RateCheck,
+    Settled,
+)
 from shardworker.sink.replication import ReplicaWait
 
 log = get_logger(__name__)
@@ -52,7 +62,7 @@ POINTER_MAX_ATTEMPTS = 5
 # Fixed for good: changing it would give every message already published a new identity.
 EVENT_ID_NAMESPACE = uuid.UUID("def6c723-9e54-4f8e-b707-e8205deb568b")
 
-_STATUS_WRITTEN, _STATUS_DUPLICATE, _STATUS_DEAD_LETTERED = 0, 1, 2
+_STATUS_WRITTEN, _STATUS_DUPLICATE, _STATUS_DEAD_LETTERED, _STATUS_HELD = 0, 1, 2, 3
 _URL_CREDENTIALS = re.compile(r"(//)[^/@\s]*@")
 
 
@@ -262,6 +272,10 @@ class RedisStreamsSink:
             self._replicas.ensure("publish")
             return results
 
+    def checks_rates(self) -> bool:
+        """Yes: ``publish.lua`` makes the rate check, in the Redis the guard counts in."""
+        return True
+
     def _publish_call(self, out: Outbound, fence: Fence | None) -> _Call:
         s = self._settings
         eid = event_id_for(out.tenant, out.provider_id, out.folder, out.uid_validity, out.uid)
@@ -283,6 +297,7 @@ class RedisStreamsSink:
             fence.lease_key if fence else "",
             self._event_bus_stream,
             POINTER_QUEUE,
+            *_rate_keys(out.rate),
         ]
         args: list[str | bytes] = [
             fence.token if fence else "",
@@ -292,6 +307,7 @@ class RedisStreamsSink:
             "1" if s.publish_pointer_queue else "0",
             event,
             job,
+            *_rate_args(out.rate),
             *workflow_fields(out, eid, payload_json, event_bus=s.publish_event_bus),
         ]
         return keys, args
@@ -299,12 +315,15 @@ class RedisStreamsSink:
     def _publish_result(self, out: Outbound, reply: Any) -> PublishResult:
         if isinstance(reply, Exception):
             raise PublishError(f"publish of UID {out.uid} failed: {_scrub(str(reply))}")
-        stream_id, status = _text(reply[0]), int(reply[1])
+        stream_id, status, rank, first = _text(reply[0]), int(reply[1]), reply[2], reply[3]
         return PublishResult(
             uid=out.uid,
             stream_id=stream_id,
-            duplicate=status != _STATUS_WRITTEN,
+            duplicate=status in (_STATUS_DUPLICATE, _STATUS_DEAD_LETTERED),
             dead_lettered=status == _STATUS_DEAD_LETTERED,
+            held=status == _STATUS_HELD,
+            rank=int(rank),
+            first_trip=bool(int(first)),
         )
 
     @staticmethod
@@ -493,6 +512,16 @@ class RedisStreamsSink:
     def _stream_full(self) -> bool:
         with _redis_errors("EXISTS"):
             return bool(self._client.exists(FULL_FLAG))
+
+
+def _rate_keys(rate: RateCheck | None) -> list[str]:
+    return ["", ""] if rate is None else [rate.key, rate.marker_key]
+
+
+def _rate_args(rate: RateCheck | None) -> list[str | bytes]:
+    if rate is None:
+        return ["0", "", "", ""]
+    return [str(rate.limit), str(rate.window_ms), str(rate.now_ms), rate.member]
 
 
 def _is_fenced(error: ResponseError) -> bool:
