@@ -26,6 +26,12 @@ loads from ``[floor, cap]`` by at least one, so repeated rounds converge, then m
 
 Cost: a cold start hashes each provider once and walks a few ring points for it; a lost
 member costs its providers; a taker in phase 4 visits about as many providers as it takes.
+``plan_assignment`` still touches every provider (the keep pass, the result); the leader
+runs it only on its first round and at each reconcile.  Between those a member change is
+``pool.placement.Placement.replan``: the same phases (``Round``) over state kept between
+rounds, so it costs only what moves.  No step sorts a million items in one call (the
+input is sorted in runs, the ring order kept in buckets), so the leader's lease thread
+gets the GIL within a fraction of a second even during a full plan.
 """
 
 from __future__ import annotations
