@@ -231,3 +231,39 @@ def test_one_blocking_read_ends_on_a_note_or_a_command_and_otherwise_at_the_time
     assert inbox.wait(5.0, stream) is False  # a command ends the wait too, and is served
     assert time.monotonic() - started < 2.0
     assert rig.redis.hget(status_key("e" * 32), "state") == b"rejected"
+
+
+def test_member_changes_are_incremental_steps_and_the_reconcile_finds_no_drift(rig: Rig) -> None:
+    leader = rig.leader()
+    rig.rounds(leader, 2)
+    assert (leader.stats.full_plans, leader.stats.plans) == (1, 1)  # the first round's
+    rig.registry.leave(MEMBERS[0])
+    for live in (MEMBERS[1:], [*MEMBERS[1:], "pod-c/0"]):  # a loss, then a join
+        rig.heartbeat(live)
+        leader.round()
+        rig.now[0] += 1.0
+    view = leader.view
+    assert view is not None and view.placement is not None
+    assert (leader.stats.full_plans, leader.stats.plans) == (1, 3)
+    assert "pod-c/0" in view.owners.values() and MEMBERS[0] not in view.owners.values()
+    assert owners(rig) == view.owners
+    assert view.placement.drift(view.providers, view.owners) == 0
+    version = leader.stats.version
+    rig.now[0] += rig.settings.provider_reconcile_s
+    rig.heartbeat([*MEMBERS[1:], "pod-c/0"])
+    leader.round()
+    assert leader.stats.full_plans == 2 and leader.stats.drift == 0
+    assert leader.stats.version == version  # the full plan agreed with the steps
+
+
+def test_a_reconcile_rebuilds_a_planner_state_that_drifted(rig: Rig) -> None:
+    leader = rig.leader()
+    rig.rounds(leader, 2)
+    view = leader.view
+    assert view is not None and view.placement is not None
+    view.placement.remove([next(iter(view.providers))])  # as a bug would leave it
+    rig.now[0] += rig.settings.provider_reconcile_s
+    rig.rounds(leader, 1)
+    assert leader.stats.drift >= 1 and leader.stats.full_plans == 2
+    assert view.placement is not None and view.placement.drift(view.providers, view.owners) == 0
+    assert owners(rig) == view.owners and set(view.owners) == view.providers

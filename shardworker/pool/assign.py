@@ -26,6 +26,12 @@ loads from ``[floor, cap]`` by at least one, so repeated rounds converge, then m
 
 Cost: a cold start hashes each provider once and walks a few ring points for it; a lost
 member costs its providers; a taker in phase 4 visits about as many providers as it takes.
+``plan_assignment`` still touches every provider (the keep pass, the result); the leader
+runs it only on its first round and at each reconcile.  Between those a member change is
+``pool.placement.Placement.replan``: the same phases (``Round``) over state kept between
+rounds, so it costs only what moves.  No step sorts a million items in one call (the
+input is sorted in runs, the ring order kept in buckets), so the leader's lease thread
+gets the GIL within a fraction of a second even during a full plan.
 """
 
 from __future__ import annotations
@@ -39,10 +45,10 @@ import math
 import sys
 from bisect import bisect_left, bisect_right
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 Reason = Literal["new", "orphaned", "rebalance"]
 
@@ -120,38 +126,86 @@ def load_bounds(n_providers: int, n_members: int, slack: float) -> tuple[int, in
 
 
 def plan_assignment(
-    providers: Sequence[str],
+    providers: Iterable[str],
     members: Sequence[str],
     current: Mapping[str, str],
     *,
     slack: float = 0.1,
     max_rebalance_moves: int | None = None,
+    points: Mapping[str, int] | None = None,
 ) -> Plan:
     """Assign every provider to a live member, moving as few as balance allows.
 
     ``current`` is the previous round's provider → member map; it may name dead members
-    and removed providers.  Input order never matters.
+    and removed providers.  Input order never matters.  ``points`` may hold providers'
+    ring points computed before (``ring_point``), so they are not hashed again.
     """
-    if not (math.isfinite(slack) and slack >= 0):
-        raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
-    if max_rebalance_moves is not None and max_rebalance_moves < 0:
-        raise ValueError(f"max_rebalance_moves must be >= 0, got {max_rebalance_moves}")
-    ordered = list(dict.fromkeys(sorted(providers)))  # linear when already sorted
+    check_arguments(slack, max_rebalance_moves)
+    ordered = sorted_unique(providers)
     live = tuple(sorted(set(members)))
     if not live:
         return Plan(assignment={}, moves=(), imbalance=1.0, loads={})
     bounds = load_bounds(len(ordered), len(live), slack)
-    with _collector_paused():
-        state = _Round(ring_of(live), bounds, max_rebalance_moves)
-        pending = state.keep_live_owners(ordered, current)
-        pending += state.shed_overloaded()
+    with collector_paused():
+        owner = keep_live_owners(ordered, current, live)
+        state = Round(
+            ring_of(live),
+            bounds,
+            max_rebalance_moves,
+            points=points,
+            owner=owner,
+            size=len(ordered),
+        )
+        state.every = lambda: RingOrder.build(ordered, state.points_of(ordered))
+        pending = [p for p in ordered if p not in owner]
+        state.free.update(pending)
+        pending += state.shed_overloaded(state.holdings_scan)
         state.place(sorted(pending))
-        state.fill_underloaded(ordered)
+        state.fill_underloaded()
         return state.result(ordered, current)
 
 
+def check_arguments(slack: float, max_rebalance_moves: int | None) -> None:
+    if not (math.isfinite(slack) and slack >= 0):
+        raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
+    if max_rebalance_moves is not None and max_rebalance_moves < 0:
+        raise ValueError(f"max_rebalance_moves must be >= 0, got {max_rebalance_moves}")
+
+
+# Sorting this many strings in one call holds the GIL for about 20 ms.
+SORT_RUN = 50_000
+
+
+def sorted_unique(names: Iterable[str]) -> list[str]:
+    """``names`` sorted, each once, without one long sort that holds the GIL.
+
+    A million strings sorted in one call hold it for about a second, starving the
+    leader's lease thread (and merging sorted runs in one ``sort``, or deduplicating a
+    million with ``dict.fromkeys``, still for about half a second); so runs are sorted
+    in C and merged and deduplicated by a loop that returns to the interpreter."""
+    items = list(names)
+    if len(items) <= SORT_RUN:
+        return list(dict.fromkeys(sorted(items)))
+    runs = [sorted(items[i : i + SORT_RUN]) for i in range(0, len(items), SORT_RUN)]
+    unique: list[str] = []
+    last: str | None = None
+    for name in heapq.merge(*runs):
+        if name != last:
+            unique.append(name)
+            last = name
+    return unique
+
+
+def keep_live_owners(
+    providers: list[str], current: Mapping[str, str], live: Sequence[str]
+) -> dict[str, int]:
+    """Phase 1: the providers whose owner is still a member, by member index."""
+    index: dict[str | None, int] = {m: i for i, m in enumerate(live)}
+    return {p: i for p in providers if (i := index.get(current.get(p))) is not None}
+
+
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """Pause Python's cyclic garbage collector for one plan.
 
     A plan allocates a few objects per provider and no reference cycles, yet every few
@@ -223,57 +277,139 @@ class _OpenWalk:
         return self.ring.owners[root]
 
 
-class _Arcs:
-    """Providers in ring order, for walking counter-clockwise from a member's points."""
+class RingOrder:
+    """Providers in ring order, for walking counter-clockwise from a member's points.
 
-    def __init__(self, names: Sequence[str], points: Sequence[int]) -> None:
-        # ``names`` in name order and a stable sort by point: ties stay in name order.
-        order = sorted(range(len(names)), key=points.__getitem__)
-        self.points = [points[i] for i in order]
-        self.names = [names[i] for i in order]
+    Kept in buckets by the points' top bits, each sorted by (point, name): building it
+    sorts small buckets (never everything in one call), and adding or removing one
+    provider shifts one bucket, so the leader can keep it between rounds."""
+
+    def __init__(self, bits: int) -> None:
+        self.shift = 64 - bits
+        self.points: list[list[int]] = [[] for _ in range(1 << bits)]
+        self.names: list[list[str]] = [[] for _ in range(1 << bits)]
+        self.size = 0
+
+    @classmethod
+    def build(cls, names: Iterable[str], points: Iterable[int]) -> RingOrder:
+        """The order of ``names`` at ``points`` (equal lengths); about 128 a bucket."""
+        pairs = list(zip(points, names, strict=True))
+        order = cls(min(16, (len(pairs) // 128).bit_length()))
+        buckets: list[list[tuple[int, str]]] = [[] for _ in order.points]
+        shift = order.shift
+        for pair in pairs:
+            buckets[pair[0] >> shift].append(pair)
+        for bucket, held in enumerate(buckets):
+            held.sort()
+            order.points[bucket] = [x for x, _ in held]
+            order.names[bucket] = [name for _, name in held]
+        order.size = len(pairs)
+        return order
+
+    def _find(self, name: str, point: int) -> tuple[int, int]:
+        """Bucket and index where ``name`` at ``point`` is, or would be inserted."""
+        bucket = point >> self.shift
+        points, names = self.points[bucket], self.names[bucket]
+        at = bisect_left(points, point)
+        while at < len(points) and points[at] == point and names[at] < name:
+            at += 1
+        return bucket, at
+
+    def add(self, name: str, point: int) -> None:
+        bucket, at = self._find(name, point)
+        self.points[bucket].insert(at, point)
+        self.names[bucket].insert(at, name)
+        self.size += 1
+
+    def discard(self, name: str, point: int) -> None:
+        bucket, at = self._find(name, point)
+        if at < len(self.names[bucket]) and self.names[bucket][at] == name:
+            del self.points[bucket][at], self.names[bucket][at]
+            self.size -= 1
+
+    def __iter__(self) -> Iterator[str]:
+        for names in self.names:
+            yield from names
 
     def nearest(self, own: list[int]) -> Iterator[str]:
         """The providers by their distance to the next of ``own`` (sorted points): first
-        the ones just before each point, each provider once."""
-        heap: list[tuple[int, int, int]] = []
+        the ones just before each point, each provider once.  Ties in distance go in
+        ring order from zero, a walk wrapped past zero first."""
+        heap: list[tuple[int, int, int, int, int]] = []
         for arc, point in enumerate(own):
-            self._push(heap, own, arc, bisect_right(self.points, point) - 1)
+            bucket = point >> self.shift
+            self._push(heap, own, arc, (0, bucket, bisect_right(self.points[bucket], point) - 1))
         while heap:
-            _, at, arc = heapq.heappop(heap)
-            yield self.names[at]
-            self._push(heap, own, arc, at - 1)
+            _, wrap, bucket, at, arc = heapq.heappop(heap)
+            yield self.names[bucket][at]
+            self._push(heap, own, arc, (wrap, bucket, at - 1))
 
-    def _push(self, heap: list[tuple[int, int, int]], own: list[int], arc: int,
-              at: int) -> None:  # fmt: skip
-        """Queue the provider at index ``at`` (negative: wrapped past zero) if it still
-        lies on ``arc``, the span after the previous point up to ``own[arc]``."""
-        if at < -len(self.points):
-            return
+    def _push(self, heap: list[tuple[int, int, int, int, int]], own: list[int], arc: int,
+              where: tuple[int, int, int]) -> None:  # fmt: skip
+        """Queue the provider at ``where`` (wrapped past zero, bucket, index), or the
+        first one counter-clockwise from it, if it still lies on ``arc``: the span after
+        the previous point up to ``own[arc]``."""
+        wrap, bucket, at = where
         start = own[arc - 1] if arc else own[-1] - RING_SIZE
-        point = self.points[at] if at >= 0 else self.points[at] - RING_SIZE
+        while at < 0:  # into the previous bucket
+            bucket -= 1
+            if bucket < 0:
+                if wrap:
+                    return
+                wrap, bucket = -1, len(self.points) - 1
+            if ((bucket + 1) << self.shift) - 1 + wrap * RING_SIZE <= start:
+                return  # the whole bucket lies before the arc
+            at = len(self.points[bucket]) - 1
+        point = self.points[bucket][at] + wrap * RING_SIZE
         if point > start:
-            heapq.heappush(heap, (own[arc] - point, at, arc))
+            heapq.heappush(heap, (own[arc] - point, wrap, bucket, at, arc))
 
 
-class _Round:
+class Owners(Protocol):
+    """Provider → member index, as a round sees it: a dict, or an overlay on one."""
+
+    def __getitem__(self, provider: str, /) -> int: ...
+    def __setitem__(self, provider: str, member: int, /) -> None: ...
+    def __delitem__(self, provider: str, /) -> None: ...
+
+
+class Round:
     """Mutable state of one planning round; members are handled by index.
 
-    Loads are counts; a member's providers are collected only when it must shed."""
+    Loads are counts; a member's providers are collected only when it must shed.  The
+    full plan and the leader's incremental step (``pool.placement``) run the same phases
+    on it: they differ only in ``owner`` (a dict of every provider, or an overlay on the
+    kept state), in where a shedding member's providers come from, and in ``every``
+    (the providers in ring order, built or kept)."""
 
-    def __init__(self, ring: Ring, bounds: tuple[int, int], budget: int | None) -> None:
+    def __init__(
+        self, ring: Ring, bounds: tuple[int, int], budget: int | None, *,
+        points: Mapping[str, int] | None, owner: Owners | dict[str, int], size: int,
+    ) -> None:  # fmt: skip
         self.ring = ring
         self.members = ring.members
         self.index: dict[str | None, int] = {m: i for i, m in enumerate(self.members)}
         self.floor, self.cap = bounds
         self.budget = budget
-        self.owner: dict[str, int] = {}
+        self.owner = owner
+        self.size = size
         self.loads = [0] * len(self.members)
+        if isinstance(owner, dict):
+            for member, load in Counter(owner.values()).items():
+                self.loads[member] = load
         self.free: set[str] = set()  # moving this round anyway: re-routing them costs nothing
+        self.known = points if points is not None else {}
         self.points: dict[str, int] = {}
+        self.every: Callable[[], RingOrder] = lambda: RingOrder(0)
 
-    def _points_of(self, providers: Sequence[str]) -> list[int]:
-        known = self.points
-        return [known[p] if p in known else ring_point(p) for p in providers]
+    def points_of(self, providers: Iterable[str]) -> list[int]:
+        known, seen = self.known, self.points
+        return [known[p] if p in known else seen[p] if p in seen else ring_point(p)
+                for p in providers]  # fmt: skip
+
+    def _remember(self, providers: Sequence[str], points: Sequence[int]) -> None:
+        if not self.known:
+            self.points.update(zip(providers, points, strict=True))
 
     def _allowance(self) -> int:
         return sys.maxsize if self.budget is None else self.budget
@@ -282,27 +418,23 @@ class _Round:
         if self.budget is not None:
             self.budget -= moves
 
-    def keep_live_owners(self, providers: list[str], current: Mapping[str, str]) -> list[str]:
-        """Phase 1: keep providers with a live owner; return the ones needing a member."""
-        index = self.index
-        self.owner = owner = {
-            p: i for p in providers if (i := index.get(current.get(p))) is not None
-        }
-        for member, load in Counter(owner.values()).items():
-            self.loads[member] = load
-        pending = [p for p in providers if p not in owner]
-        self.free.update(pending)
-        return pending
-
-    def shed_overloaded(self) -> list[str]:
-        """Phase 2: take from members above cap the providers farthest from them."""
-        over = [m for m, load in enumerate(self.loads) if load > self.cap]
-        if not over or self._allowance() <= 0:
-            return []
+    def holdings_scan(self, over: Collection[int]) -> dict[int, list[str]]:
+        """The providers of the members in ``over``, found by scanning every owner."""
+        assert isinstance(self.owner, dict)
         held: dict[int, list[str]] = {m: [] for m in over}
         for provider, member in self.owner.items():
             if member in held:
                 held[member].append(provider)
+        return held
+
+    def shed_overloaded(
+        self, holdings: Callable[[Collection[int]], dict[int, list[str]]]
+    ) -> list[str]:
+        """Phase 2: take from members above cap the providers farthest from them."""
+        over = [m for m, load in enumerate(self.loads) if load > self.cap]
+        if not over or self._allowance() <= 0:
+            return []
+        held = holdings(over)
         shed: list[str] = []
         for member in over:
             excess = min(self.loads[member] - self.cap, self._allowance())
@@ -318,8 +450,8 @@ class _Round:
     def _least_wanted(self, member: int, held: list[str]) -> list[str]:
         """``held`` (``member``'s), farthest first: the likeliest to prefer another."""
         distance = self.ring.distance
-        points = self._points_of(held)
-        self.points.update(zip(held, points, strict=True))
+        points = self.points_of(held)
+        self._remember(held, points)
         ranked = sorted((-distance(x, member), p) for p, x in zip(held, points, strict=True))
         return [p for _, p in ranked]
 
@@ -328,8 +460,8 @@ class _Round:
         loads, cap, owner = self.loads, self.cap, self.owner
         walk = _OpenWalk(self.ring, [load >= cap for load in loads])
         ring_points, first_open = self.ring.points, walk.first_open
-        points = self._points_of(providers)
-        self.points.update(zip(providers, points, strict=True))
+        points = self.points_of(providers)
+        self._remember(providers, points)
         for provider, point in zip(providers, points, strict=True):
             slot = bisect_left(ring_points, point)
             member = first_open(slot if slot < len(ring_points) else 0)
@@ -338,26 +470,26 @@ class _Round:
             if loads[member] >= cap:
                 walk.close(member)
 
-    def fill_underloaded(self, providers: list[str]) -> None:
+    def fill_underloaded(self) -> None:
         """Phase 4: raise every member below floor to floor, least-loaded first."""
         loads = self.loads
         takers = [m for m in sorted(range(len(loads)), key=loads.__getitem__)
                   if loads[m] < self.floor]  # fmt: skip
         if not takers:
             return
-        every: _Arcs | None = None
-        if 2 * len(self.free) >= len(providers):  # walking them all skips few sticky ones
-            free = every = _Arcs(providers, self._points_of(providers))
+        every: RingOrder | None = None
+        if 2 * len(self.free) >= self.size:  # walking them all skips few sticky ones
+            free = every = self.every()
         else:
             moving = sorted(self.free)
-            free = _Arcs(moving, self._points_of(moving))
+            free = RingOrder.build(moving, self.points_of(moving))
         for taker in takers:
             if self._pull(taker, free.nearest(self.ring.own[taker]), sticky=False):
                 continue
             if self._allowance() <= 0:
                 continue
             if every is None:
-                every = _Arcs(providers, self._points_of(providers))
+                every = self.every()
             self._pull(taker, every.nearest(self.ring.own[taker]), sticky=True)
 
     def _pull(self, taker: int, candidates: Iterator[str], *, sticky: bool) -> bool:
@@ -382,20 +514,22 @@ class _Round:
             loads[taker] += 1
         return loads[taker] >= floor
 
-    def _reason(self, src: str | None) -> Reason:
+    def reason(self, src: str | None) -> Reason:
         if src is None:
             return "new"
         return "rebalance" if src in self.index else "orphaned"
 
+    def imbalance(self) -> float:
+        return max(self.loads) / (self.size / len(self.members)) if self.size else 1.0
+
     def result(self, providers: list[str], current: Mapping[str, str]) -> Plan:
         members, owner = self.members, self.owner
+        assert isinstance(owner, dict)
         assignment = {p: members[owner[p]] for p in providers}
         moves = tuple(
-            Move(p, src, dst, self._reason(src))
+            Move(p, src, dst, self.reason(src))
             for p, dst in assignment.items()
             if (src := current.get(p)) != dst
         )
         loads = dict(zip(members, self.loads, strict=True))
-        mean = len(providers) / len(members)
-        imbalance = max(loads.values()) / mean if providers else 1.0
-        return Plan(assignment=assignment, moves=moves, imbalance=imbalance, loads=loads)
+        return Plan(assignment=assignment, moves=moves, imbalance=self.imbalance(), loads=loads)

@@ -11,8 +11,10 @@ the work that something changing calls for:
 * the live members are read (heartbeats within the grace period) and joins debounced;
 * a plan runs only when providers or members changed (or the last one was rate-limited):
   new and removed providers alone are placed incrementally (``assign.place_new``), a
-  member change re-plans with consistent hashing and bounded loads
-  (``assign.plan_assignment``);
+  member change is an incremental step over the planner state the view keeps
+  (``placement.Placement.replan``: consistent hashing with bounded loads, at a cost in
+  proportion to what moves); the full plan (``assign.plan_assignment``) runs on the
+  first round and at each provider reconcile, after checking the kept state for drift;
 * only the difference is published, as a versioned delta (``Registry.publish_delta``),
   and mirrored into Alga's lease columns; the mirror's TTL is refreshed in batches.
 
@@ -45,7 +47,8 @@ from shardworker.db.models import provider_key, split_key
 from shardworker.db.ownership import OwnershipStore
 from shardworker.errors import LeaseLostError, ShardworkerError
 from shardworker.logs import get_logger
-from shardworker.pool.assign import load_bounds, place_new, plan_assignment
+from shardworker.pool.assign import Move, load_bounds, place_new, plan_assignment
+from shardworker.pool.placement import Placement
 from shardworker.pool.registry import Assignment, Delta, Registry
 from shardworker.sink.housekeeping import Housekeeper
 
@@ -68,13 +71,18 @@ class LeaderStats:
     moves: Counter[str] = field(default_factory=Counter)
     last_round_s: float = 0.0
     plans: int = 0
+    full_plans: int = 0
+    drift: int = 0
     published_ops: int = 0
     reconciles: int = 0
 
 
 @dataclass
 class View:
-    """What the leader knows: servable providers, and the owners as published."""
+    """What the leader knows: servable providers, and the owners as published.
+
+    ``placement`` holds the same providers and owners in the planner's terms (ring
+    points, ring order, each member's providers); ``full_due`` asks for a full plan."""
 
     providers: set[str]
     owners: dict[str, str]
@@ -86,6 +94,8 @@ class View:
     members: tuple[str, ...] = ()
     unsettled: bool = True
     dirty: bool = False  # a publish failed midway: repair before anything else
+    placement: Placement | None = None
+    full_due: bool = True
 
     def assign(self, key: str, member: str | None) -> None:
         before = self.owners.pop(key, None)
@@ -253,8 +263,12 @@ class Leader:
         stale = [m for m in self.registry.assigned_members() if m not in members]
         if view.dirty:
             self._repair(token, view, members, stale, epoch)
-        elif members != view.members or view.unsettled or stale:
+        elif view.full_due:
             changes = self._replan(view, members)
+            self._publish(token, view, changes, members=members, stale=stale, epoch=epoch)
+            view.full_due = False
+        elif members != view.members or view.unsettled or stale:
+            changes = self._step(view, members, removed)
             self._publish(token, view, changes, members=members, stale=stale, epoch=epoch)
         elif added or removed:
             changes = self._place(view, members, added, removed)
@@ -274,6 +288,7 @@ class Leader:
                     watermark, self.clock(), dirty=meta is None)  # fmt: skip
         for key, member in owners.items():
             view.assign(key, member)
+        view.placement = Placement(providers, view.owners)
         self.stats.version = view.version
         log.info("leader_view_loaded", providers=len(providers), owners=len(owners),
                  version=view.version)  # fmt: skip
@@ -296,9 +311,11 @@ class Leader:
             added, removed = every - view.providers, view.providers - every
             view.providers = every
             view.reconciled_at = self.clock()
+            view.full_due = True
             self.stats.reconciles += 1
             if added or removed:
                 log.warning("reconcile_found_drift", added=len(added), removed=len(removed))
+            self._track(view, added, removed)
             return added, removed
         since = view.watermark - timedelta(seconds=LATE_COMMIT_S)
         rows, view.watermark = self.ownership.changed_since(since)
@@ -311,24 +328,64 @@ class Leader:
                 removed.add(key)
         view.providers |= added
         view.providers -= removed
+        self._track(view, added, removed)
         return added, removed
+
+    @staticmethod
+    def _track(view: View, added: set[str], removed: set[str]) -> None:
+        if view.placement is not None:
+            view.placement.remove(removed)
+            view.placement.add(added)
 
     # -- planning ------------------------------------------------------------------------
 
     def _replan(self, view: View, members: tuple[str, ...]) -> dict[str, str | None]:
-        """A member change: the full planner; returns the changed keys."""
-        plan = plan_assignment(sorted(view.providers), members, view.owners,
+        """The full planner over every provider (first round, reconcile, repair), once
+        the kept planner state is proven against the view; returns the changed keys."""
+        placement = self._checked_placement(view)
+        plan = plan_assignment(view.providers, members, view.owners, points=placement.point,
                                max_rebalance_moves=self.settings.max_rebalance_moves)  # fmt: skip
+        self.stats.full_plans += 1
+        changes: dict[str, str | None] = {k: None for k in view.owners if k not in plan.assignment}
+        return self._planned(view, members, plan.moves, plan.imbalance, changes)
+
+    def _step(
+        self, view: View, members: tuple[str, ...], removed: set[str]
+    ) -> dict[str, str | None]:
+        """A member change between full plans: only what moves (``Placement.replan``)."""
+        assert view.placement is not None  # built on taking over
+        changes: dict[str, str | None] = {k: None for k in removed if k in view.owners}
+        if not members:
+            changes.update(dict.fromkeys(view.owners))
+            return self._planned(view, members, (), 1.0, changes)
+        step = view.placement.replan(members, max_rebalance_moves=self.settings.max_rebalance_moves)
+        return self._planned(view, members, step.moves, step.imbalance, changes)
+
+    def _planned(
+        self, view: View, members: tuple[str, ...], moves: tuple[Move, ...], imbalance: float,
+        changes: dict[str, str | None],
+    ) -> dict[str, str | None]:  # fmt: skip
         self.stats.plans += 1
-        for move in plan.moves:
+        for move in moves:
             self.stats.moves[move.reason] += 1
-        rebalanced = sum(1 for m in plan.moves if m.reason == "rebalance")
+        rebalanced = sum(1 for m in moves if m.reason == "rebalance")
         view.unsettled = rebalanced >= self.settings.max_rebalance_moves > 0
         view.members = members
-        self.stats.imbalance = plan.imbalance
-        changes: dict[str, str | None] = {k: None for k in view.owners if k not in plan.assignment}
-        changes.update({m.provider: m.dst for m in plan.moves})
+        self.stats.imbalance = imbalance
+        changes.update({m.provider: m.dst for m in moves})
         return changes
+
+    def _checked_placement(self, view: View) -> Placement:
+        """The kept planner state, rebuilt if it disagrees with the view in anything."""
+        placement = view.placement
+        if placement is not None:
+            drift = placement.drift(view.providers, view.owners)
+            if not drift:
+                return placement
+            log.warning("placement_drift", providers=drift)
+            self.stats.drift += drift
+        view.placement = Placement(view.providers, view.owners)
+        return view.placement
 
     def _place(
         self, view: View, members: tuple[str, ...], added: set[str], removed: set[str]
@@ -364,6 +421,8 @@ class Leader:
         )
         for key, member in changes.items():
             view.assign(key, member)
+        if view.placement is not None:
+            view.placement.apply(changes)
         view.version, view.epoch, view.dirty = version, epoch, False
         view.members = members
         self.stats.version = version
@@ -384,6 +443,9 @@ class Leader:
         self.registry.publish(token, Assignment(version, epoch, dict(view.owners)), members,
                               stale)  # fmt: skip
         view.version, view.epoch, view.dirty = version, epoch, False
+        view.full_due = False  # that was one
+        if view.placement is not None:
+            view.placement.reset(view.owners)
         self.stats.version = version
         log.warning("assignment_repaired", version=version, owners=len(view.owners))
         rows = [(*split_key(k), m) for k, m in view.owners.items()]
