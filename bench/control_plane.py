@@ -334,7 +334,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         started = time.monotonic()
         copy_providers(dsn, args.providers)
         out["copy_s"] = round(time.monotonic() - started, 1)
-        settings = bench_settings(dsn, f"{base}/0", "", provider_refresh_s="5")
+        overrides = {"provider_refresh_s": "5", **dict(i.split("=", 1) for i in args.set or ())}
+        settings = bench_settings(dsn, f"{base}/0", "", **overrides)
         env = {**os.environ, **settings_env(settings)}
         client = redis.Redis.from_url(f"{base}/0", socket_timeout=120)
         probe = Probe(client, dsn)
@@ -375,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["member_joined"] = join_member(probe, env, logdir, keys, procs)
         out["leader_killed"] = kill_leader(probe, leaders, keys)
         out["ttl_s"] = settings.lease_ttl_s
+        out["settings"] = overrides
     return out
 
 
@@ -513,6 +515,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window-s", type=float, default=30.0)
     parser.add_argument("--logdir", default="/tmp/sw-control-plane")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--set", action="append", metavar="NAME=VALUE",
+                        help="a service setting, e.g. lease_ttl_s=30 (repeatable)")  # fmt: skip
     parser.add_argument("--role", choices=["bench", "leader", "members"], default="bench")
     parser.add_argument("--name", default="coord")
     parser.add_argument("--names", default="")
