@@ -94,7 +94,9 @@ def run_members(settings: Settings, names: list[str]) -> None:
     client = redis.Redis.from_url(settings.redis_url, max_connections=4 * len(names) + 8,
                                   socket_timeout=30,
                                   connection_class=CountingConnection)  # fmt: skip
-    pool = open_pool(settings.database_url, max_size=4)
+    # Production gives each worker a pool of its own; here the members of one process share
+    # one, capped so that every process fits PostgreSQL's default 100 connections.
+    pool = open_pool(settings.database_url, max_size=min(8, max(4, len(names) // 4)))
     ownership, store = OwnershipStore(pool), Store(pool)
     agents = []
     for name in names:
