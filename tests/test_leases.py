@@ -225,3 +225,36 @@ def test_a_failed_epoch_step_leaves_no_provisional_lease_behind(env: dict[str, A
     assert [env["redis"].get(lease_key(t, p)) for t, p in items] == [None] * len(items)
     got = manager(env, "pod-b/0").acquire(items)
     assert len(got) == len(items)
+
+
+class _SlowEpochs(OwnershipStore):
+    """PostgreSQL taking its time over the epoch step (a loaded database)."""
+
+    def __init__(self, inner: OwnershipStore, delay_s: float) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.delay_s = delay_s
+
+    def acquire_epochs(self, items: Any, owner: str) -> dict[tuple[str, str], int]:
+        time.sleep(self.delay_s)
+        return super().acquire_epochs(items, owner)
+
+
+def test_a_lease_counts_from_its_swap_and_never_outlives_its_key(env: dict[str, Any]) -> None:
+    """A slow epoch step must not eat the lease's validity (at a cold start of a million
+    leases it made leases lapse locally before their first renewal), and the local
+    validity must still end no later than the key does in Redis."""
+    items = [(env["tenant"], p) for p in env["pids"]]
+    ttl_s, delay_s = 2.0, 1.2
+    a = LeaseManager(env["redis"], _SlowEpochs(env["ownership"], delay_s), "pod-a/0", ttl_s)
+    started = time.monotonic()
+    got = a.acquire(items)
+    assert len(got) == len(items)
+    for lease in got:
+        # From the swap (after the delay), not from the SET NX before it.
+        assert lease.valid_until >= started + delay_s + ttl_s
+        remaining_ms = env["redis"].pttl(lease_key(lease.tenant, lease.provider_id))
+        read_by = time.monotonic()  # the key lives at least remaining_ms past this
+        assert remaining_ms >= (lease.valid_until - read_by) * 1000 - 2, (remaining_ms, lease)
+    time.sleep(ttl_s - delay_s + 0.1)  # past the TTL as counted from the SET NX
+    assert a.expire_local() == [], "a lease counted from its SET NX lapsed although Redis holds it"
+    assert all(env["redis"].exists(lease_key(t, p)) for t, p in items)

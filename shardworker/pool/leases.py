@@ -134,7 +134,6 @@ class LeaseManager:
         if not self._record_fresh:
             self.client.delete(self.held_key)
             self._record_fresh = True
-        sent = self.clock()
         provisional = [f"{self.member}|p|{uuid.uuid4().hex}" for _ in todo]
         won = self._acquire(keys=[lease_key(t, p) for t, p in todo],
                             args=[self.ttl_ms, *provisional])  # fmt: skip
@@ -144,6 +143,9 @@ class LeaseManager:
         try:
             epochs = self.ownership.acquire_epochs([item for item, _ in mine], self.member)
             final = [(t, p, tok, f"{self.member}|{epochs[t, p]}") for (t, p), tok in mine]
+            # The swap restarts each key's TTL when it runs, never before it is sent: the
+            # lease counts from here, so a slow epoch step does not eat its validity.
+            sent = self.clock()
             swapped = self._swap(
                 keys=[lease_key(t, p) for t, p, _, _ in final],
                 args=[self.ttl_ms, *[x for _, _, old, new in final for x in (old, new)]],
